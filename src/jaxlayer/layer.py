@@ -386,7 +386,11 @@ class JaxLayer(keras.layers.Layer):
             )
             return out_leaves, new_state
 
+        # Read by the bridges: the output structure (set when `pure` is
+        # traced), the owner for messages and the TF compilation platforms.
         pure.out_treedef = None
+        pure.owner = owner
+        pure.native_serialization_platforms = self.native_serialization_platforms
         return pure
 
     def compute_output_spec(self, inputs, training=False):

@@ -15,6 +15,11 @@ Gradients: `outputs` are differentiable with respect to the floating tensors
 of `params` and `inputs`, through the backend's own autodiff; `state` and
 `rng` are not differentiated and `new_state` carries no gradient.
 
+`fn` also carries attributes for the bridges: `fn.owner` (the layer, for
+messages), `fn.native_serialization_platforms` (platforms to compile for
+inside a TensorFlow graph, or None) and `fn.out_treedef` (set by the layer
+when `fn` is traced).
+
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """
 
