@@ -1,0 +1,275 @@
+"""`EquinoxLayer`: an Equinox module as a Keras layer."""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlayer import _deps
+from jaxlayer import _variables as V
+from jaxlayer.layer import JaxLayer
+
+_FEATURE = "EquinoxLayer"
+
+
+class EquinoxLayer(JaxLayer):
+    """A Keras layer that runs an `equinox.Module`, on every Keras backend.
+
+    The module's floating-point arrays (`eqx.is_inexact_array`) become
+    trainable Keras weights named after its fields (`layer/conv/weight`,
+    `layer/layers/0/bias`); everything else stays in the module. A stateful
+    module (built with `eqx.nn.make_with_state`) comes with its
+    `eqx.nn.State`, whose values become non-trainable weights named after the
+    `eqx.nn.StateIndex` they belong to (`layer/bn/state_index/0`), updated by
+    the calls made in training and left alone in inference.
+
+    The module is called as Equinox modules are, on one example at a time:
+    `module(x, key=key)`, or `module(x, state, key=key)` returning
+    `(y, new_state)` when stateful. The layer maps it over the batch with
+    `jax.vmap` under the axis name `axis_name`, so that
+    `eqx.nn.BatchNorm(..., axis_name="batch")` computes batch statistics. The
+    state is shared by the whole batch: its new value must not depend on the
+    example (as with `BatchNorm`, which averages over the named axis). With
+    `vmap=False` the module gets the whole batch instead.
+
+    In inference the module runs under `eqx.nn.inference_mode` (dropout off,
+    batch norm on its running statistics). If its `__call__` takes `key`, a
+    training call passes a key drawn from the layer's seed generator (`seed`,
+    or Keras's global seed), a different one per example when vmapped.
+
+    After training, `to_module()` returns the module (and its state, when it
+    has one) with the trained values.
+
+    Saving: `save_weights`/`load_weights` work; an Equinox module cannot be
+    written to a config, so `get_config` raises: save the weights, and
+    rebuild the layer from the same module code to load them.
+
+    Args:
+        module: an `equinox.Module` instance.
+        state: the `eqx.nn.State` of a stateful module, as
+            `eqx.nn.make_with_state` returns it; None for a module without
+            state (or one whose state indices still hold their initial
+            values, from which the state is made).
+        axis_name: the name of the batch axis of `jax.vmap`.
+        vmap: whether to map the module over the batch; False passes it the
+            whole batch.
+        **kwargs: `JaxLayer` arguments (`seed`, ...) and base
+            `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Raises:
+        TypeError: `module` is not an Equinox module instance, or `state` not
+            an `eqx.nn.State`.
+        ValueError: `state` does not match the module.
+
+    Example:
+
+    >>> import equinox as eqx, jax, numpy as np
+    >>> mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
+    >>> layer = EquinoxLayer(mlp, name="mlp")
+    >>> layer(np.ones((3, 4), "float32")).shape
+    (3, 2)
+    >>> [w.path for w in layer.trainable_weights][:2]
+    ['mlp/layers/0/weight', 'mlp/layers/0/bias']
+    >>> type(layer.to_module()).__name__
+    'MLP'
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        state: Any = None,
+        axis_name: str = "batch",
+        vmap: bool = True,
+        **kwargs,
+    ):
+        eqx = _deps.require("equinox", _FEATURE)
+        layer_name = kwargs.get("name") or "EquinoxLayer"
+        owner = f"EquinoxLayer '{layer_name}'"
+        _check_module(eqx, module, owner)
+        module, state = _check_state(eqx, module, state, owner)
+        indices = _state_indices(eqx, module)
+        params, static = eqx.partition(module, eqx.is_inexact_array)
+        key_mode = _key_mode(module)
+        stateful = state is not None
+
+        def run(model, inputs, eqx_state, key, training):
+            model = eqx.nn.inference_mode(model, value=not training)
+            if key is None and key_mode == "required":
+                key = jax.random.PRNGKey(0)
+            batch = jax.tree_util.tree_leaves(inputs)[0].shape[0]
+
+            def one(x, k):
+                kw = {"key": k} if key_mode and k is not None else {}
+                if stateful:
+                    return model(x, eqx_state, **kw)
+                return model(x, **kw), None
+
+            if not vmap:
+                return one(inputs, key)
+            keys = None if key is None else jax.random.split(key, batch)
+            return jax.vmap(
+                one,
+                in_axes=(0, None if keys is None else 0),
+                out_axes=(0, None),
+                axis_name=axis_name,
+            )(inputs, keys)
+
+        if stateful:
+            template = state
+
+            def call_fn(params, state, rng, inputs, training):
+                model = eqx.combine(params, static)
+                eqx_state = _to_eqx_state(template, indices, state)
+                outputs, new_state = run(model, inputs, eqx_state, rng, training)
+                return outputs, _from_eqx_state(indices, new_state)
+
+            state_tree = _from_eqx_state(indices, state)
+        else:
+            template = None
+
+            def call_fn(params, rng, inputs, training):
+                model = eqx.combine(params, static)
+                return run(model, inputs, None, rng, training)[0]
+
+            state_tree = None
+
+        super().__init__(call_fn=call_fn, params=params, state=state_tree, **kwargs)
+        self.axis_name = axis_name
+        self.vmap = vmap
+        object.__setattr__(self, "_static", static)
+        object.__setattr__(self, "_template", template)
+        object.__setattr__(self, "_indices", indices)
+
+    def to_module(self) -> Any:
+        """Returns the module with the layer's current weights.
+
+        Returns:
+            The `equinox.Module`; for a stateful module, the tuple
+            `(module, state)` with the current `eqx.nn.State`.
+        """
+        eqx = _deps.require("equinox", _FEATURE)
+        as_jax = lambda tree: jax.tree_util.tree_map(
+            lambda x: jax.numpy.asarray(np.asarray(x)), V.numpy_tree(tree)
+        )
+        module = eqx.combine(as_jax(self.params), self._static)
+        if self._template is None:
+            return module
+        state = _to_eqx_state(self._template, self._indices, as_jax(self.state))
+        return module, state
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"{self._owner}: an Equinox module cannot be written to a config, "
+            "so this layer cannot be saved in a `.keras` file or cloned. Save "
+            "the weights with `model.save_weights(path)`, then rebuild the "
+            "model with a new `EquinoxLayer(module, state)` and call "
+            "`model.load_weights(path)`."
+        )
+
+
+def _check_module(eqx, module, owner):
+    if isinstance(module, eqx.Module):
+        return
+    hint = ""
+    if isinstance(module, type) and issubclass(module, eqx.Module):
+        hint = f"; pass an instance, `{module.__name__}(...)`, not the class"
+    elif any(c.__module__.startswith("flax.nnx") for c in type(module).__mro__):
+        hint = "; for a Flax NNX module use `jaxlayer.NNXLayer`"
+    elif any(c.__module__.startswith("flax.linen") for c in type(module).__mro__):
+        hint = "; for a Flax linen module use `jaxlayer.FlaxLayer`"
+    raise TypeError(
+        f"{owner}: `module` must be an `equinox.Module` instance, got "
+        f"{type(module).__name__}{hint}."
+    )
+
+
+def _is_index(eqx, x):
+    return isinstance(x, eqx.nn.StateIndex)
+
+
+def _state_indices(eqx, module):
+    """`(name parts, StateIndex)` for each state index of `module`."""
+    flat = jax.tree_util.tree_flatten_with_path(
+        module, is_leaf=lambda x: _is_index(eqx, x)
+    )[0]
+    return [
+        (V.path_parts(path), leaf) for path, leaf in flat if _is_index(eqx, leaf)
+    ]
+
+
+def _check_state(eqx, module, state, owner):
+    """The module and its state, checked (and made, if the module holds it)."""
+    indices = _state_indices(eqx, module)
+    if state is None:
+        if not indices:
+            return module, None
+        try:
+            state = eqx.nn.State(module)
+        except Exception as err:  # noqa: BLE001 - re-raised with the fix
+            raise ValueError(
+                f"{owner}: the module has state (`eqx.nn.StateIndex` at "
+                f"{', '.join('.'.join(p) for p, _ in indices)}) but no `state` "
+                "was given; build it with `model, state = "
+                "eqx.nn.make_with_state(Model)(...)` and pass "
+                "`EquinoxLayer(model, state)`."
+            ) from err
+        return eqx.nn.delete_init_state(module), state
+    if not isinstance(state, eqx.nn.State):
+        raise TypeError(
+            f"{owner}: `state` must be the `eqx.nn.State` returned by "
+            f"`eqx.nn.make_with_state`, got {type(state).__name__}."
+        )
+    if not indices:
+        raise ValueError(
+            f"{owner}: a `state` was given but the module has no "
+            "`eqx.nn.StateIndex`; drop `state`, or pass the module it was "
+            "made with."
+        )
+    for parts, index in indices:
+        try:
+            state.get(index)
+        except Exception as err:  # noqa: BLE001 - re-raised with the fix
+            raise ValueError(
+                f"{owner}: `state` does not match the module: it has no value "
+                f"for the state index at `{'.'.join(parts)}`; pass the state "
+                "made together with this module by `eqx.nn.make_with_state`."
+            ) from err
+    return module, state
+
+
+def _from_eqx_state(indices, state):
+    """An `eqx.nn.State` as a nested dict named by the indices' paths."""
+    tree: dict = {}
+    for parts, index in indices:
+        node = tree
+        for part in parts[:-1]:
+            node = node.setdefault(part, {})
+        node[parts[-1]] = state.get(index)
+    return tree
+
+
+def _to_eqx_state(template, indices, tree):
+    """A new `eqx.nn.State` like `template`, holding the values of `tree`."""
+    leaves, treedef = jax.tree_util.tree_flatten(template)
+    state = jax.tree_util.tree_unflatten(treedef, leaves)
+    for parts, index in indices:
+        value = tree
+        for part in parts:
+            value = value[part]
+        state = state.set(index, value)
+    return state
+
+
+def _key_mode(module):
+    """None (no `key`), "optional" or "required": how `__call__` takes `key`."""
+    try:
+        parameters = inspect.signature(module.__call__).parameters
+    except (TypeError, ValueError):
+        return None
+    key = parameters.get("key")
+    if key is None:
+        return None
+    return "required" if key.default is inspect.Parameter.empty else "optional"

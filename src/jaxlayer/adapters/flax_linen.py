@@ -1,0 +1,274 @@
+"""`FlaxLayer`: a Flax linen module as a Keras layer."""
+
+from __future__ import annotations
+
+import inspect
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import keras
+
+from jaxlayer import _deps
+from jaxlayer import _variables as V
+from jaxlayer.layer import JaxLayer, _deserialize_fn, _serialize_fn
+
+_FEATURE = "FlaxLayer"
+
+
+@keras.saving.register_keras_serializable(package="jaxlayer")
+class FlaxLayer(JaxLayer):
+    """A Keras layer that runs a `flax.linen.Module`, on every Keras backend.
+
+    A drop-in replacement for `keras.layers.FlaxLayer`. The module's
+    `"params"` collection holds the trainable weights; every other collection
+    (`"batch_stats"`, ...) is non-trainable state, updated by the calls made
+    in training and left alone in inference.
+
+    The method run (`method`, by default `module.__call__`) takes the inputs
+    as one argument (an array or a pytree of arrays) and, optionally, a
+    `training` argument, which then receives `True` in training and `False`
+    in inference. Random streams: `init` gets `"params"` and `"dropout"`
+    streams, a training call gets a fresh `"dropout"` stream, an inference
+    call none; all are drawn from the layer's seed generator (`seed`, or
+    Keras's global seed).
+
+    Weights are named after the variables of the module:
+    `layer/params/Conv_0/kernel`, `layer/batch_stats/BatchNorm_0/mean`.
+
+    Args:
+        module: a `flax.linen.Module` instance.
+        method: what to run: None (the module's `__call__`), the name of a
+            method of the module, a method bound to it, or a function taking
+            the module as its first argument (`fn(module, inputs, training)`).
+        variables: the module's variables, as `module.init` returns them
+            (`{"params": ..., "batch_stats": ...}`); None initialises them
+            with `module.init` at build time.
+        **kwargs: `JaxLayer` arguments (`seed`, ...) and base
+            `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Raises:
+        TypeError: `module` is not a linen module, or `variables` is not a
+            mapping.
+        ValueError: `method` names no method of the module.
+
+    Example:
+
+    >>> import flax.linen as nn, numpy as np
+    >>> class MLP(nn.Module):
+    ...     @nn.compact
+    ...     def __call__(self, x, training=False):
+    ...         x = nn.Dense(8)(x)
+    ...         x = nn.Dropout(0.5, deterministic=not training)(x)
+    ...         return nn.Dense(2)(x)
+    >>> layer = FlaxLayer(MLP(), seed=0, name="mlp")
+    >>> layer(np.ones((3, 4), "float32")).shape
+    (3, 2)
+    >>> [w.path for w in layer.trainable_weights][:2]
+    ['mlp/params/Dense_0/bias', 'mlp/params/Dense_0/kernel']
+    """
+
+    def __init__(
+        self,
+        module: Any,
+        method: str | Callable | None = None,
+        variables: Mapping[str, Any] | None = None,
+        **kwargs,
+    ):
+        nn = _deps.require("flax.linen", _FEATURE)
+        layer_name = kwargs.get("name") or "FlaxLayer"
+        _check_module(nn, module, layer_name)
+        target = _resolve_method(module, method, layer_name)
+        has_training = _takes(target, "training")
+        mutable = nn.DenyList(["params"])
+
+        if has_training:
+
+            def call_fn(params, state, rng, inputs, training):
+                return module.apply(
+                    _merge(params, state),
+                    inputs,
+                    rngs=rng,
+                    method=method,
+                    mutable=mutable,
+                    training=training,
+                )
+
+            def init_fn(rng, inputs, training):
+                return _split(
+                    module.init(rng, inputs, method=method, training=training)
+                )
+
+        else:
+
+            def call_fn(params, state, rng, inputs):
+                return module.apply(
+                    _merge(params, state),
+                    inputs,
+                    rngs=rng,
+                    method=method,
+                    mutable=mutable,
+                )
+
+            def init_fn(rng, inputs):
+                return _split(module.init(rng, inputs, method=method))
+
+        if variables is not None and not isinstance(variables, Mapping):
+            raise TypeError(
+                f"FlaxLayer '{layer_name}': `variables` must be a dict of "
+                "collections as `module.init` returns "
+                "(`{'params': ..., 'batch_stats': ...}`), got "
+                f"{type(variables).__name__}."
+            )
+        params, state = _split(variables) if variables is not None else (None, None)
+        super().__init__(
+            call_fn=call_fn, init_fn=init_fn, params=params, state=state, **kwargs
+        )
+        self.module = module
+        self.method = method
+
+    # -- rng hooks -------------------------------------------------------
+
+    def _get_init_rng(self):
+        return {"params": self._get_init_seed(), "dropout": self._get_init_seed()}
+
+    def _get_call_rng(self, training):
+        return {"dropout": self._get_call_seed()} if training else {}
+
+    # -- the variables as Flax sees them ---------------------------------
+
+    def flax_variables(self) -> dict:
+        """The module's variables as NumPy arrays, as `module.init` gives them.
+
+        Returns:
+            A dict of collections (`{"params": ..., "batch_stats": ...}`)
+            holding the current values, for `module.apply`.
+        """
+        return _merge(V.numpy_tree(self.params), V.numpy_tree(self.state))
+
+    # -- saving ----------------------------------------------------------
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("call_fn", None)
+        config.pop("init_fn", None)
+        if not hasattr(self.module, "get_config"):
+            raise TypeError(
+                f"{self._owner}: the Flax module {type(self.module).__name__} "
+                "cannot be saved in a config: give its class a `get_config()` "
+                "returning its constructor arguments and a `from_config()` "
+                "classmethod, and register it with "
+                "`@keras.saving.register_keras_serializable()`; or save only "
+                "the weights with `save_weights`."
+            )
+        method = self.method
+        if getattr(method, "__self__", None) is self.module:
+            method = method.__name__
+        config["module"] = keras.saving.serialize_keras_object(self.module)
+        config["method"] = (
+            method if method is None or isinstance(method, str)
+            else _serialize_fn(method)
+        )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        config = dict(config)
+        params_spec = config.pop("params_spec", None)
+        state_spec = config.pop("state_spec", None)
+        config["module"] = keras.saving.deserialize_keras_object(config["module"])
+        method = config.get("method")
+        if isinstance(method, dict):
+            config["method"] = _deserialize_fn(method, "method", cls)
+        if config.get("variables") is None and params_spec is not None:
+            # Placeholders of the saved shapes: the weights file fills them.
+            config["variables"] = _merge(
+                _placeholders(params_spec), _placeholders(state_spec)
+            )
+        return cls(**config)
+
+
+def _placeholders(spec_config):
+    # An empty collection dict is described as a leaf with no shape.
+    if spec_config in (None, {"leaf": {}}):
+        return {}
+    return V.config_to_placeholders(spec_config)
+
+
+def _check_module(nn, module, layer_name):
+    if isinstance(module, nn.Module):
+        return
+    kind = type(module).__module__.split(".")[0]
+    hint = ""
+    if type(module).__module__.startswith("flax.nnx") or _is_nnx(module):
+        hint = "; for a Flax NNX module use `jaxlayer.NNXLayer`"
+    elif kind == "equinox" or any(
+        c.__module__.startswith("equinox") for c in type(module).__mro__
+    ):
+        hint = "; for an Equinox module use `jaxlayer.EquinoxLayer`"
+    elif isinstance(module, type) and issubclass(module, nn.Module):
+        hint = f"; pass an instance, `{module.__name__}()`, not the class"
+    raise TypeError(
+        f"FlaxLayer '{layer_name}': `module` must be a `flax.linen.Module` "
+        f"instance, got {type(module).__name__}{hint}."
+    )
+
+
+def _is_nnx(module) -> bool:
+    return any(
+        c.__module__.startswith("flax.nnx") for c in type(module).__mro__
+    )
+
+
+def _resolve_method(module, method, layer_name):
+    """The callable run for `method`, to read its signature."""
+    owner = f"FlaxLayer '{layer_name}'"
+    if method is None:
+        if "__call__" not in dir(type(module)):
+            raise ValueError(
+                f"{owner}: the module {type(module).__name__} has no "
+                "`__call__`; pass `method`, the name of the method to run."
+            )
+        return module.__call__
+    if isinstance(method, str):
+        target = getattr(module, method, None)
+        if target is None or not callable(target):
+            names = sorted(
+                n
+                for n, v in vars(type(module)).items()
+                if callable(v) and not n.startswith("_")
+            )
+            raise ValueError(
+                f"{owner}: `method` {method!r} is not a method of "
+                f"{type(module).__name__}; its methods: {', '.join(names)}."
+            )
+        return target
+    if not callable(method):
+        raise TypeError(
+            f"{owner}: `method` must be a method name, a method of the module "
+            f"or a function taking the module first; got {method!r}."
+        )
+    return method
+
+
+def _takes(fn, name) -> bool:
+    try:
+        return name in inspect.signature(fn).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+def _split(variables):
+    """Flax variables -> (`{"params": ...}`, the other collections)."""
+    variables = {k: _plain(v) for k, v in dict(variables).items()}
+    params = {"params": variables.pop("params")} if "params" in variables else {}
+    return params, variables
+
+
+def _plain(tree):
+    if isinstance(tree, Mapping):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _merge(params, state):
+    return {**(params or {}), **(state or {})}

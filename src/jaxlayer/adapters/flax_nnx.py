@@ -1,0 +1,212 @@
+"""`NNXLayer`: a Flax NNX module as a Keras layer."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxlayer import _deps
+from jaxlayer import _variables as V
+from jaxlayer.layer import JaxLayer
+
+_FEATURE = "NNXLayer"
+
+
+class NNXLayer(JaxLayer):
+    """A Keras layer that runs a live `flax.nnx.Module`, on every backend.
+
+    The module is split (`nnx.split`) into its structure and its variables:
+    `nnx.Param` variables become trainable Keras weights, every other variable
+    (`nnx.BatchStat`, custom `nnx.Variable`s) non-trainable weights, updated
+    by the calls made in training and left alone in inference. Weights are
+    named after the module's attributes: `layer/conv/kernel`,
+    `layer/bn/mean`.
+
+    Train and eval behaviour follows Keras's `training` flag: each call runs
+    the module as `module.train()` (in training) or `module.eval()` (in
+    inference) would, so dropout is active and batch norm uses and updates
+    batch statistics only in training; there is no need to call those
+    methods.
+
+    RNG streams (`nnx.Rngs`, the streams kept by `nnx.Dropout`) are not Keras
+    weights: Keras variables cannot hold JAX key arrays. Every training call
+    reseeds all the module's streams from the layer's seed generator (`seed`,
+    or Keras's global seed, which `keras.utils.set_random_seed` sets), so
+    dropout masks differ per step and are reproducible. Inference calls use
+    the streams as they were when the layer was made.
+
+    After training, `to_module()` returns an `nnx.Module` holding the trained
+    values.
+
+    Saving: `save_weights`/`load_weights` work; a `.keras` file cannot hold
+    an NNX module (a live Python object), so `get_config` raises: save the
+    weights, and rebuild the layer from the same module code to load them.
+
+    Args:
+        module: a `flax.nnx.Module` instance, with its variables initialised.
+        **kwargs: `JaxLayer` arguments (`seed`, ...) and base
+            `keras.layers.Layer` arguments (`name`, `dtype`, ...).
+
+    Raises:
+        TypeError: `module` is not an NNX module instance.
+
+    Example:
+
+    >>> from flax import nnx
+    >>> import numpy as np
+    >>> class MLP(nnx.Module):
+    ...     def __init__(self, rngs):
+    ...         self.dense = nnx.Linear(4, 8, rngs=rngs)
+    ...         self.drop = nnx.Dropout(0.5, rngs=rngs)
+    ...         self.out = nnx.Linear(8, 2, rngs=rngs)
+    ...     def __call__(self, x):
+    ...         return self.out(self.drop(self.dense(x)))
+    >>> layer = NNXLayer(MLP(nnx.Rngs(0)), seed=0, name="mlp")
+    >>> layer(np.ones((3, 4), "float32")).shape
+    (3, 2)
+    >>> [w.path for w in layer.trainable_weights][:2]
+    ['mlp/dense/bias', 'mlp/dense/kernel']
+    >>> type(layer.to_module()).__name__
+    'MLP'
+    """
+
+    def __init__(self, module: Any, **kwargs):
+        nnx = _deps.require("flax.nnx", _FEATURE)
+        layer_name = kwargs.get("name") or "NNXLayer"
+        _check_module(nnx, module, layer_name)
+        graphdef, params, rngs, rest = nnx.split(
+            module, nnx.Param, nnx.RngState, ...
+        )
+        templates = (params, rest)
+        rng_template = rngs
+        rng_data = jax.tree_util.tree_map(_key_to_data, nnx.to_pure_dict(rngs))
+        has_streams = bool(jax.tree_util.tree_leaves(rng_data))
+
+        def merge(params_dict, state_dict, rng_data):
+            return nnx.merge(
+                graphdef,
+                _filled(nnx, templates[0], params_dict),
+                _filled(nnx, rng_template, _data_to_keys(rng_data)),
+                _filled(nnx, templates[1], state_dict),
+            )
+
+        def call_fn(params, state, rng, inputs, training):
+            model = merge(params, state, rng_data)
+            if training:
+                model.train()
+                if has_streams and rng is not None:
+                    _reseed(nnx, model, rng)
+            else:
+                model.eval()
+            outputs = model(inputs)
+            _, _, _, new_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
+            return outputs, nnx.to_pure_dict(new_rest)
+
+        super().__init__(
+            call_fn=call_fn,
+            params=_plain(nnx.to_pure_dict(params)),
+            state=_plain(nnx.to_pure_dict(rest)),
+            **kwargs,
+        )
+        object.__setattr__(self, "_merge", merge)
+        object.__setattr__(self, "_rng_data", rng_data)
+
+    def to_module(self) -> Any:
+        """Returns the module with the layer's current weights.
+
+        The module is new (the one given to the layer is left as it was); its
+        RNG streams are those it was given, and it is in the train/eval mode
+        it was given in.
+
+        Returns:
+            A `flax.nnx.Module` of the type given to the layer.
+        """
+        params = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.params))
+        state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
+        to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)
+        return self._merge(to_jax(params), to_jax(state), self._rng_data)
+
+    def get_config(self):
+        raise NotImplementedError(
+            f"{self._owner}: an NNX module is a live Python object that "
+            "cannot be written to a config, so this layer cannot be saved in "
+            "a `.keras` file or cloned. Save the weights with "
+            "`model.save_weights(path)`, then rebuild the model with a new "
+            "`NNXLayer(MyModule(...))` and call `model.load_weights(path)`."
+        )
+
+
+def _check_module(nnx, module, layer_name):
+    if isinstance(module, nnx.Module):
+        return
+    hint = ""
+    if isinstance(module, type) and issubclass(module, nnx.Module):
+        hint = (
+            f"; pass an instance, `{module.__name__}(..., rngs=nnx.Rngs(0))`, "
+            "not the class"
+        )
+    elif any(c.__module__.startswith("flax.linen") for c in type(module).__mro__):
+        hint = "; for a Flax linen module use `jaxlayer.FlaxLayer`"
+    elif any(c.__module__.startswith("equinox") for c in type(module).__mro__):
+        hint = "; for an Equinox module use `jaxlayer.EquinoxLayer`"
+    raise TypeError(
+        f"NNXLayer '{layer_name}': `module` must be a `flax.nnx.Module` "
+        f"instance, got {type(module).__name__}{hint}."
+    )
+
+
+def _plain(tree):
+    if isinstance(tree, dict):
+        return {k: _plain(v) for k, v in tree.items()}
+    return tree
+
+
+def _filled(nnx, template, pure):
+    """A new `nnx.State` like `template`, holding the values of `pure`."""
+    state = jax.tree_util.tree_map(lambda x: x, template)
+    nnx.replace_by_pure_dict(state, pure)
+    return state
+
+
+def _key_to_data(x):
+    if jax.dtypes.issubdtype(getattr(x, "dtype", None), jax.dtypes.prng_key):
+        return _KeyData(np.asarray(jax.random.key_data(x)), jax.random.key_impl(x))
+    return np.asarray(x)
+
+
+def _data_to_keys(tree):
+    return jax.tree_util.tree_map(
+        lambda x: jax.random.wrap_key_data(x.data, impl=x.impl)
+        if isinstance(x, _KeyData)
+        else jax.numpy.asarray(x),
+        tree,
+        is_leaf=lambda x: isinstance(x, _KeyData),
+    )
+
+
+class _KeyData:
+    """Raw key bits and the PRNG implementation, to rebuild a key array."""
+
+    def __init__(self, data, impl):
+        self.data = data
+        self.impl = impl
+
+
+def _reseed(nnx, model, rng):
+    """Gives every RNG stream of `model` a key drawn from `rng`."""
+    key = rng if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else (
+        jax.random.wrap_key_data(rng)
+    )
+    tags = sorted(
+        {
+            stream.key.tag
+            for _, stream in nnx.iter_graph(model)
+            if isinstance(stream, nnx.RngStream)
+        }
+    )
+    keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)}
+    nnx.reseed(model, policy="match_shape", **keys)
+
+
