@@ -122,7 +122,7 @@ def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
         floating = is_float(dtype)
         if floating:
             dtype = layer.variable_dtype
-        value = _to_initializer(value, copy)
+        value = _cast(value, dtype, copy)
         variable = _new_variable(
             layer,
             path_parts(path) or ["value"],
@@ -139,12 +139,15 @@ def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
     return TreeSpec(treedef, slots, static, paths, variables, tree)
 
 
-def _to_initializer(value, copy):
+def _cast(value, dtype, copy):
+    """`value` as an array of `dtype` that the layer may own."""
     if keras.backend.backend() == "jax" and isinstance(value, jax.Array):
+        if value.dtype != dtype:
+            return value.astype(dtype)
         return jax.numpy.array(value, copy=True) if copy else value
-    if isinstance(value, jax.Array) or not keras.ops.is_tensor(value):
-        return np.array(value, copy=copy)
-    return value
+    if keras.ops.is_tensor(value) and not isinstance(value, jax.Array):
+        return keras.ops.cast(value, dtype)
+    return np.array(value, copy=copy).astype(dtype, copy=False)
 
 
 def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
@@ -155,8 +158,10 @@ def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
     for scope in scopes:
         scope.__enter__()
     try:
+        # A callable initializer, so that Keras can defer the creation when
+        # the layer is built inside a stateless (symbolic) scope.
         variable = keras.Variable(
-            initializer=value,
+            initializer=lambda shape, dtype=None: value,
             shape=tuple(value.shape),
             dtype=dtype,
             trainable=trainable,

@@ -197,15 +197,18 @@ class JaxLayer(keras.layers.Layer):
             shapes_def,
             [placeholder(s, d) for s, d in zip(shapes, dtypes)],
         )
-        args = []
-        for name in self.init_fn_arguments:
-            if name == "rng":
-                args.append(_to_jax_keys(self._get_init_rng()))
-            elif name == "inputs":
-                args.append(inputs)
-            else:
-                args.append(True)
-        result = self.init_fn(*args)
+        # Keras may build the layer while tracing (a subclassed model's
+        # symbolic build runs under `jax.eval_shape`): initialise eagerly.
+        with jax.ensure_compile_time_eval():
+            args = []
+            for name in self.init_fn_arguments:
+                if name == "rng":
+                    args.append(_to_jax_keys(self._get_init_rng()))
+                elif name == "inputs":
+                    args.append(inputs)
+                else:
+                    args.append(True)
+            result = self.init_fn(*args)
         if self.call_fn_has_state:
             if not (isinstance(result, (tuple, list)) and len(result) == 2):
                 raise ValueError(
