@@ -1,0 +1,303 @@
+"""The four contenders, each as a pair of timing closures over one model.
+
+Imports Keras: import this module only after `KERAS_BACKEND` is set.
+
+Every contender is built by a function returning a `Runner`, whose `fit()`
+trains for one pass over the benchmark data and returns the steady-state
+ms/step, and whose `predict()` returns ms/batch of inference. Building (and
+compiling, in the warm-up) happens before any timing, so compile time is
+excluded; a contender that raises while being built or warmed up is reported
+as unsupported by the caller.
+
+How a `fit` is timed: the clock starts when the second execution of the epoch
+begins, after the first one has finished (`steps_per_execution` steps), and
+stops at the end of the epoch, after the epoch's loss is on the host. This
+excludes `fit`'s set-up (data adapters, iterators) and includes everything a
+training step costs in steady state: feeding the batch, Keras's loop and
+callbacks, the step itself.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import gc
+import time
+from collections.abc import Callable
+
+import jax
+import keras
+import numpy as np
+import optax
+
+from benchmarks._names import JAXLAYER, KERAS_JAXLAYER, NATIVE, PURE_JAX
+from benchmarks._workloads import Workload
+
+LEARNING_RATE = 1e-3
+# Keras's Adam epsilon, so that optax's Adam does the same arithmetic.
+ADAM_EPSILON = 1e-7
+INIT_SEED = 0
+
+
+@dataclasses.dataclass
+class Runner:
+    """Timing closures of one contender at one `steps_per_execution`.
+
+    Attributes:
+        fit: trains one pass over the data; returns steady-state ms/step.
+        predict: runs inference over the prediction batches; returns ms/batch.
+    """
+
+    fit: Callable[[], float]
+    predict: Callable[[], float]
+
+
+def _adam():
+    return optax.adam(LEARNING_RATE, eps=ADAM_EPSILON)
+
+
+def _train_step(apply):
+    """One pure JAX training step: loss, gradients, an Adam update."""
+    opt = _adam()
+
+    def loss_fn(params, x, y):
+        logits = apply(params, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    def step(params, opt_state, x, y):
+        loss, grads = jax.value_and_grad(loss_fn)(params, x, y)
+        updates, opt_state = opt.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    return step
+
+
+def _pure_jax_execution(apply, spe):
+    """A jitted function doing `spe` training steps per call, with the
+    parameters and optimizer state donated: the step itself for `spe == 1`,
+    a `lax.scan` of it over `spe` stacked batches otherwise."""
+    step = _train_step(apply)
+    if spe == 1:
+        return jax.jit(step, donate_argnums=(0, 1))
+
+    def steps(params, opt_state, xs, ys):
+        def body(carry, batch):
+            params, opt_state, loss = step(*carry, *batch)
+            return (params, opt_state), loss
+
+        (params, opt_state), losses = jax.lax.scan(body, (params, opt_state), (xs, ys))
+        return params, opt_state, losses[-1]
+
+    return jax.jit(steps, donate_argnums=(0, 1))
+
+
+def pure_jax(workload: Workload, data, spe: int, predict_batches: int) -> Runner:
+    """The best a JAX user would write: a jitted, donated train step, the
+    data already on the device in per-call chunks, no framework loop."""
+    x, y = data
+    b = workload.batch_size
+    n_calls = len(x) // (b * spe)
+
+    def chunk(a, i):
+        part = a[i * b * spe : (i + 1) * b * spe]
+        return jax.device_put(part if spe == 1 else part.reshape(spe, b, *a.shape[1:]))
+
+    batches = [(chunk(x, i), chunk(y, i)) for i in range(n_calls)]
+    pred_batches = [
+        jax.device_put(x[i * b : (i + 1) * b]) for i in range(predict_batches)
+    ]
+    run = _pure_jax_execution(workload.apply, spe)
+    apply = jax.jit(workload.apply)
+    params = workload.init(jax.random.key(INIT_SEED))
+    state = {"params": params, "opt_state": _adam().init(params)}
+
+    def fit():
+        p, s = state["params"], state["opt_state"]
+        p, s, loss = run(p, s, *batches[0])
+        jax.block_until_ready((p, s, loss))
+        start = time.perf_counter()
+        for xb, yb in batches[1:]:
+            p, s, loss = run(p, s, xb, yb)
+        float(loss)
+        jax.block_until_ready((p, s))
+        elapsed = time.perf_counter() - start
+        state["params"], state["opt_state"] = p, s
+        return 1e3 * elapsed / ((n_calls - 1) * spe)
+
+    def predict():
+        start = time.perf_counter()
+        outs = [apply(state["params"], xb) for xb in pred_batches]
+        np.concatenate([np.asarray(o) for o in outs])
+        return 1e3 * (time.perf_counter() - start) / len(pred_batches)
+
+    fit()  # compiles
+    predict()
+    return Runner(fit, predict)
+
+
+class _EpochTimer(keras.callbacks.Callback):
+    """Times an epoch from the start of its second execution to its end.
+
+    Only `on_train_batch_begin` and `on_epoch_end` are overridden, so Keras
+    keeps dispatching batch ends asynchronously (no per-step host sync).
+    """
+
+    def __init__(self, spe):
+        super().__init__()
+        self.spe = spe
+        self.start = self.end = None
+
+    def on_train_batch_begin(self, batch, logs=None):
+        if batch == self.spe:
+            # On the JAX backend the first execution may still be running:
+            # wait for it so that the clock starts with an empty queue.
+            state = getattr(self.model, "_jax_state", None)
+            if state is not None:
+                jax.block_until_ready(state)
+            self.start = time.perf_counter()
+
+    def on_epoch_end(self, epoch, logs=None):
+        # The loss in `logs` is already a Python float: every step is done.
+        self.end = time.perf_counter()
+
+
+def keras_model(kind: str, workload: Workload):
+    """The Keras model of a contender (not compiled).
+
+    `jaxlayer.JaxLayer` and `keras.layers.JaxLayer` wrap `workload.apply`
+    with the parameters of `workload.init` at the pure JAX run's seed.
+    """
+    if kind == NATIVE:
+        return workload.native()
+    params = workload.init(jax.random.key(INIT_SEED))
+    if kind == JAXLAYER:
+        import jaxlayer
+
+        layer = jaxlayer.JaxLayer(workload.apply, params=params, name="jax_model")
+    elif kind == KERAS_JAXLAYER:
+        layer = keras.layers.JaxLayer(workload.apply, params=params, name="jax_model")
+    else:
+        raise ValueError(f"unknown Keras contender {kind!r}")
+    return keras.Sequential([keras.Input(workload.input_shape), layer])
+
+
+def compile_model(model, spe: int):
+    """Compiles for training with Adam and sparse softmax cross-entropy."""
+    model.compile(
+        optimizer=keras.optimizers.Adam(LEARNING_RATE, epsilon=ADAM_EPSILON),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+        steps_per_execution=spe,
+    )
+    return model
+
+
+def keras_contender(kind: str):
+    """A builder of `Runner`s for one Keras contender (`NATIVE`, ...)."""
+
+    def build(workload: Workload, data, spe: int, predict_batches: int) -> Runner:
+        x, y = data
+        b = workload.batch_size
+        steps = len(x) // b
+        model = compile_model(keras_model(kind, workload), spe)
+        timer = _EpochTimer(spe)
+        x_pred = x[: predict_batches * b]
+        common = dict(batch_size=b, epochs=1, shuffle=False, verbose=0)
+
+        def fit():
+            timer.start = timer.end = None
+            model.fit(x, y, callbacks=[timer], **common)
+            return 1e3 * (timer.end - timer.start) / (steps - spe)
+
+        def predict():
+            start = time.perf_counter()
+            model.predict(x_pred, batch_size=b, verbose=0)
+            return 1e3 * (time.perf_counter() - start) / predict_batches
+
+        # Warm-up: compiles the train and predict functions.
+        model.fit(x[: 2 * spe * b], y[: 2 * spe * b], **common)
+        model.predict(x[: 2 * b], batch_size=b, verbose=0)
+        return Runner(fit, predict)
+
+    return build
+
+
+BUILDERS = {
+    PURE_JAX: pure_jax,
+    NATIVE: keras_contender(NATIVE),
+    JAXLAYER: keras_contender(JAXLAYER),
+    KERAS_JAXLAYER: keras_contender(KERAS_JAXLAYER),
+}
+
+
+# -- memory (JAX backend) --------------------------------------------------
+
+
+def live_bytes() -> int:
+    """Bytes held by all live `jax.Array`s in this process."""
+    return sum(a.nbytes for a in jax.live_arrays())
+
+
+def param_bytes(workload: Workload) -> int:
+    """Bytes of the workload's parameters."""
+    shapes = jax.eval_shape(workload.init, jax.random.key(INIT_SEED))
+    return sum(s.size * s.dtype.itemsize for s in jax.tree_util.tree_leaves(shapes))
+
+
+def _hold_pure_jax(workload, data):
+    x, y = data
+    b = workload.batch_size
+    params = workload.init(jax.random.key(INIT_SEED))
+    opt_state = _adam().init(params)
+    run = _pure_jax_execution(workload.apply, 1)
+    params, opt_state, loss = run(params, opt_state, x[:b], y[:b])
+    jax.block_until_ready((params, opt_state, loss))
+    return params, opt_state
+
+
+def _hold_keras(kind):
+    def hold(workload, data):
+        x, y = data
+        b = workload.batch_size
+        model = compile_model(keras_model(kind, workload), 1)
+        model.fit(x[:b], y[:b], batch_size=b, epochs=1, shuffle=False, verbose=0)
+        return model
+
+    return hold
+
+
+def memory(workload: Workload, data) -> dict:
+    """Live `jax.Array` bytes each contender holds after build + 1 fit step.
+
+    Each contender is built from scratch (its own init, its own compile) and
+    measured as the growth of `live_bytes()` while it is alive; the caller's
+    parameters are not kept, so a layer that held on to them (a second copy
+    of the weights) would show it. Contenders that raise give their error.
+    """
+    holders = {
+        PURE_JAX: _hold_pure_jax,
+        NATIVE: _hold_keras(NATIVE),
+        JAXLAYER: _hold_keras(JAXLAYER),
+        KERAS_JAXLAYER: _hold_keras(KERAS_JAXLAYER),
+    }
+    out = {}
+    for kind, hold in holders.items():
+        keras.backend.clear_session()
+        gc.collect()
+        base = live_bytes()
+        try:
+            held = hold(workload, data)
+            gc.collect()
+            out[kind] = live_bytes() - base
+            del held
+        except Exception as err:  # noqa: BLE001 - reported, not fatal
+            out[kind] = unsupported(err)
+    keras.backend.clear_session()
+    gc.collect()
+    return out
+
+
+def unsupported(err: BaseException) -> str:
+    """`"unsupported: <type>: <first line of the message>"`, shortened."""
+    first = (str(err).strip().splitlines() or [""])[0]
+    if len(first) > 120:
+        first = first[:117] + "..."
+    return f"unsupported: {type(err).__name__}: {first}"

@@ -1,0 +1,324 @@
+"""Training and inference cost of `jaxlayer.JaxLayer` against pure JAX and
+native Keras, measured side by side.
+
+Usage:
+
+    python -m benchmarks.fit_step --backend jax
+    python -m benchmarks.fit_step --backend all      # each backend in turn
+    python -m benchmarks.fit_step --backend torch --quick --workloads mlp
+
+For each Keras backend (one process per backend, `KERAS_BACKEND` set before
+Keras is imported) and each workload (`mlp`, `cnn`, `transformer`), four
+contenders do the same training on the same in-memory synthetic data:
+
+- pure JAX: a `jax.jit` train step with optax Adam and donated buffers
+  (a `lax.scan` over the steps at `steps_per_execution > 1`);
+- the same architecture in native `keras.layers`, trained with `fit`;
+- `jaxlayer.JaxLayer` wrapping the pure JAX function, trained with `fit`;
+- `keras.layers.JaxLayer` wrapping it, where Keras supports it.
+
+Contenders are timed in rounds, round robin (A, B, C, D, A, B, ...), so that
+a machine busy with other work slows all of them alike; min and median over
+rounds are reported, and ratios of the mins. A contender that raises is
+reported as "unsupported: <reason>". On the JAX backend the live
+`jax.Array` bytes after building and one fit step are compared as well.
+
+The markdown report goes to stdout and to `benchmarks/results.md` (or
+`--output`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import importlib.util
+import json
+import os
+import platform
+import subprocess
+import sys
+import tempfile
+from importlib import metadata
+from pathlib import Path
+
+BACKENDS = ("jax", "tensorflow", "torch")
+DEFAULT_OUTPUT = Path(__file__).with_name("results.md")
+_BACKEND_MODULES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    """Parses the command line (see the module docstring)."""
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.fit_step",
+        description=__doc__.split("\n\n")[0],
+    )
+    parser.add_argument(
+        "--backend",
+        default="all",
+        choices=(*BACKENDS, "all"),
+        help="Keras backend to measure; 'all' runs each installed one in its "
+        "own subprocess and merges the tables (default: all).",
+    )
+    parser.add_argument(
+        "--workloads",
+        default="mlp,cnn,transformer",
+        help="comma-separated workloads (default: mlp,cnn,transformer).",
+    )
+    parser.add_argument(
+        "--rounds", type=int, default=None, help="timing rounds (default 5)."
+    )
+    parser.add_argument(
+        "--steps",
+        type=int,
+        default=None,
+        help="training steps per timed fit, rounded up to a multiple of the "
+        "largest steps_per_execution (default: per workload, 200/50/50).",
+    )
+    parser.add_argument(
+        "--spe",
+        default="1,25",
+        help="comma-separated steps_per_execution values (default: 1,25).",
+    )
+    parser.add_argument(
+        "--predict-batches",
+        type=int,
+        default=None,
+        help="batches per timed predict (default: 20, 5 with --quick).",
+    )
+    parser.add_argument(
+        "--quick",
+        action="store_true",
+        help="a smoke run: 1 round, few steps; the numbers mean nothing.",
+    )
+    parser.add_argument(
+        "--output",
+        default=str(DEFAULT_OUTPUT),
+        help="markdown file to write, '-' for none (default: %(default)s).",
+    )
+    parser.add_argument(
+        "--note", default=None, help="a line added to the report's header."
+    )
+    parser.add_argument(
+        "--json", default=None, help="also write the raw results as JSON here."
+    )
+    args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    args.spe = sorted({int(s) for s in args.spe.split(",")})
+    if args.rounds is None:
+        args.rounds = 1 if args.quick else 5
+    if args.predict_batches is None:
+        args.predict_batches = 5 if args.quick else 20
+    return args
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for name in ("jax", "jaxlib", "keras", "tensorflow", "torch", "optax", "numpy"):
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            try:
+                out[name] = metadata.version(f"{name}-cpu")
+            except metadata.PackageNotFoundError:
+                out[name] = "not installed"
+    return out
+
+
+def _machine() -> dict:
+    cpu = platform.processor() or platform.machine()
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    cpu = line.split(":", 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform()}
+
+
+def _load() -> list[float] | None:
+    try:
+        return [round(x, 2) for x in os.getloadavg()]
+    except OSError:
+        return None
+
+
+def _steps(workload, args) -> int:
+    steps = args.steps if args.steps is not None else workload.default_steps
+    if args.quick:
+        steps = min(steps, 2 * max(args.spe))
+    top = max(args.spe)
+    # At least two executions of the largest steps_per_execution: the first
+    # one is not timed.
+    return max(2 * top, -(-steps // top) * top)
+
+
+def run_backend(args) -> dict:
+    """Measures every workload on the current backend, in this process.
+
+    Returns:
+        A JSON-ready dict: backend, machine, versions, settings and, per
+        workload, each contender's timings (or its error) and memory.
+    """
+    import keras
+
+    from benchmarks import _contenders as C
+    from benchmarks._names import CONTENDERS
+    from benchmarks._workloads import WORKLOADS
+
+    backend = keras.backend.backend()
+    if backend != args.backend:
+        raise SystemExit(
+            f"Keras was already imported with the {backend!r} backend; run "
+            f"with KERAS_BACKEND={args.backend} or in a fresh process."
+        )
+    unknown = [w for w in args.workloads if w not in WORKLOADS]
+    if unknown:
+        raise SystemExit(
+            f"unknown workloads {unknown}; choose from {', '.join(WORKLOADS)}."
+        )
+    run = {
+        "backend": backend,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(
+            timespec="seconds"
+        ),
+        "machine": _machine(),
+        "versions": _versions(),
+        "settings": {
+            "rounds": args.rounds,
+            "spe": args.spe,
+            "predict_batches": args.predict_batches,
+            "quick": args.quick,
+        },
+        "load_before": _load(),
+        "workloads": [],
+    }
+    for name in args.workloads:
+        workload = WORKLOADS[name]
+        steps = _steps(workload, args)
+        data = workload.data(steps)
+        print(f"[{backend}] {name}: {steps} steps/fit", file=sys.stderr, flush=True)
+        entry = {
+            "name": name,
+            "description": workload.description,
+            "batch_size": workload.batch_size,
+            "steps": steps,
+            "param_bytes": C.param_bytes(workload),
+            "memory": C.memory(workload, data) if backend == "jax" else None,
+            "results": {},
+        }
+        runners = {}
+        for kind in CONTENDERS:
+            keras.backend.clear_session()
+            res = entry["results"][kind] = {}
+            for spe in args.spe:
+                try:
+                    runners[kind, spe] = C.BUILDERS[kind](
+                        workload, data, spe, args.predict_batches
+                    )
+                    res[f"fit_{spe}"] = []
+                except Exception as err:  # noqa: BLE001 - reported as a row
+                    res[f"fit_{spe}"] = C.unsupported(err)
+            first = runners.get((kind, args.spe[0]))
+            res["predict"] = [] if first else res[f"fit_{args.spe[0]}"]
+        # Round robin: in every round, each contender in turn.
+        for _ in range(args.rounds):
+            for spe in args.spe:
+                for kind in CONTENDERS:
+                    _time(entry["results"][kind], f"fit_{spe}", runners, kind, spe)
+            for kind in CONTENDERS:
+                _time(entry["results"][kind], "predict", runners, kind, args.spe[0])
+        runners.clear()
+        keras.backend.clear_session()
+        run["workloads"].append(entry)
+    run["load_after"] = _load()
+    return run
+
+
+def _time(res, key, runners, kind, spe):
+    from benchmarks import _contenders as C
+
+    if not isinstance(res[key], list):
+        return
+    runner = runners[kind, spe]
+    try:
+        res[key].append(runner.predict() if key == "predict" else runner.fit())
+    except Exception as err:  # noqa: BLE001 - reported as a row
+        res[key] = C.unsupported(err)
+
+
+def run_all(args, argv) -> list[dict]:
+    """Runs each installed backend in its own subprocess; returns the runs."""
+    passthrough = _strip(argv, ("--backend", "--output", "--json", "--note"))
+    runs = []
+    for backend in BACKENDS:
+        if importlib.util.find_spec(_BACKEND_MODULES[backend]) is None:
+            print(f"[{backend}] not installed, skipped", file=sys.stderr)
+            continue
+        with tempfile.TemporaryDirectory() as tmp:
+            out = Path(tmp) / "run.json"
+            cmd = [
+                sys.executable,
+                "-m",
+                "benchmarks.fit_step",
+                "--backend",
+                backend,
+                "--output",
+                "-",
+                "--json",
+                str(out),
+                *passthrough,
+            ]
+            env = dict(os.environ, KERAS_BACKEND=backend)
+            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            root = str(Path(__file__).resolve().parent.parent)
+            env["PYTHONPATH"] = os.pathsep.join(
+                p for p in (root, env.get("PYTHONPATH")) if p
+            )
+            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+            if proc.returncode != 0 or not out.exists():
+                runs.append({"backend": backend, "error": f"exit {proc.returncode}"})
+                continue
+            runs.append(json.loads(out.read_text()))
+    return runs
+
+
+def _strip(argv, options):
+    """`argv` without the given options and their values."""
+    out, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+            continue
+        name = arg.split("=", 1)[0]
+        if name in options:
+            skip = "=" not in arg
+            continue
+        out.append(arg)
+    return out
+
+
+def main(argv=None) -> list[dict]:
+    """Runs the benchmark; prints and writes the report; returns the runs."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    if args.backend == "all":
+        runs = run_all(args, argv)
+    else:
+        os.environ["KERAS_BACKEND"] = args.backend
+        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        runs = [run_backend(args)]
+    from benchmarks._report import render
+
+    text = render(runs, note=args.note)
+    print(text)
+    if args.output != "-":
+        Path(args.output).write_text(text)
+    if args.json:
+        Path(args.json).write_text(json.dumps(runs[0] if len(runs) == 1 else runs))
+    return runs
+
+
+if __name__ == "__main__":
+    main()
