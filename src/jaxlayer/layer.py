@@ -193,13 +193,13 @@ class JaxLayer(keras.layers.Layer):
         shapes, shapes_def = _flatten_shapes(input_shape)
         if dtypes is None or len(dtypes) != len(shapes):
             dtypes = ["float32"] * len(shapes)
-        inputs = jax.tree_util.tree_unflatten(
-            shapes_def,
-            [placeholder(s, d) for s, d in zip(shapes, dtypes)],
-        )
         # Keras may build the layer while tracing (a subclassed model's
         # symbolic build runs under `jax.eval_shape`): initialise eagerly.
         with jax.ensure_compile_time_eval():
+            inputs = jax.tree_util.tree_unflatten(
+                shapes_def,
+                [placeholder(s, d) for s, d in zip(shapes, dtypes)],
+            )
             args = []
             for name in self.init_fn_arguments:
                 if name == "rng":
