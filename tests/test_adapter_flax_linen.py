@@ -1,0 +1,236 @@
+"""FlaxLayer (Flax linen) against Flax's own forward and gradients."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import _variables as V
+from jaxlayer.adapters import FlaxLayer
+
+nn = pytest.importorskip("flax.linen")
+
+LR = 0.1
+
+
+@keras.saving.register_keras_serializable(package="test_flax_linen")
+class ConvBN(nn.Module):
+    """Conv -> BatchNorm -> relu -> Dropout -> Dense: 8x8x1 inputs, 2 outputs."""
+
+    rate: float = 0.5
+
+    @nn.compact
+    def __call__(self, x, training=False):
+        x = nn.Conv(4, (3, 3))(x)
+        x = nn.BatchNorm(use_running_average=not training, momentum=0.5)(x)
+        x = nn.relu(x)
+        x = nn.Dropout(self.rate, deterministic=not training)(x)
+        return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+    def get_config(self):
+        return {"rate": self.rate}
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**config)
+
+
+class Heads(nn.Module):
+    """A module with a named method, for `method=`."""
+
+    def setup(self):
+        self.head = nn.Dense(3)
+
+    def __call__(self, x):
+        return self.features(x)
+
+    def features(self, x):
+        return self.head(x.reshape((x.shape[0], -1)))
+
+
+def _data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
+    y = rng.normal(size=(n, 2)).astype("float32")
+    return x, y
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _assert_trees_close(actual, expected, atol=1e-5):
+    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
+    expected = jax.tree_util.tree_map(np.asarray, expected)
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
+        expected
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
+        actual,
+        expected,
+    )
+
+
+def _model(layer):
+    inputs = keras.Input((8, 8, 1))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
+    return model
+
+
+def test_weights_named_after_flax_variables():
+    layer = FlaxLayer(ConvBN(), seed=1, name="net")
+    layer(_data()[0])
+    assert sorted(w.path for w in layer.trainable_weights) == [
+        "net/params/BatchNorm_0/bias",
+        "net/params/BatchNorm_0/scale",
+        "net/params/Conv_0/bias",
+        "net/params/Conv_0/kernel",
+        "net/params/Dense_0/bias",
+        "net/params/Dense_0/kernel",
+    ]
+    assert sorted(w.path for w in layer.non_trainable_weights) == [
+        "net/batch_stats/BatchNorm_0/mean",
+        "net/batch_stats/BatchNorm_0/var",
+    ]
+    assert layer.params["params"]["Conv_0"]["kernel"].shape == (3, 3, 1, 4)
+
+
+def test_inference_matches_flax_apply():
+    x, _ = _data()
+    module = ConvBN()
+    variables = module.init(jax.random.PRNGKey(0), x)
+    layer = FlaxLayer(module, variables=variables)
+    expected = module.apply(variables, x, training=False)
+    np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)
+    _assert_trees_close(layer.flax_variables(), variables)
+
+
+def test_sgd_step_matches_jax_grad_and_updates_batch_stats():
+    x, y = _data()
+    module = ConvBN(rate=0.0)
+    variables = module.init(jax.random.PRNGKey(0), x)
+    layer = FlaxLayer(module, variables=variables)
+    model = _model(layer)
+
+    def loss(params):
+        out, updates = module.apply(
+            {**variables, "params": params},
+            x,
+            training=True,
+            mutable=["batch_stats"],
+            rngs={"dropout": jax.random.PRNGKey(1)},
+        )
+        return jnp.mean((out - y) ** 2), updates
+
+    grads, updates = jax.grad(loss, has_aux=True)(variables["params"])
+    model.train_on_batch(x, y)
+    expected = jax.tree_util.tree_map(
+        lambda p, g: p - LR * g, variables["params"], grads
+    )
+    _assert_trees_close(layer.params["params"], expected)
+    _assert_trees_close(layer.state["batch_stats"], updates["batch_stats"])
+
+
+def test_fit_lowers_loss_and_inference_leaves_stats_alone():
+    x, y = _data(32)
+    layer = FlaxLayer(ConvBN(rate=0.2), seed=3)
+    model = _model(layer)
+    before = model.evaluate(x, y, verbose=0)
+    kernel = _np(layer.params["params"]["Conv_0"]["kernel"]).copy()
+    mean = _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]).copy()
+    model.fit(x, y, epochs=8, batch_size=8, verbose=0)
+    after = model.evaluate(x, y, verbose=0)
+    assert after < before
+    assert not np.allclose(_np(layer.params["params"]["Conv_0"]["kernel"]), kernel)
+    mean = _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"])
+    assert not np.allclose(mean, 0.0)
+    first = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), first)
+    np.testing.assert_array_equal(
+        _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]), mean
+    )
+
+
+def test_dropout_rng_fresh_per_call_and_seeded():
+    x, _ = _data()
+    a = FlaxLayer(ConvBN(), seed=7)
+    b = FlaxLayer(ConvBN(), seed=7)
+    a1, a2 = _np(a(x, training=True)), _np(a(x, training=True))
+    assert not np.allclose(a1, a2)
+    np.testing.assert_allclose(_np(b(x, training=True)), a1, atol=1e-6)
+
+
+def test_method_by_name_and_function():
+    x, _ = _data()
+    module = Heads()
+    by_name = FlaxLayer(module, method="features", seed=0)
+    assert by_name(x).shape == (8, 3)
+    assert [w.path.split("/", 1)[1] for w in by_name.trainable_weights] == [
+        "params/head/bias",
+        "params/head/kernel",
+    ]
+    variables = {"params": by_name.flax_variables()["params"]}
+
+    def wrapper(module, inputs, training):
+        return module.features(inputs) * (2.0 if training else 1.0)
+
+    by_fn = FlaxLayer(module, method=wrapper, variables=variables)
+    np.testing.assert_allclose(_np(by_fn(x)), _np(by_name(x)), atol=1e-6)
+    np.testing.assert_allclose(
+        _np(by_fn(x, training=True)), 2 * _np(by_name(x)), atol=1e-5
+    )
+
+
+def test_save_and_load_weights(tmp_path):
+    x, y = _data()
+    model = _model(FlaxLayer(ConvBN(), seed=0))
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "flax.weights.h5")
+    model.save_weights(path)
+    other = _model(FlaxLayer(ConvBN(), seed=5))
+    other.load_weights(path)
+    np.testing.assert_allclose(
+        other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_keras_file_round_trip(tmp_path):
+    x, y = _data()
+    model = _model(FlaxLayer(ConvBN(rate=0.25), method="__call__", seed=0))
+    model.fit(x, y, epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "flax.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    layer = loaded.layers[-1]
+    assert isinstance(layer, FlaxLayer) and layer.module.rate == 0.25
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+
+
+def test_unserializable_module_says_what_to_do():
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x)
+
+    layer = FlaxLayer(Plain())
+    with pytest.raises(TypeError, match="get_config"):
+        layer.get_config()
+
+
+def test_bad_arguments():
+    nnx = pytest.importorskip("flax.nnx")
+    with pytest.raises(TypeError, match="FlaxLayer.*NNXLayer"):
+        FlaxLayer(nnx.Linear(2, 2, rngs=nnx.Rngs(0)))
+    with pytest.raises(TypeError, match="FlaxLayer.*instance"):
+        FlaxLayer(ConvBN)
+    with pytest.raises(ValueError, match="`method` 'nope'.*features"):
+        FlaxLayer(Heads(), method="nope")
+    with pytest.raises(TypeError, match="`variables`"):
+        FlaxLayer(ConvBN(), variables=[1, 2])
