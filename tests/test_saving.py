@@ -1,0 +1,148 @@
+"""Saving: `.keras` round trips, weights files, and unregistered functions."""
+
+import os
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+from _reference import IN, reference_apply, reference_init
+
+from jaxlayer import JaxLayer
+
+TOL = dict(rtol=1e-6, atol=1e-6)
+
+
+def to_np(x):
+    return keras.ops.convert_to_numpy(x)
+
+
+@keras.saving.register_keras_serializable(package="jaxlayer_tests")
+def saved_call(params, state, rng, inputs, training):
+    return reference_apply(params, state, rng, inputs, training)
+
+
+@keras.saving.register_keras_serializable(package="jaxlayer_tests")
+def saved_init(rng, inputs):
+    return reference_init(rng, inputs, stateful=True)
+
+
+def unregistered_call(params, inputs):
+    return inputs @ params["w"]
+
+
+def train(model, n=32):
+    rs = np.random.RandomState(0)
+    x = rs.randn(n, IN).astype("float32")
+    y = rs.randn(n, 3).astype("float32")
+    model.compile("adam", "mse")
+    model.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    return x
+
+
+def check_same(model, loaded, x, same_names=True):
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0), **TOL
+    )
+    if same_names:
+        assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
+    for a, b in zip(model.weights, loaded.weights):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+
+
+def test_keras_round_trip_with_init_fn(tmp_path):
+    inputs = keras.Input((IN,))
+    layer = JaxLayer(saved_call, saved_init, seed=5, name="ref")
+    model = keras.Model(inputs, layer(inputs))
+    x = train(model)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    check_same(model, loaded, x)
+    again = loaded.get_layer("ref")
+    assert again.seed == 5 and again.call_fn is saved_call
+    assert int(to_np(again.state["count"])) == int(to_np(layer.state["count"]))
+    # It trains on after loading.
+    train(loaded)
+
+
+def test_keras_round_trip_with_params_only(tmp_path):
+    """No init_fn: the tree of the params is kept in the config, so the layer
+    is rebuilt with the right variables and the weights file fills them."""
+    params, state = reference_init(jax.random.PRNGKey(0), jnp.ones((1, IN)), True)
+    params["note"] = "kept"  # a static leaf, kept in the config
+    layer = JaxLayer(saved_call, params=params, state=state, seed=1)
+    model = keras.Sequential([keras.Input((IN,)), layer])
+    x = train(model)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    check_same(model, loaded, x)
+    assert loaded.layers[0].params["note"] == "kept"
+
+
+def test_tuple_and_list_trees_round_trip(tmp_path):
+    @keras.saving.register_keras_serializable(package="jaxlayer_tests")
+    def tuple_call(params, inputs):
+        (w, b), extra = params
+        return inputs @ w + b + extra[0]
+
+    params = (
+        (np.ones((IN, 3), "float32"), np.zeros(3, "float32")),
+        [np.ones(3, "float32")],
+    )
+    model = keras.Sequential([keras.Input((IN,)), JaxLayer(tuple_call, params=params)])
+    x = train(model)
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    check_same(model, loaded, x)
+    assert isinstance(loaded.layers[0].params, tuple)
+    assert isinstance(loaded.layers[0].params[1], list)
+
+
+def test_weights_files(tmp_path):
+    def build():
+        inputs = keras.Input((IN,))
+        return keras.Model(inputs, JaxLayer(saved_call, saved_init)(inputs))
+
+    model = build()
+    x = train(model)
+    path = os.path.join(tmp_path, "w.weights.h5")
+    model.save_weights(path)
+    other = build()
+    other.load_weights(path)
+    check_same(model, other, x, same_names=False)
+
+
+def test_unregistered_function_saves_and_loading_says_how_to_fix(tmp_path):
+    layer = JaxLayer(unregistered_call, params={"w": np.ones((IN, 2), "float32")})
+    model = keras.Sequential([keras.Input((IN,)), layer])
+    path = os.path.join(tmp_path, "m.keras")
+    model.save(path)  # must not crash
+    with pytest.raises(TypeError, match=r"`call_fn` `unregistered_call`.*register_keras_serializable"):
+        keras.saving.load_model(path)
+    # With the function given, it loads.
+    loaded = keras.saving.load_model(
+        path, custom_objects={"unregistered_call": unregistered_call}
+    )
+    x = np.ones((2, IN), "float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+
+
+def test_config_round_trip():
+    layer = JaxLayer(
+        saved_call,
+        saved_init,
+        seed=3,
+        native_serialization_platforms=("cpu", "cuda"),
+        name="cfg",
+    )
+    config = layer.get_config()
+    assert config["seed"] == 3
+    assert config["native_serialization_platforms"] == ["cpu", "cuda"]
+    again = JaxLayer.from_config(config)
+    assert again.name == "cfg" and again.call_fn is saved_call
+    assert again.init_fn is saved_init
+    assert again.native_serialization_platforms == ("cpu", "cuda")
