@@ -1,0 +1,404 @@
+"""The TensorFlow bridge: XLA modules inside TF graphs, gradients, export.
+
+Every number is compared with the same function run by `jax.jit`/`jax.grad`
+on the same parameters (float32: rtol = atol = 1e-5).
+"""
+
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import JaxLayer
+
+BACKEND = keras.backend.backend()
+TF_ONLY = pytest.mark.skipif(
+    BACKEND != "tensorflow", reason="tests the TensorFlow bridge (KERAS_BACKEND)"
+)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def mlp_init(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    d = inputs.shape[-1]
+    return {
+        "hidden": {"w": jax.random.normal(k1, (d, 8)) / 2, "b": jnp.full(8, 0.1)},
+        "out": {"w": jax.random.normal(k2, (8, 3)) / 3},
+    }
+
+
+def mlp_call(params, inputs):
+    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
+    return h @ params["out"]["w"]
+
+
+def numpy_tree(tree):
+    return jax.tree_util.tree_map(
+        lambda v: np.asarray(keras.ops.convert_to_numpy(v)), tree
+    )
+
+
+def assert_trees_close(got, want):
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(np.asarray(a), np.asarray(b), **TOL),
+        got,
+        want,
+    )
+
+
+def tf_bridge():
+    from jaxlayer.bridges import tensorflow
+
+    return tensorflow
+
+
+# -- outputs and gradients ----------------------------------------------------
+
+
+@TF_ONLY
+@pytest.mark.parametrize("mode", ["eager", "function", "xla"])
+def test_outputs_and_gradients_match_jax(mode):
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    layer = JaxLayer(mlp_call, mlp_init, seed=1)
+    layer(x[:2])
+    variables = jax.tree_util.tree_leaves(layer.params)
+
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x)
+            loss = tf.reduce_sum(tf.sin(y))
+        return y, tape.gradient(loss, [x, *(v.value for v in variables)])
+
+    if mode != "eager":
+        step = tf.function(step, jit_compile=mode == "xla")
+    y, grads = step(tf.constant(x))
+
+    params = numpy_tree(layer.params)
+    want_y = jax.jit(mlp_call)(params, x)
+    want_gp, want_gx = jax.grad(
+        lambda p, x: jnp.sum(jnp.sin(mlp_call(p, x))), argnums=(0, 1)
+    )(params, x)
+    np.testing.assert_allclose(y.numpy(), want_y, **TOL)
+    np.testing.assert_allclose(grads[0].numpy(), want_gx, **TOL)
+    assert_trees_close(
+        [g.numpy() for g in grads[1:]], jax.tree_util.tree_leaves(want_gp)
+    )
+
+
+@TF_ONLY
+def test_integer_inputs_get_no_gradient_and_int64_is_accepted():
+    import tensorflow as tf
+
+    def call(params, inputs):
+        return jnp.take(params["table"], inputs, axis=0).sum(axis=1)
+
+    table = np.arange(12, dtype="float32").reshape(6, 2)
+    layer = JaxLayer(call, params={"table": table})
+    ids = tf.constant([[0, 5], [2, 2]], dtype=tf.int64)
+    with tf.GradientTape() as tape:
+        y = layer(ids)
+        loss = tf.reduce_sum(y * [[1.0, 2.0]])
+    (g,) = tape.gradient(loss, layer.trainable_variables)
+    want_g = jax.grad(lambda p: jnp.sum(call(p, ids.numpy()) * jnp.array([1.0, 2.0])))(
+        {"table": table}
+    )["table"]
+    np.testing.assert_allclose(y.numpy(), call({"table": table}, ids.numpy()), **TOL)
+    np.testing.assert_allclose(g.numpy(), want_g, **TOL)
+
+
+# -- training under fit --------------------------------------------------------
+
+
+@TF_ONLY
+@pytest.mark.parametrize("jit_compile", [False, True])
+def test_dense_before_the_layer_trains_under_fit(jit_compile):
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(64, 6)).astype("float32")
+    y = rng.normal(size=(64, 3)).astype("float32")
+    dense = keras.layers.Dense(4)
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    model = keras.Sequential([keras.Input((6,)), dense, layer])
+    model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit_compile)
+    kernel = dense.kernel.numpy().copy()
+    params = numpy_tree(layer.params)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert np.all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert not np.allclose(dense.kernel.numpy(), kernel)
+    for old, new in zip(
+        jax.tree_util.tree_leaves(params),
+        jax.tree_util.tree_leaves(numpy_tree(layer.params)),
+        strict=True,
+    ):
+        assert not np.allclose(old, new)
+    # The trained model still equals the JAX reference.
+    h = x[:5] @ dense.kernel.numpy() + dense.bias.numpy()
+    np.testing.assert_allclose(
+        model.predict(x[:5], verbose=0),
+        mlp_call(numpy_tree(layer.params), h),
+        **TOL,
+    )
+
+
+@TF_ONLY
+def test_eager_batch_of_4_then_functional_then_other_batches():
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+
+    def call(params, inputs):
+        return jnp.mean(inputs * params["w"], axis=(1, 2)) + params["b"]
+
+    layer = JaxLayer(
+        call,
+        params={"w": np.full((8, 8, 1), 0.5, "float32"), "b": np.ones(1, "float32")},
+    )
+    np.testing.assert_allclose(layer(x), call(numpy_tree(layer.params), x), **TOL)
+    count = tf_bridge().conversion_count()
+    inputs = keras.Input(shape=(8, 8, 1))
+    model = keras.Model(inputs, layer(inputs))
+    for n in (3, 4, 7):
+        xn = np.random.default_rng(n).normal(size=(n, 8, 8, 1)).astype("float32")
+        np.testing.assert_allclose(
+            model.predict(xn, verbose=0), call(numpy_tree(layer.params), xn), **TOL
+        )
+    assert tf_bridge().conversion_count() == count
+
+
+@TF_ONLY
+def test_thirty_inputs_each_with_an_unknown_dimension():
+    n = 30
+
+    def call(params, inputs):
+        return sum(jnp.mean(inputs[f"x{i}"], axis=1) * params["w"][i] for i in range(n))
+
+    w = np.linspace(-1, 1, n * 2, dtype="float32").reshape(n, 2)
+    layer = JaxLayer(call, params={"w": w})
+    inputs = {f"x{i}": keras.Input(shape=(None, 2), name=f"x{i}") for i in range(n)}
+    model = keras.Model(inputs, layer(inputs))
+    counts = []
+    for batch, seq in ((2, 5), (3, 7), (4, 2), (1, 9)):
+        rng = np.random.default_rng(batch)
+        data = {
+            f"x{i}": rng.normal(size=(batch, seq, 2)).astype("float32")
+            for i in range(n)
+        }
+        np.testing.assert_allclose(
+            model.predict(data, verbose=0), call({"w": w}, data), **TOL
+        )
+        counts.append(tf_bridge().conversion_count())
+    # Keras traces `predict` with the first shapes (a known sequence length),
+    # then once with unknown dims: that second conversion serves every size.
+    assert counts[1] == counts[2] == counts[3]
+
+
+@TF_ONLY
+def test_unknown_sequence_dimension_trains_and_serves_other_lengths():
+    def call(params, inputs):
+        return jnp.cumsum(inputs @ params["w"], axis=1)
+
+    w = np.full((4, 2), 0.1, "float32")
+    layer = JaxLayer(call, params={"w": w})
+    inputs = keras.Input(shape=(None, 4))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile("sgd", "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(8, 5, 4)).astype("float32")
+    model.fit(x, rng.normal(size=(8, 5, 2)), batch_size=4, epochs=1, verbose=0)
+    assert not np.allclose(layer.params["w"].numpy(), w)
+    x9 = rng.normal(size=(3, 9, 4)).astype("float32")
+    np.testing.assert_allclose(
+        model.predict(x9, verbose=0), call(numpy_tree(layer.params), x9), **TOL
+    )
+
+
+# -- state and rng ---------------------------------------------------------------
+
+
+def counting_call(params, state, inputs, training):
+    y = inputs * params["scale"]
+    if training:
+        state = {"count": state["count"] + 1, "mean": jnp.mean(inputs, axis=0)}
+    return y, state
+
+
+@TF_ONLY
+def test_state_updates_under_fit_and_not_in_predict():
+    layer = JaxLayer(
+        counting_call,
+        params={"scale": np.ones(3, "float32")},
+        state={"count": np.zeros((), "int32"), "mean": np.zeros(3, "float32")},
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(8, 3)).astype("float32")
+    model.fit(x, x * 2, batch_size=4, epochs=2, shuffle=False, verbose=0)
+    assert int(layer.state["count"].numpy()) == 4
+    np.testing.assert_allclose(layer.state["mean"].numpy(), x[4:].mean(0), **TOL)
+    model.predict(x, verbose=0)
+    assert int(layer.state["count"].numpy()) == 4
+
+
+@TF_ONLY
+def test_rng_is_fresh_on_every_training_call():
+    def dropout_call(rng, inputs, training):
+        if not training:
+            return inputs
+        keep = jax.random.bernoulli(rng, 0.5, inputs.shape)
+        return jnp.where(keep, inputs * 2, 0.0)
+
+    layer = JaxLayer(dropout_call, seed=3)
+    x = np.ones((4, 16), "float32")
+    a = layer(x, training=True).numpy()
+    b = layer(x, training=True).numpy()
+    assert set(np.unique(a)) <= {0.0, 2.0}
+    assert not np.array_equal(a, b)
+    np.testing.assert_array_equal(layer(x, training=False), x)
+
+
+# -- caching and fallbacks ----------------------------------------------------------
+
+
+@TF_ONLY
+def test_conversions_are_cached():
+    import tensorflow as tf
+
+    bridge = tf_bridge()
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x = np.ones((2, 4), "float32")
+    start = bridge.conversion_count()
+    layer(x)
+    assert bridge.conversion_count() - start == 1
+    layer(np.ones((7, 4), "float32"))
+    assert bridge.conversion_count() - start == 1
+    with tf.GradientTape() as tape:
+        y = layer(x)
+    tape.gradient(y, layer.trainable_variables)
+    trained = bridge.conversion_count()
+    assert trained - start == 3  # + forward with residuals, + backward
+    for n in (3, 5):
+        with tf.GradientTape() as tape:
+            y = layer(np.ones((n, 4), "float32"))
+        tape.gradient(y, layer.trainable_variables)
+    assert bridge.conversion_count() == trained
+    layer(np.ones((2, 5, 4), "float32"))  # a new rank is a new structure
+    assert bridge.conversion_count() == trained + 1
+
+
+@TF_ONLY
+def test_shape_dependent_code_falls_back_to_concrete_shapes():
+    def call(params, inputs):
+        if inputs.shape[0] > 4:  # needs a concrete batch size
+            return inputs[:4] * params["w"]
+        return inputs * params["w"]
+
+    layer = JaxLayer(call, params={"w": np.full(2, 3.0, "float32")})
+    x = np.arange(8, dtype="float32").reshape(4, 2)
+    with pytest.warns(UserWarning, match="concrete input shapes"):
+        y = layer(x)
+    np.testing.assert_allclose(y, x * 3.0, **TOL)
+    x6 = np.arange(12, dtype="float32").reshape(6, 2)
+    np.testing.assert_allclose(layer(x6), x6[:4] * 3.0, **TOL)
+
+
+@TF_ONLY
+def test_platforms_are_honoured():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0, native_serialization_platforms=["cpu"])
+    x = np.ones((2, 4), "float32")
+    np.testing.assert_allclose(layer(x), mlp_call(numpy_tree(layer.params), x), **TOL)
+    conversion = next(
+        iter(tf_bridge()._CACHE[next(iter(layer._pure_fns.values()))].values())
+    )
+    assert conversion._exports["forward"].platforms == ("cpu",)
+    default = JaxLayer(mlp_call, mlp_init, seed=0)
+    default(x)
+    conversion = next(
+        iter(tf_bridge()._CACHE[next(iter(default._pure_fns.values()))].values())
+    )
+    assert conversion._exports["forward"].platforms == ("cpu", "cuda")
+
+
+# -- SavedModel ---------------------------------------------------------------------
+
+# TensorFlow's `tf.lite` imports jax when it can; serving must not need it, so
+# the subprocess makes jax unimportable before importing TensorFlow.
+SERVE = textwrap.dedent(
+    """
+    import sys
+
+    class NoJax:
+        def find_spec(self, name, path=None, target=None):
+            if name.split(".")[0] in ("jax", "jaxlib"):
+                raise ImportError("jax is blocked in this process")
+
+    sys.meta_path.insert(0, NoJax())
+    import numpy as np
+    import tensorflow as tf
+    loaded = tf.saved_model.load(sys.argv[1])
+    x = np.load(sys.argv[2])
+    y = loaded.serve(tf.constant(x)).numpy()
+    assert "jax" not in sys.modules and "jaxlib" not in sys.modules
+    np.save(sys.argv[3], y)
+    """
+)
+
+
+def serve_without_jax(tmp_path, export_dir, x):
+    np.save(tmp_path / "x.npy", x)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2")
+    env.pop("KERAS_BACKEND", None)
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            SERVE,
+            str(export_dir),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "y.npy"),
+        ],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=300,
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return np.load(tmp_path / "y.npy")
+
+
+def exported_model():
+    inputs = keras.Input((4,))
+    h = keras.layers.Dense(4, activation="relu")(inputs)
+    return keras.Model(inputs, JaxLayer(mlp_call, mlp_init, seed=0)(h))
+
+
+@TF_ONLY
+def test_saved_model_serves_without_jax(tmp_path):
+    model = exported_model()
+    model.compile("sgd", "mse")
+    x = np.random.default_rng(0).normal(size=(6, 4)).astype("float32")
+    model.fit(x, np.zeros((6, 3), "float32"), epochs=1, verbose=0)
+    model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    x5 = np.random.default_rng(1).normal(size=(5, 4)).astype("float32")
+    np.testing.assert_allclose(
+        serve_without_jax(tmp_path, tmp_path / "saved", x5),
+        model.predict(x5, verbose=0),
+        **TOL,
+    )
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="exports from the JAX backend")
+def test_saved_model_export_from_the_jax_backend(tmp_path):
+    model = exported_model()
+    x = np.random.default_rng(1).normal(size=(5, 4)).astype("float32")
+    want = np.asarray(model.predict(x, verbose=0))
+    model.export(str(tmp_path / "saved"), format="tf_saved_model", verbose=False)
+    np.testing.assert_allclose(
+        serve_without_jax(tmp_path, tmp_path / "saved", x), want, **TOL
+    )
