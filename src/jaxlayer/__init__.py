@@ -1,7 +1,23 @@
-"""jaxlayer: any JAX model as a Keras 3 layer, on every Keras backend."""
+"""jaxlayer: any JAX model as a Keras 3 layer, on every Keras backend.
 
+Public API:
+
+- `JaxLayer`: a JAX function (`call_fn`/`init_fn`) as a Keras layer; a
+  drop-in replacement for `keras.layers.JaxLayer` that also runs on the
+  TensorFlow, PyTorch and NumPy (inference) backends.
+- `FlaxLayer`: a Flax linen module (drop-in for `keras.layers.FlaxLayer`).
+- `NNXLayer`: a Flax NNX module.
+- `EquinoxLayer`: an Equinox module.
+
+Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
+`JaxLayer` as `call_fn` and `init_fn`.
+"""
+
+from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer
+from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
+from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer
 from jaxlayer.layer import JaxLayer as JaxLayer
 
 __version__ = "0.1.0"
 
-__all__ = ["JaxLayer"]
+__all__ = ["EquinoxLayer", "FlaxLayer", "JaxLayer", "NNXLayer"]

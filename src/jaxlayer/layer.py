@@ -489,9 +489,16 @@ def _to_jax_keys(rng):
 
 def _check_state(owner, spec, new_state):
     """The new state's array leaves, after checking it matches `spec`."""
-    if spec is None:
-        return []
     flat, treedef = jax.tree_util.tree_flatten_with_path(new_state)
+    if spec is None:
+        if flat:
+            raise ValueError(
+                f"{owner}: `call_fn` returned a state with arrays at "
+                f"{', '.join(V.keystr(p, 'state') for p, _ in flat[:5])}, but "
+                "the layer has no state (`state=None` and no `init_fn` "
+                "state); give the initial `state`."
+            )
+        return []
     if treedef != spec.treedef:
         expected = {jax.tree_util.keystr(p) for p in spec.paths}
         got = {jax.tree_util.keystr(p) for p, _ in flat}
