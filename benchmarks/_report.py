@@ -213,10 +213,11 @@ def render(runs: list[dict], note: str | None = None) -> str:
         "rounds; ratios are of the mins, against the pure JAX loop (`vs JAX`) "
         "and against native Keras layers (`vs Keras`) in the same process. "
         "`fit` is timed in steady state (from the end of the first execution "
-        "to the end of the epoch; compile and `fit` set-up excluded). Pure "
-        "JAX keeps its batches on the device and runs `steps_per_execution` "
-        "steps per call (a `lax.scan` when above 1); Keras feeds NumPy "
-        "batches. `predict` includes copying the outputs to NumPy. Only "
+        "to the end of the epoch, or the whole epoch when it is one execution; "
+        "compile excluded). Pure JAX keeps its batches on the device and runs "
+        "one jitted step per call whatever `steps_per_execution` is (the same "
+        "timing appears in every spe column); Keras feeds NumPy batches. "
+        "`predict` includes copying the outputs to NumPy. Only "
         "ratios measured side by side are meaningful: the machine may be "
         "shared (see the load averages).",
         "",

@@ -294,7 +294,7 @@ WORKLOADS: dict[str, Workload] = {
             "mean-pool + dense 10, batch 32",
             (_SEQ, _WIDTH),
             32,
-            50,
+            25,
             transformer_init,
             transformer_apply,
             transformer_native,
