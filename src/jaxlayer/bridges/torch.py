@@ -142,6 +142,30 @@ def _prepare(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+def _realign(t: torch.Tensor) -> bool:
+    """Moves a leaf tensor's data to memory JAX can view in place, once.
+
+    XLA views a CPU buffer without copying only when it is 64-byte aligned;
+    Keras's torch variables made from NumPy arrays often are not (NumPy aligns
+    to 16 bytes). A leaf tensor that owns its whole storage gets an aligned
+    copy of its data (`t.data = ...`, what `Module.to` does): the same tensor
+    object, so optimizers and Keras variables keep working on it in place.
+
+    Returns:
+        Whether the data was moved.
+    """
+    if not (t.is_leaf and t.is_contiguous() and t.storage_offset() == 0):
+        return False
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size():
+        return False
+    if _NARROW.get(t.dtype) is not None and not jax.config.jax_enable_x64:
+        return False
+    with torch.no_grad():
+        t.data = t.detach().clone(memory_format=torch.contiguous_format)
+    counters["realigned"] += 1
+    return True
+
+
 def _to_jax(t: torch.Tensor, device_type: str) -> jax.Array:
     t = _prepare(t)
     if device_type == "cpu":
@@ -262,8 +286,11 @@ class _Entry:
             else:
                 view = _to_jax(t, device_type)
                 counters["views"] += 1
-                # Only plain, contiguous tensors are viewed in place; a copy
-                # made on the way would go stale, so it is not kept.
+                if view.unsafe_buffer_pointer() != ptr and _realign(t):
+                    ptr = t.data_ptr()
+                    view = _to_jax(t, device_type)
+                # Only a view that shares the tensor's buffer is kept: a copy
+                # made on the way would go stale when torch updates in place.
                 if view.unsafe_buffer_pointer() == ptr or not t.numel():
                     views[i] = (t, ptr, t.shape, view)
                 else:
