@@ -6,6 +6,7 @@ import inspect
 from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from jaxlayer import _deps
@@ -118,7 +119,7 @@ class EquinoxLayer(JaxLayer):
             )(inputs, keys)
 
         if stateful:
-            template = state
+            template = _strong(state)
 
             def call_fn(params, state, rng, inputs, training):
                 model = eqx.combine(params, static)
@@ -207,7 +208,7 @@ def _check_state(eqx, module, state, owner):
         if not indices:
             return module, None
         try:
-            state = eqx.nn.State(module)
+            return eqx.nn.make_with_state(lambda: module)()
         except Exception as err:  # noqa: BLE001 - re-raised with the fix
             raise ValueError(
                 f"{owner}: the module has state (`eqx.nn.StateIndex` at "
@@ -216,7 +217,6 @@ def _check_state(eqx, module, state, owner):
                 "eqx.nn.make_with_state(Model)(...)` and pass "
                 "`EquinoxLayer(model, state)`."
             ) from err
-        return eqx.nn.delete_init_state(module), state
     if not isinstance(state, eqx.nn.State):
         raise TypeError(
             f"{owner}: `state` must be the `eqx.nn.State` returned by "
@@ -251,6 +251,19 @@ def _from_eqx_state(indices, state):
     return tree
 
 
+def _strong(state):
+    """`state` with no weak-typed arrays (`jnp.array(0)` is weak).
+
+    `State.set` refuses a value whose weak type differs from the old one, and
+    the values read back from Keras variables are never weak.
+    """
+    leaves, treedef = jax.tree_util.tree_flatten(state)
+    leaves = [
+        jnp.asarray(x, dtype=x.dtype) if hasattr(x, "dtype") else x for x in leaves
+    ]
+    return jax.tree_util.tree_unflatten(treedef, leaves)
+
+
 def _to_eqx_state(template, indices, tree):
     """A new `eqx.nn.State` like `template`, holding the values of `tree`."""
     leaves, treedef = jax.tree_util.tree_flatten(template)
@@ -259,6 +272,10 @@ def _to_eqx_state(template, indices, tree):
         value = tree
         for part in parts:
             value = value[part]
+        old = state.get(index)
+        value = jax.tree_util.tree_map(
+            lambda v, o: jnp.asarray(v, dtype=o.dtype), value, old
+        )
         state = state.set(index, value)
     return state
 
