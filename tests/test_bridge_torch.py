@@ -1,0 +1,391 @@
+"""The PyTorch bridge: zero-copy DLPack, torch autograd, caching, fit.
+
+Every number is compared with the same function run by `jax.jit`/`jax.grad`
+on the same parameters (float32: rtol = atol = 1e-5; float16/bfloat16 runs
+are checked for training, not against float32 numbers).
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import JaxLayer
+
+BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.skipif(
+    BACKEND != "torch", reason="tests the PyTorch bridge (KERAS_BACKEND=torch)"
+)
+if BACKEND == "torch":
+    import torch
+
+    from jaxlayer.bridges import torch as bridge
+
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def mlp_init(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    d = inputs.shape[-1]
+    return {
+        "hidden": {"w": jax.random.normal(k1, (d, 8)) / 2, "b": jnp.full(8, 0.1)},
+        "out": {"w": jax.random.normal(k2, (8, 3)) / 3},
+    }
+
+
+def mlp_call(params, inputs):
+    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
+    return h @ params["out"]["w"]
+
+
+def stateful_call(params, state, inputs, training):
+    out = mlp_call(params, inputs - state["mean"])
+    if training:
+        state = {
+            "mean": 0.9 * state["mean"] + 0.1 * inputs.mean(0),
+            "count": state["count"] + 1,
+        }
+    return out, state
+
+
+def stateful_init(rng, inputs):
+    d = inputs.shape[-1]
+    return mlp_init(rng, inputs), {
+        "mean": jnp.zeros(d),
+        "count": jnp.zeros((), jnp.int32),
+    }
+
+
+def dropout_call(params, rng, inputs, training):
+    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
+    if training:
+        h = jnp.where(jax.random.bernoulli(rng, 0.5, h.shape), h * 2, 0.0)
+    return h @ params["out"]["w"]
+
+
+def jax_params(layer):
+    """The layer's params as a tree of JAX arrays (copies)."""
+    return jax.tree_util.tree_map(
+        lambda v: jnp.asarray(keras.ops.convert_to_numpy(v)), layer.params
+    )
+
+
+def assert_trees_close(got, want, **tol):
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(
+            np.asarray(a), np.asarray(b), **(tol or TOL)
+        ),
+        got,
+        want,
+    )
+
+
+def grads_of(layer):
+    return jax.tree_util.tree_map(lambda v: v.value.grad.numpy(), layer.params)
+
+
+def data(n=16, d=5, seed=0):
+    rs = np.random.RandomState(seed)
+    return rs.randn(n, d).astype("float32"), rs.randn(n, 3).astype("float32")
+
+
+# -- zero copy ----------------------------------------------------------------
+
+
+def test_parameter_views_share_the_torch_buffers():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    layer(torch.tensor(x))
+    fn = next(iter(layer._pure_fns.values()))
+    views = bridge._ENTRIES[fn].views
+    tensors = [v.value for v in layer._params_spec.variables]
+    assert len(tensors) == 3
+    for (cached, _, _, view), tensor in zip(views, tensors, strict=True):
+        assert cached is tensor
+        assert view.unsafe_buffer_pointer() == tensor.data_ptr()
+
+
+@pytest.mark.parametrize(
+    "dtype", ["float32", "float16", "bfloat16", "int32", "uint8", "bool"]
+)
+def test_dlpack_round_trip_is_zero_copy(dtype):
+    t = torch.ones(8, 4, dtype=getattr(torch, dtype))
+    a = bridge._to_jax(t, "cpu")
+    assert a.unsafe_buffer_pointer() == t.data_ptr()
+    assert str(a.dtype) == dtype
+    back = bridge._to_torch(a, "cpu")
+    assert back.data_ptr() == t.data_ptr()
+    assert back.dtype == t.dtype
+
+
+def test_requires_grad_and_non_contiguous_tensors_convert():
+    p = torch.nn.Parameter(torch.randn(4, 6))
+    a = bridge._to_jax(p, "cpu")
+    assert a.unsafe_buffer_pointer() == p.data_ptr()
+    nc = torch.randn(4, 6)[:, ::2]
+    np.testing.assert_array_equal(np.asarray(bridge._to_jax(nc, "cpu")), nc.numpy())
+
+
+def test_int64_is_narrowed_like_jax():
+    a = bridge._to_jax(torch.arange(4), "cpu")
+    assert a.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(a), np.arange(4))
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch" or not torch.cuda.is_available(),
+    reason="needs torch with CUDA",
+)
+def test_cuda_views_share_the_torch_buffers():
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        pytest.skip("needs jax with a GPU")
+    t = torch.randn(64, 32, device="cuda")
+    a = bridge._to_jax(t, "cuda")
+    assert a.unsafe_buffer_pointer() == t.data_ptr()
+    back = bridge._to_torch(a + 1, "cuda")
+    assert back.device.type == "cuda"
+    np.testing.assert_allclose(back.cpu().numpy(), t.cpu().numpy() + 1, **TOL)
+
+
+# -- outputs and gradients -------------------------------------------------------
+
+
+def test_outputs_and_gradients_match_jax_grad():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, y = data()
+    xt = torch.tensor(x, requires_grad=True)
+    out = layer(xt)
+    loss = ((out - torch.tensor(y)) ** 2).mean()
+    loss.backward()
+
+    params = jax_params(layer)
+
+    def ref_loss(p, x):
+        return jnp.mean((mlp_call(p, x) - y) ** 2)
+
+    want_out = jax.jit(mlp_call)(params, x)
+    gp, gx = jax.jit(jax.grad(ref_loss, argnums=(0, 1)))(params, x)
+    np.testing.assert_allclose(out.detach().numpy(), want_out, **TOL)
+    assert_trees_close(grads_of(layer), gp)
+    np.testing.assert_allclose(xt.grad.numpy(), gx, **TOL)
+
+
+def test_gradient_of_unused_and_multiple_outputs():
+    def call_fn(params, inputs):
+        h = mlp_call(params, inputs)
+        return {"a": h, "b": jnp.sum(h, -1), "n": jnp.argmax(h, -1)}
+
+    layer = JaxLayer(call_fn, mlp_init, seed=0)
+    x, _ = data()
+    out = layer(torch.tensor(x))
+    assert out["n"].dtype == torch.int32 and not out["n"].requires_grad
+    out["b"].sum().backward()  # `a` unused: a zero cotangent
+    params = jax_params(layer)
+    want = jax.grad(lambda p: jnp.sum(call_fn(p, x)["b"]))(params)
+    assert_trees_close(grads_of(layer), want)
+
+
+def test_no_grad_runs_the_plain_forward():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    layer(torch.tensor(x))
+    before = dict(bridge.counters)
+    with torch.no_grad():
+        out = layer(torch.tensor(x))
+    assert not out.requires_grad
+    assert bridge.counters["forward_traces"] == before.get("forward_traces", 0) + 1
+    assert bridge.counters["vjp_traces"] == before.get("vjp_traces", 0)
+    np.testing.assert_allclose(out.numpy(), mlp_call(jax_params(layer), x), **TOL)
+
+
+# -- caching ---------------------------------------------------------------------
+
+
+def test_forward_and_vjp_are_traced_once_per_signature():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    layer(torch.tensor(x)).sum().backward()
+    start = dict(bridge.counters)
+    for _ in range(3):
+        layer.zero_grad()
+        layer(torch.tensor(x)).sum().backward()
+    assert bridge.counters["vjp_traces"] == start["vjp_traces"]
+    assert bridge.counters["backward_traces"] == start["backward_traces"]
+    assert bridge.counters["jit_functions"] == start["jit_functions"]
+    assert bridge.counters["views"] == start["views"]  # parameter views cached
+    # A new batch size: one new forward and one new backward.
+    layer(torch.tensor(x[:4])).sum().backward()
+    assert bridge.counters["vjp_traces"] == start["vjp_traces"] + 1
+    assert bridge.counters["backward_traces"] == start["backward_traces"] + 1
+    # A parameter whose storage is replaced gets a new view.
+    variable = layer._params_spec.variables[0]
+    variable.value.data = variable.value.data.clone()
+    with torch.no_grad():
+        layer(torch.tensor(x))
+    assert bridge.counters["views"] == start["views"] + 1
+
+
+# -- in-place updates ------------------------------------------------------------
+
+
+def test_in_place_updates_are_seen_and_safe():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    xt = torch.tensor(x)
+    for step in range(3):
+        layer.zero_grad()
+        out = layer(xt)
+        out.sum().backward()
+        want = mlp_call(jax_params(layer), x)
+        np.testing.assert_allclose(out.detach().numpy(), want, **TOL)
+        with torch.no_grad():
+            for p in layer.parameters():
+                p.mul_(0.5).add_(p.grad, alpha=0.1 * (step + 1))
+    with torch.no_grad():
+        np.testing.assert_allclose(
+            layer(xt).numpy(), mlp_call(jax_params(layer), x), **TOL
+        )
+
+
+def test_in_place_change_before_backward_is_reported():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    out = layer(torch.tensor(x))
+    with torch.no_grad():
+        layer._params_spec.variables[0].value.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.sum().backward()
+
+
+def test_outputs_never_alias_inputs():
+    def call_fn(params, state, inputs):
+        return (inputs, params["w"]), state
+
+    layer = JaxLayer(call_fn, params={"w": np.ones(3, "float32")}, state={"s": 1.0})
+    xt = torch.ones(2, 3)
+    (a, b), _ = layer(xt), None
+    assert a.data_ptr() != xt.data_ptr()
+    assert b.data_ptr() != layer._params_spec.variables[0].value.data_ptr()
+
+
+# -- Keras ------------------------------------------------------------------------
+
+
+def test_dense_before_the_layer_trains_under_fit():
+    x, y = data(64)
+    model = keras.Sequential(
+        [keras.Input((5,)), keras.layers.Dense(5), JaxLayer(mlp_call, mlp_init, seed=0)]
+    )
+    model.compile(keras.optimizers.Adam(1e-2), "mse")
+    dense_before = model.layers[0].kernel.numpy().copy()
+    jax_before = jax_params(model.layers[1])
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    losses = history.history["loss"]
+    assert losses[-1] < losses[0]
+    assert not np.allclose(model.layers[0].kernel.numpy(), dense_before)
+    after = jax_params(model.layers[1])
+    assert not np.allclose(after["out"]["w"], jax_before["out"]["w"])
+    want = mlp_call(
+        after, x @ model.layers[0].kernel.numpy() + model.layers[0].bias.numpy()
+    )
+    np.testing.assert_allclose(model.predict(x, verbose=0), want, rtol=1e-4, atol=1e-4)
+
+
+def test_state_updates_in_training_not_in_predict():
+    x, y = data(32)
+    layer = JaxLayer(stateful_call, stateful_init, seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile("sgd", "mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0, shuffle=False)
+    state = jax.tree_util.tree_map(keras.ops.convert_to_numpy, layer.state)
+    assert int(state["count"]) == 2
+    mean = 0.1 * x[16:].mean(0) + 0.9 * (0.1 * x[:16].mean(0))
+    np.testing.assert_allclose(state["mean"], mean, **TOL)
+    assert not layer._state_spec.variables[0].value.requires_grad
+    model.predict(x, verbose=0)
+    after = jax.tree_util.tree_map(keras.ops.convert_to_numpy, layer.state)
+    assert_trees_close(after, state)
+    # The outputs are computed with the state as it was before the call.
+    out, new_state = stateful_call(jax_params(layer), after, x, True)
+    with torch.no_grad():
+        got = layer(torch.tensor(x), training=True)
+    np.testing.assert_allclose(got.numpy(), out, **TOL)
+    assert int(keras.ops.convert_to_numpy(layer.state["count"])) == 3
+
+
+def test_rng_is_fresh_on_every_training_call():
+    layer = JaxLayer(dropout_call, mlp_init, seed=1)
+    x = torch.ones(4, 5)
+    a = layer(x, training=True).detach().numpy()
+    b = layer(x, training=True).detach().numpy()
+    assert not np.allclose(a, b)
+    c = layer(x, training=False).detach().numpy()
+    d = layer(x, training=False).detach().numpy()
+    np.testing.assert_array_equal(c, d)
+
+
+@pytest.mark.parametrize("policy", ["mixed_bfloat16", "mixed_float16", "float16"])
+def test_low_precision_policies_train(policy):
+    keras.config.set_dtype_policy(policy)
+    x, y = data(64)
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    model = keras.Sequential([keras.Input((5,)), keras.layers.Dense(5), layer])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    before = jax_params(layer)
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert history.history["loss"][-1] < history.history["loss"][0]
+    out = model(torch.tensor(x))
+    assert out.dtype == getattr(torch, policy.replace("mixed_", ""))
+    after = jax_params(layer)
+    assert not np.allclose(after["out"]["w"], before["out"]["w"])
+
+
+def test_non_contiguous_input():
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    base = torch.randn(5, 16)
+    xt = base.t()  # (16, 5), not contiguous
+    assert not xt.is_contiguous()
+    xt.requires_grad_(True)
+    out = layer(xt)
+    out.sum().backward()
+    params = jax_params(layer)
+    x = xt.detach().contiguous().numpy()
+    np.testing.assert_allclose(out.detach().numpy(), mlp_call(params, x), **TOL)
+    gx = jax.grad(lambda x: mlp_call(params, x).sum())(x)
+    np.testing.assert_allclose(xt.grad.numpy(), gx, **TOL)
+
+
+def test_plain_pytorch_loop_matches_optax():
+    import optax
+
+    x, y = data(32)
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    layer(torch.tensor(x[:2]))
+    opt = torch.optim.Adam(layer.parameters(), lr=1e-2)
+    assert len(list(layer.parameters())) == 3
+
+    params = jax_params(layer)
+    tx = optax.adam(1e-2)
+    opt_state = tx.init(params)
+
+    @jax.jit
+    def ref_step(params, opt_state, xb, yb):
+        loss, g = jax.value_and_grad(lambda p: jnp.mean((mlp_call(p, xb) - yb) ** 2))(
+            params
+        )
+        updates, opt_state = tx.update(g, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    for step in range(6):
+        xb, yb = x[step % 2 * 16 :][:16], y[step % 2 * 16 :][:16]
+        opt.zero_grad()
+        loss = ((layer(torch.tensor(xb)) - torch.tensor(yb)) ** 2).mean()
+        loss.backward()
+        opt.step()
+        params, opt_state, ref_loss = ref_step(params, opt_state, xb, yb)
+        np.testing.assert_allclose(loss.item(), ref_loss, **TOL)
+        assert_trees_close(jax_params(layer), params)
