@@ -1,0 +1,182 @@
+"""Haiku through `JaxLayer` (`hk.transform`, `transform_with_state`, ...)."""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import JaxLayer
+from jaxlayer import _variables as V
+
+hk = pytest.importorskip("haiku")
+
+LR = 0.1
+
+
+# The example of the JaxLayer spec, verbatim.
+class MyHaikuModule(hk.Module):
+    def __call__(self, x, training):
+        x = hk.Conv2D(32, (3, 3))(x)
+        x = jax.nn.relu(x)
+        x = hk.AvgPool((1, 2, 2, 1), (1, 2, 2, 1), "VALID")(x)
+        x = hk.Flatten()(x)
+        x = hk.Linear(200)(x)
+        if training:
+            x = hk.dropout(rng=hk.next_rng_key(), rate=0.3, x=x)
+        x = jax.nn.relu(x)
+        x = hk.Linear(10)(x)
+        x = jax.nn.softmax(x)
+        return x
+
+
+def my_haiku_module_fn(inputs, training):
+    module = MyHaikuModule()
+    return module(inputs, training)
+
+
+def _conv_bn(rate):
+    """Conv -> BatchNorm -> relu -> dropout -> Linear, with Haiku state."""
+
+    def net(inputs, training):
+        x = hk.Conv2D(4, 3, name="conv")(inputs)
+        x = hk.BatchNorm(True, True, 0.5, name="bn")(x, is_training=training)
+        x = jax.nn.relu(x)
+        if training and rate:
+            x = hk.dropout(hk.next_rng_key(), rate, x)
+        return hk.Linear(2, name="out")(hk.Flatten()(x))
+
+    return hk.transform_with_state(net)
+
+
+def _data(n=8, seed=0):
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
+    y = rng.normal(size=(n, 2)).astype("float32")
+    return x, y
+
+
+def _np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def _assert_trees_close(actual, expected, atol=1e-5):
+    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
+    expected = jax.tree_util.tree_map(np.asarray, expected)
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
+        expected
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
+        actual,
+        expected,
+    )
+
+
+def _model(layer, shape=(8, 8, 1), loss="mse"):
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(LR), loss=loss)
+    return model
+
+
+def test_spec_example():
+    transformed_module = hk.transform(my_haiku_module_fn)
+    keras_layer = JaxLayer(
+        call_fn=transformed_module.apply,
+        init_fn=transformed_module.init,
+        seed=0,
+    )
+    x, _ = _data()
+    y = np.eye(10, dtype="float32")[np.arange(8) % 10]
+    model = _model(keras_layer, loss="categorical_crossentropy")
+    expected = transformed_module.apply(
+        V.numpy_tree(keras_layer.params), None, x, False
+    )
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, atol=1e-5)
+    assert {w.path.split("/", 1)[1] for w in keras_layer.trainable_weights} >= {
+        "my_haiku_module/conv2_d/w",
+        "my_haiku_module/linear_1/b",
+    }
+    before = model.evaluate(x, y, verbose=0)
+    model.fit(x, y, epochs=3, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < before
+    a, b = _np(keras_layer(x, training=True)), _np(keras_layer(x, training=True))
+    assert not np.allclose(a, b)  # a fresh dropout key per training call
+
+
+def test_transform_with_state_inference_matches_haiku():
+    x, _ = _data()
+    f = _conv_bn(0.5)
+    params, state = f.init(jax.random.PRNGKey(0), x, True)
+    layer = JaxLayer(f.apply, params=params, state=state, name="hk")
+    expected, _ = f.apply(params, state, None, x, False)
+    np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)
+    paths = sorted(w.path for w in layer.non_trainable_weights)
+    assert "hk/bn/~/mean_ema/average" in paths
+    assert "hk/conv/w" in [w.path for w in layer.trainable_weights]
+
+
+def test_sgd_step_matches_jax_grad_and_updates_state():
+    x, y = _data()
+    f = _conv_bn(0.0)
+    params, state = f.init(jax.random.PRNGKey(0), x, True)
+    layer = JaxLayer(f.apply, params=params, state=state)
+    model = _model(layer)
+
+    def loss(params):
+        out, new_state = f.apply(params, state, jax.random.PRNGKey(1), x, True)
+        return jnp.mean((out - y) ** 2), new_state
+
+    grads, new_state = jax.grad(loss, has_aux=True)(params)
+    model.train_on_batch(x, y)
+    expected = jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
+    _assert_trees_close(layer.params, expected)
+    _assert_trees_close(layer.state, new_state)
+
+
+def test_fit_lowers_loss_and_inference_leaves_state_alone():
+    x, y = _data(32)
+    f = _conv_bn(0.2)
+    layer = JaxLayer(f.apply, f.init, seed=3)
+    model = _model(layer)
+    before = model.evaluate(x, y, verbose=0)
+    w = _np(layer.params["conv"]["w"]).copy()
+    model.fit(x, y, epochs=8, batch_size=8, verbose=0)
+    assert model.evaluate(x, y, verbose=0) < before
+    assert not np.allclose(_np(layer.params["conv"]["w"]), w)
+    average = _np(layer.state["bn/~/mean_ema"]["average"]).copy()
+    assert not np.allclose(average, 0.0)
+    first = model.predict(x, verbose=0)
+    np.testing.assert_array_equal(model.predict(x, verbose=0), first)
+    np.testing.assert_array_equal(
+        _np(layer.state["bn/~/mean_ema"]["average"]), average
+    )
+
+
+def test_without_apply_rng():
+    def mlp(inputs):
+        return hk.nets.MLP([8, 2])(inputs)
+
+    f = hk.without_apply_rng(hk.transform(mlp))
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    layer = JaxLayer(f.apply, f.init, seed=0)
+    out = _np(layer(x))
+    np.testing.assert_allclose(
+        out, f.apply(V.numpy_tree(layer.params), x), atol=1e-5
+    )
+    assert layer.trainable_weights[0].path.endswith("mlp/~/linear_0/b")
+
+
+def test_save_and_load_weights(tmp_path):
+    x, y = _data()
+    f = _conv_bn(0.2)
+    model = _model(JaxLayer(f.apply, f.init, seed=0))
+    model.fit(x, y, epochs=1, verbose=0)
+    path = str(tmp_path / "hk.weights.h5")
+    model.save_weights(path)
+    other = _model(JaxLayer(f.apply, f.init, seed=1))
+    other.load_weights(path)
+    np.testing.assert_allclose(
+        other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
