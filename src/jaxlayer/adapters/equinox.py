@@ -100,7 +100,6 @@ class EquinoxLayer(JaxLayer):
             model = eqx.nn.inference_mode(model, value=not training)
             if key is None and key_mode == "required":
                 key = jax.random.PRNGKey(0)
-            batch = jax.tree_util.tree_leaves(inputs)[0].shape[0]
 
             def one(x, k):
                 kw = {"key": k} if key_mode and k is not None else {}
@@ -110,13 +109,18 @@ class EquinoxLayer(JaxLayer):
 
             if not vmap:
                 return one(inputs, key)
-            keys = None if key is None else jax.random.split(key, batch)
+
+            def per_example(x):
+                # One key per example, without a batch-sized `split` (which
+                # needs a concrete batch size).
+                k = None
+                if key is not None:
+                    k = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
+                return one(x, k)
+
             return jax.vmap(
-                one,
-                in_axes=(0, None if keys is None else 0),
-                out_axes=(0, None),
-                axis_name=axis_name,
-            )(inputs, keys)
+                per_example, in_axes=0, out_axes=(0, None), axis_name=axis_name
+            )(inputs)
 
         if stateful:
             template = _strong(state)
