@@ -147,7 +147,9 @@ def _cast(value, dtype, copy):
         return jax.numpy.array(value, copy=True) if copy else value
     if keras.ops.is_tensor(value) and not isinstance(value, jax.Array):
         return keras.ops.cast(value, dtype)
-    return np.array(value, copy=copy).astype(dtype, copy=False)
+    # A backend tensor: Keras hands out the initializer's value as is while
+    # the creation of a variable is deferred (a symbolic build).
+    return keras.ops.convert_to_tensor(np.array(value, copy=copy), dtype=dtype)
 
 
 def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
