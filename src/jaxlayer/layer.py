@@ -180,7 +180,9 @@ class JaxLayer(keras.layers.Layer):
         if self._params_spec is None and self._state_spec is None and (
             self.call_fn_has_params or self.call_fn_has_state
         ):
-            self._initialize_weights(input_shape)
+            # Initialised eagerly, also when Keras builds the layer while
+            # TensorFlow traces a train step.
+            _outside_graph(lambda: self._initialize_weights(input_shape))
         self.built = True
 
     def _initialize_weights(self, input_shape):
@@ -477,6 +479,15 @@ def _as_key(x):
     if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
         return x.astype(jnp.uint32)
     return x
+
+
+def _outside_graph(fn):
+    """Calls `fn` eagerly even while TensorFlow traces a graph (TF backend)."""
+    if keras.backend.backend() == "tensorflow":
+        from jaxlayer.bridges.tensorflow import outside_graph
+
+        return outside_graph(fn)
+    return fn()
 
 
 def _to_jax_keys(rng):

@@ -103,6 +103,22 @@ def run(
         raise err.__cause__ from None
 
 
+def outside_graph(fn: Callable[[], Any]) -> Any:
+    """Calls `fn` eagerly, lifted out of any graph being traced.
+
+    The layer draws its `init_fn` seed with it: a layer built while Keras
+    traces a train step needs concrete seed values to initialise in JAX.
+
+    Args:
+        fn: a function of no arguments.
+
+    Returns:
+        What `fn` returns.
+    """
+    with tf.init_scope():
+        return fn()
+
+
 # -- structure keys and export specs ----------------------------------------
 
 
@@ -260,12 +276,6 @@ class _Conversion:
         self._diff = [
             i for i, s in enumerate(specs[: n_params + n_inputs]) if _is_float(s.dtype)
         ]
-        # Symbol name -> (argument, axis): static output dims where known.
-        self._symbols = {}
-        for i, spec in enumerate(specs):
-            for axis, d in enumerate(spec.shape):
-                if not isinstance(d, int):
-                    self._symbols.setdefault(str(d), (i, axis))
 
     # -- the pure function on flat lists --
 
@@ -396,9 +406,9 @@ class _Conversion:
     def __call__(self, args, mode):
         args = _cast_args(args, self._specs)
         forward = self._export_kind("forward")
-        n_outputs, symbols = self._n_outputs, self._symbols
+        n_outputs = self._n_outputs
         if mode == "plain" or not self._diff or not self._float_outs:
-            results = _call_exported(forward, args, symbols)
+            results = _call_exported(forward, args)
             return results[:n_outputs], results[n_outputs:]
         n_args, float_outs = len(args), self._float_outs
         diff, diff_set = self._diff, set(self._diff)
@@ -419,7 +429,7 @@ class _Conversion:
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(train, args, symbols)
+                results = _call_exported(train, args)
                 residuals = [
                     args[i]
                     if kind == "arg"
@@ -432,7 +442,7 @@ class _Conversion:
                 def grad(*cts):
                     backward = self._export_kind("backward")
                     grads = _call_exported(
-                        backward, [*residuals, *cotangents(cts, results)], symbols
+                        backward, [*residuals, *cotangents(cts, results)]
                     )
                     return full_grads(grads)
 
@@ -442,13 +452,11 @@ class _Conversion:
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(forward, args, symbols)
+                results = _call_exported(forward, args)
 
                 def grad(*cts):
                     vjp = self._export_kind("vjp")
-                    grads = _call_exported(
-                        vjp, [*args, *cotangents(cts, results)], symbols
-                    )
+                    grads = _call_exported(vjp, [*args, *cotangents(cts, results)])
                     return full_grads(grads)
 
                 return results, grad
@@ -472,36 +480,45 @@ def _cast_args(args, specs):
     return out
 
 
-def _call_exported(exported, args, symbols) -> list[Any]:
+# id(exported) -> (exported, XlaCallModule attributes): built once per export.
+_ATTRS: dict = {}
+
+
+def _call_attrs(exported):
+    entry = _ATTRS.get(id(exported))
+    if entry is None or entry[0] is not exported:
+        attrs = {
+            "version": exported.calling_convention_version,
+            "module": exported.mlir_module_serialized,
+            "Tout": [tf.as_dtype(a.dtype) for a in exported.out_avals],
+            "Sout": [
+                [d if isinstance(d, int) else None for d in a.shape]
+                for a in exported.out_avals
+            ],
+            "platforms": [p.upper() for p in exported.platforms],
+            "disabled_checks": [str(c) for c in exported.disabled_safety_checks],
+            "has_token_input_output": False,
+            "function_list": [],
+            "use_shardy_partitioner": bool(jax.config.jax_use_shardy_partitioner),
+        }
+        kept = sorted(exported.module_kept_var_idx)
+        entry = _ATTRS[id(exported)] = (exported, attrs, kept)
+    return entry[1], entry[2]
+
+
+def _call_exported(exported, args) -> list[Any]:
     """Runs one `jax.export.Exported` as an `XlaCallModule` op."""
-    kept = [args[i] for i in sorted(exported.module_kept_var_idx)]
-    out_shapes = []
-    for aval in exported.out_avals:
-        dims = []
-        for d in aval.shape:
-            if isinstance(d, int):
-                dims.append(d)
-                continue
-            where = symbols.get(str(d))
-            dims.append(args[where[0]].shape[where[1]] if where is not None else None)
-        out_shapes.append(dims)
-    results = _tfxla.call_module(
-        kept,
-        version=exported.calling_convention_version,
-        module=exported.mlir_module_serialized,
-        Tout=[tf.as_dtype(a.dtype) for a in exported.out_avals],
-        Sout=[
-            [d if isinstance(d, int) else None for d in a.shape]
-            for a in exported.out_avals
-        ],
-        platforms=[p.upper() for p in exported.platforms],
-        disabled_checks=[str(c) for c in exported.disabled_safety_checks],
-        has_token_input_output=False,
-        function_list=[],
-        use_shardy_partitioner=bool(jax.config.jax_use_shardy_partitioner),
-    )
-    results = list(results)
-    for x, shape in zip(results, out_shapes, strict=True):
-        if not tf.executing_eagerly():
-            x.set_shape(shape)
+    attrs, kept = _call_attrs(exported)
+    results = list(_tfxla.call_module([args[i] for i in kept], **attrs))
+    if not tf.executing_eagerly():
+        # Static output dims where a symbol's size is static in this graph.
+        sizes = {}
+        for aval, x in zip(exported.in_avals, args, strict=True):
+            for d, size in zip(aval.shape, x.shape, strict=True):
+                if not isinstance(d, int) and size is not None:
+                    sizes.setdefault(str(d), size)
+        for aval, x in zip(exported.out_avals, results, strict=True):
+            x.set_shape(
+                [d if isinstance(d, int) else sizes.get(str(d)) for d in aval.shape]
+            )
     return results
