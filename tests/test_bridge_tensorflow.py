@@ -95,6 +95,34 @@ def test_outputs_and_gradients_match_jax(mode):
 
 
 @TF_ONLY
+def test_gradient_of_a_function_traced_without_a_tape():
+    """Traced for inference first, differentiated later from outside."""
+    import tensorflow as tf
+
+    x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
+    layer = JaxLayer(mlp_call, mlp_init, seed=1)
+    forward = tf.function(lambda x: layer(x))
+    forward(tf.constant(x))
+    xt = tf.constant(x)
+    with tf.GradientTape() as tape:
+        tape.watch(xt)
+        loss = tf.reduce_sum(tf.sin(forward(xt)))
+    grads = tape.gradient(loss, [xt, *layer.trainable_variables])
+    params = numpy_tree(layer.params)
+    want_gp, want_gx = jax.grad(
+        lambda p, x: jnp.sum(jnp.sin(mlp_call(p, x))), argnums=(0, 1)
+    )(params, x)
+    np.testing.assert_allclose(grads[0].numpy(), want_gx, **TOL)
+    by_path = {
+        v.path: g.numpy()
+        for v, g in zip(layer.trainable_variables, grads[1:], strict=True)
+    }
+    np.testing.assert_allclose(
+        by_path[layer.params["hidden"]["w"].path], want_gp["hidden"]["w"], **TOL
+    )
+
+
+@TF_ONLY
 def test_integer_inputs_get_no_gradient_and_int64_is_accepted():
     import tensorflow as tf
 
