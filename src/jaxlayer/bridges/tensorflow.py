@@ -3,13 +3,21 @@
 The pure function is exported with `jax.export` (StableHLO, with symbolic
 dimensions) and called inside TensorFlow through the `XlaCallModule` op, the
 op `jax2tf` uses: it runs eagerly, inside `tf.function` (with or without
-`jit_compile`) and in a SavedModel served by TensorFlow alone. Gradients come
-from a second export, the function's VJP, attached with `tf.custom_gradient`.
+`jit_compile`) and in a SavedModel served by TensorFlow alone (no jax).
 
-One export serves every batch size: the first dimension of every input and
-every dimension unknown in a tensor's static shape are symbolic. Exports are
-cached per (function, input structure pattern, variable shapes);
-`conversion_count()` counts them.
+Gradients are attached with `tf.custom_gradient`. Where a gradient tape may
+record (a train step), one op computes the outputs and the VJP residuals and
+one op the VJP from them, so the forward is not computed twice. Traced
+without a tape (predict, SavedModel), the op is the plain forward, with a
+gradient that recomputes it should the graph be differentiated later. Eager
+calls outside any tape use the plain forward alone.
+
+One export serves every batch size: the first dimension of every input (one
+shared symbol when the inputs' first dims agree) and every dimension unknown
+in a tensor's static shape are symbolic; a function that cannot be exported
+so is exported per concrete shape, with a warning. Exports are made lazily,
+cached per (function, input structure, variable shapes and dtypes), and
+counted by `conversion_count()`.
 """
 
 from __future__ import annotations
