@@ -3,21 +3,46 @@
 from __future__ import annotations
 
 import weakref
+from collections.abc import Callable, Sequence
 
 import jax
 import numpy as np
 
+# One jitted function per pure function (jax.jit caches per shape and dtype).
 _JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
-def run(fn, params, inputs, state, rng):
+def run(
+    fn: Callable,
+    params: Sequence[np.ndarray],
+    inputs: Sequence[np.ndarray],
+    state: Sequence[np.ndarray],
+    rng: Sequence[np.ndarray],
+) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """Runs the jitted `fn` on NumPy arrays and returns NumPy arrays.
 
     The NumPy backend has no autodiff, so no gradient is defined (Keras
-    itself refuses to train on it).
+    itself refuses to `fit` on it). The results are writable NumPy arrays of
+    their own (copies), never views of JAX buffers.
+
+    Args:
+        fn: the layer's pure function `fn(params, inputs, state, rng) ->
+            (outputs, new_state)` on lists of JAX arrays.
+        params: the parameter values.
+        inputs: the input arrays.
+        state: the state values.
+        rng: the seed arrays (int32, shape [2]) or an empty list.
+
+    Returns:
+        `(outputs, new_state)`, lists of NumPy arrays.
     """
     jitted = _JITTED.get(fn)
     if jitted is None:
         jitted = _JITTED[fn] = jax.jit(fn)
-    outputs, new_state = jitted(params, inputs, state, rng)
-    return [np.asarray(x) for x in outputs], [np.asarray(x) for x in new_state]
+    outputs, new_state = jitted(
+        [np.asarray(x) for x in params],
+        [np.asarray(x) for x in inputs],
+        [np.asarray(x) for x in state],
+        [np.asarray(x) for x in rng],
+    )
+    return [np.array(x) for x in outputs], [np.array(x) for x in new_state]

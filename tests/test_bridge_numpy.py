@@ -1,0 +1,124 @@
+"""The NumPy bridge: inference only, compared with the pure-JAX reference.
+
+Outputs are compared with `jax.jit` of the same function on the same
+parameters (float32: rtol = atol = 1e-5).
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import JaxLayer
+
+BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.skipif(
+    BACKEND != "numpy", reason="tests the NumPy bridge (KERAS_BACKEND=numpy)"
+)
+TOL = {"rtol": 1e-5, "atol": 1e-5}
+
+
+def mlp_init(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    d = inputs.shape[-1]
+    return {
+        "hidden": {"w": jax.random.normal(k1, (d, 8)) / 2, "b": jnp.full(8, 0.1)},
+        "out": {"w": jax.random.normal(k2, (8, 3)) / 3},
+    }
+
+
+def mlp_call(params, inputs):
+    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
+    return h @ params["out"]["w"]
+
+
+def stateful_call(params, state, rng, inputs, training):
+    out = mlp_call(params, inputs - state["mean"])
+    if training:
+        out = out + 0.01 * jax.random.normal(rng, out.shape)
+        state = {"mean": 0.9 * state["mean"] + 0.1 * inputs.mean(0)}
+    return out, state
+
+
+def stateful_init(rng, inputs):
+    return mlp_init(rng, inputs), {"mean": jnp.full(inputs.shape[-1], 0.5)}
+
+
+def jax_tree(tree):
+    return jax.tree_util.tree_map(
+        lambda v: jnp.asarray(keras.ops.convert_to_numpy(v)), tree
+    )
+
+
+def data(n=16, d=5):
+    rs = np.random.RandomState(0)
+    return rs.randn(n, d).astype("float32"), rs.randn(n, 3).astype("float32")
+
+
+def test_call_and_predict_match_jax():
+    x, _ = data()
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    out = layer(x)
+    assert isinstance(out, np.ndarray)
+    want = jax.jit(mlp_call)(jax_tree(layer.params), x)
+    np.testing.assert_allclose(out, want, **TOL)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    np.testing.assert_allclose(model.predict(x, batch_size=5, verbose=0), want, **TOL)
+
+
+def test_pytree_inputs_and_outputs():
+    def call_fn(params, inputs):
+        h = mlp_call(params, inputs["a"] + inputs["b"])
+        return {"sum": h.sum(-1), "h": h}
+
+    def init_fn(rng, inputs):
+        return mlp_init(rng, inputs["a"])
+
+    x, _ = data()
+    layer = JaxLayer(call_fn, init_fn, seed=0)
+    out = layer({"a": x, "b": 2 * x})
+    want = call_fn(jax_tree(layer.params), {"a": x, "b": 2 * x})
+    for key in ("sum", "h"):
+        np.testing.assert_allclose(out[key], want[key], **TOL)
+
+
+def test_given_params_and_state_left_untouched_in_inference():
+    x, _ = data()
+    params = mlp_init(jax.random.PRNGKey(3), x)
+    layer = JaxLayer(stateful_call, params=params, state={"mean": np.ones(5)})
+    out = layer(x)
+    want, _ = stateful_call(params, {"mean": jnp.ones(5)}, None, x, False)
+    np.testing.assert_allclose(out, want, **TOL)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.predict(x, verbose=0)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.state["mean"]), np.ones(5), **TOL
+    )
+
+
+def test_training_call_updates_state():
+    x, _ = data()
+    layer = JaxLayer(stateful_call, stateful_init, seed=0)
+    layer(x[:2])
+    before = jax_tree(layer.state)
+    layer(x, training=True)
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(layer.state["mean"]),
+        0.9 * before["mean"] + 0.1 * x.mean(0),
+        **TOL,
+    )
+
+
+def test_outputs_are_writable_numpy_arrays():
+    x, _ = data()
+    out = JaxLayer(mlp_call, mlp_init, seed=0)(x)
+    out += 1.0  # NumPy-backend code may update results in place
+
+
+def test_fit_raises_keras_error():
+    x, y = data()
+    model = keras.Sequential([keras.Input((5,)), JaxLayer(mlp_call, mlp_init, seed=0)])
+    model.compile("sgd", "mse")
+    with pytest.raises(NotImplementedError, match="fit not implemented"):
+        model.fit(x, y, verbose=0)
