@@ -69,7 +69,7 @@ def make_call_fn(names):
     """A call_fn taking exactly `names` (in that order) around the reference."""
 
     def call_fn(*args):
-        a = dict(zip(names, args))
+        a = dict(zip(names, args, strict=True))
         return reference_apply(
             a.get("params"),
             a.get("state"),
@@ -85,7 +85,7 @@ def make_call_fn(names):
 
 def make_init_fn(names, stateful):
     def init_fn(*args):
-        a = dict(zip(names, args))
+        a = dict(zip(names, args, strict=True))
         return reference_init(a["rng"], a["inputs"], stateful)
 
     return signature_of(init_fn, names)

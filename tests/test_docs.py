@@ -8,6 +8,7 @@ import pathlib
 import re
 
 import pytest
+
 from conftest import BACKEND
 
 ROOT = pathlib.Path(__file__).resolve().parents[1]
@@ -19,7 +20,7 @@ def blocks():
     for path in FILES:
         if not path.exists():
             continue
-        for i, match in enumerate(BLOCK.finditer(path.read_text())):
+        for match in BLOCK.finditer(path.read_text()):
             code = match.group(1)
             line = path.read_text()[: match.start()].count("\n") + 1
             yield pytest.param(code, id=f"{path.name}:{line}")

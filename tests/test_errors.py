@@ -76,7 +76,10 @@ def test_init_fn_returning_the_wrong_structure():
         return {"w": jnp.ones(2)}  # forgot the state
 
     layer = JaxLayer(call_fn, init_fn, name="needs_state")
-    with pytest.raises(ValueError, match=r"needs_state.*`init_fn` must return a tuple `\(params, state\)`"):
+    with pytest.raises(
+        ValueError,
+        match=r"needs_state.*`init_fn` must return a tuple `\(params, state\)`",
+    ):
         layer(np.ones((1, 2), "float32"))
 
 
@@ -84,15 +87,22 @@ def test_stateful_call_fn_that_forgets_the_state():
     def call_fn(params, state, inputs):
         return inputs * params["w"]
 
-    layer = JaxLayer(call_fn, params={"w": np.ones(2, "float32")}, state={"n": np.zeros(())})
-    with pytest.raises(ValueError, match=r"must return a tuple `\(outputs, new_state\)`"):
+    layer = JaxLayer(
+        call_fn, params={"w": np.ones(2, "float32")}, state={"n": np.zeros(())}
+    )
+    with pytest.raises(
+        ValueError, match=r"must return a tuple `\(outputs, new_state\)`"
+    ):
         layer(np.ones((1, 2), "float32"))
 
 
 @pytest.mark.parametrize(
     "returned,match",
     [
-        (lambda s: {"bn": {"mean": s["bn"]["mean"]}}, r"missing state\['bn'\]\['var'\]"),
+        (
+            lambda s: {"bn": {"mean": s["bn"]["mean"]}},
+            r"missing state\['bn'\]\['var'\]",
+        ),
         (
             lambda s: {"bn": {**s["bn"], "extra": jnp.zeros(())}},
             r"unexpected state\['bn'\]\['extra'\]",
@@ -114,7 +124,7 @@ def test_state_structure_mismatch_names_the_path(returned, match):
     with pytest.raises(ValueError, match=match):
         layer(np.ones((2, 3), "float32"), training=True)
     # The layer is unchanged after the failed call.
-    for v, b in zip(layer.weights, before):
+    for v, b in zip(layer.weights, before, strict=True):
         np.testing.assert_array_equal(to_np(v), b)
 
 
@@ -157,7 +167,7 @@ def test_failed_training_call_leaves_weights_and_state_unchanged():
     before = [to_np(v) for v in layer.weights]
     with pytest.raises(ValueError, match="expected 2 features"):
         layer(np.ones((1, 3), "float32"), training=True)
-    for v, b in zip(layer.weights, before):
+    for v, b in zip(layer.weights, before, strict=True):
         np.testing.assert_array_equal(to_np(v), b)
 
 

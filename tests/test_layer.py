@@ -12,6 +12,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
+
 from _reference import (
     IN,
     OUT,
@@ -22,7 +23,6 @@ from _reference import (
     reference_init,
 )
 from conftest import BACKEND
-
 from jaxlayer import JaxLayer
 
 TOL = dict(rtol=1e-5, atol=1e-5)
@@ -59,9 +59,7 @@ def make_layer(stateful, rng, training, given, seed=1, **kwargs):
         params, state = init if stateful else (init, None)
         return JaxLayer(call_fn, params=params, state=state, seed=seed, **kwargs)
     init_names = ["rng", "inputs"] + (["training"] if training else [])
-    return JaxLayer(
-        call_fn, make_init_fn(init_names, stateful), seed=seed, **kwargs
-    )
+    return JaxLayer(call_fn, make_init_fn(init_names, stateful), seed=seed, **kwargs)
 
 
 def current_values(layer):
@@ -174,7 +172,7 @@ def test_gradients_match_jax_grad_in_eager_mode():
         *gp, gx = torch.autograd.grad(loss, [v.value for v in variables] + [xt])
     else:
         pytest.skip(f"no autodiff on the {BACKEND} backend")
-    by_path = {v.path: to_np(g) for v, g in zip(variables, gp)}
+    by_path = {v.path: to_np(g) for v, g in zip(variables, gp, strict=True)}
     for path, leaf in jax.tree_util.tree_flatten_with_path(ref_gp)[0]:
         name = "/".join(str(k.key) for k in path)
         np.testing.assert_allclose(by_path[f"{layer.name}/{name}"], leaf, **TOL)
@@ -409,7 +407,9 @@ def test_dtype_policies(policy):
 
 
 def test_nan_passes_through():
-    layer = JaxLayer(lambda params, inputs: inputs * params["w"], params={"w": np.ones(3, "float32")})
+    layer = JaxLayer(
+        lambda params, inputs: inputs * params["w"], params={"w": np.ones(3, "float32")}
+    )
     x = np.array([[1.0, np.nan, 2.0]], "float32")
     out = to_np(layer(x))
     assert np.isnan(out[0, 1]) and out[0, 0] == 1.0 and out[0, 2] == 2.0
@@ -436,7 +436,9 @@ def test_params_with_non_array_leaves_stay_static():
     )
     assert [v.path for v in layer.weights] == [f"{layer.name}/w"]
     assert layer.params["activation"] == "tanh"
-    np.testing.assert_allclose(to_np(layer(np.ones((1, 2), "float32"))), np.tanh(1.0), **TOL)
+    np.testing.assert_allclose(
+        to_np(layer(np.ones((1, 2), "float32"))), np.tanh(1.0), **TOL
+    )
 
 
 def test_user_params_survive_training():
@@ -449,4 +451,6 @@ def test_user_params_survive_training():
     x, y = data(16)
     model.fit(x, y, epochs=2, verbose=0)
     np.asarray(init["dense_0"]["kernel"])  # still alive
-    assert not np.allclose(to_np(layer.params["dense_0"]["kernel"]), init["dense_0"]["kernel"])
+    assert not np.allclose(
+        to_np(layer.params["dense_0"]["kernel"]), init["dense_0"]["kernel"]
+    )

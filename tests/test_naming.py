@@ -9,15 +9,18 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from conftest import BACKEND
 
+from conftest import BACKEND
 from jaxlayer import JaxLayer
 
 
 def test_paths_follow_the_tree():
     params = {
         "encoder": {
-            "dense_1": {"kernel": np.ones((2, 3), "float32"), "bias": np.zeros(3, "float32")}
+            "dense_1": {
+                "kernel": np.ones((2, 3), "float32"),
+                "bias": np.zeros(3, "float32"),
+            }
         },
         "layers": [np.ones(3, "float32"), {"scale": np.ones((), "float32")}],
     }
@@ -115,7 +118,10 @@ def test_layout_map_shards_by_path():
     )
     env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
     result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, env=env,
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
         timeout=300,
     )
     assert result.returncode == 0, result.stderr[-3000:]

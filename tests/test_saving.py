@@ -7,8 +7,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 import pytest
-from _reference import IN, reference_apply, reference_init
 
+from _reference import IN, reference_apply, reference_init
 from jaxlayer import JaxLayer
 
 TOL = dict(rtol=1e-6, atol=1e-6)
@@ -47,7 +47,7 @@ def check_same(model, loaded, x, same_names=True):
     )
     if same_names:
         assert [w.path for w in loaded.weights] == [w.path for w in model.weights]
-    for a, b in zip(model.weights, loaded.weights):
+    for a, b in zip(model.weights, loaded.weights, strict=True):
         np.testing.assert_array_equal(to_np(a), to_np(b))
 
 
@@ -121,14 +121,18 @@ def test_unregistered_function_saves_and_loading_says_how_to_fix(tmp_path):
     model = keras.Sequential([keras.Input((IN,)), layer])
     path = os.path.join(tmp_path, "m.keras")
     model.save(path)  # must not crash
-    with pytest.raises(TypeError, match=r"`call_fn` `unregistered_call`.*register_keras_serializable"):
+    with pytest.raises(
+        TypeError, match=r"`call_fn` `unregistered_call`.*register_keras_serializable"
+    ):
         keras.saving.load_model(path)
     # With the function given, it loads.
     loaded = keras.saving.load_model(
         path, custom_objects={"unregistered_call": unregistered_call}
     )
     x = np.ones((2, IN), "float32")
-    np.testing.assert_allclose(loaded.predict(x, verbose=0), model.predict(x, verbose=0))
+    np.testing.assert_allclose(
+        loaded.predict(x, verbose=0), model.predict(x, verbose=0)
+    )
 
 
 def test_config_round_trip():

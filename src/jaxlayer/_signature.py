@@ -42,8 +42,7 @@ def argument_names(
     allowed = tuple(allowed)
     if not callable(fn):
         raise TypeError(
-            f"{owner}: `{fn_name}` must be a callable, got "
-            f"{type(fn).__name__}: {fn!r}."
+            f"{owner}: `{fn_name}` must be a callable, got {type(fn).__name__}: {fn!r}."
         )
     try:
         parameters = inspect.signature(fn).parameters

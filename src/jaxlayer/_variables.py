@@ -84,7 +84,7 @@ class TreeSpec:
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
     def variable_paths(self) -> list:
-        return [p for p, s in zip(self.paths, self.slots) if s is not None]
+        return [p for p, s in zip(self.paths, self.slots, strict=True) if s is not None]
 
 
 def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
@@ -188,16 +188,14 @@ def spec_to_config(spec: TreeSpec | None):
         return None
     leaves = []
     for slot, value, variable in zip(
-        spec.slots, spec.static, _slot_variables(spec)
+        spec.slots, spec.static, _slot_variables(spec), strict=True
     ):
         if slot is None:
             if not isinstance(value, (str, int, float, bool)):
                 return None
-            leaves.append({"static": value})
+            leaves.append(_Leaf(static=value))
         else:
-            leaves.append(
-                {"shape": list(variable.shape), "dtype": variable.dtype}
-            )
+            leaves.append(_Leaf(shape=list(variable.shape), dtype=variable.dtype))
     tree = jax.tree_util.tree_unflatten(spec.treedef, leaves)
     try:
         return _encode(tree)
@@ -209,9 +207,13 @@ def _slot_variables(spec):
     return [None if s is None else spec.variables[s] for s in spec.slots]
 
 
+class _Leaf(dict):
+    """A leaf's description, told apart from the tree's own dicts."""
+
+
 def _encode(node):
-    if isinstance(node, dict) and set(node) <= {"shape", "dtype", "static"}:
-        return {"leaf": node}
+    if isinstance(node, _Leaf):
+        return {"leaf": dict(node)}
     if type(node) is dict:
         if not all(isinstance(k, str) for k in node):
             raise TypeError("non-string key")
@@ -229,7 +231,7 @@ def config_to_placeholders(config):
     """Zero arrays (and static leaves) in the tree a config describes."""
     if config is None:
         return None
-    (kind, body), = config.items()
+    ((kind, body),) = config.items()
     if kind == "leaf":
         if "static" in body:
             return body["static"]

@@ -12,9 +12,8 @@ import keras
 import numpy as np
 from keras.src.random.seed_generator import draw_seed
 
-from jaxlayer import _signature
+from jaxlayer import _signature, bridges
 from jaxlayer import _variables as V
-from jaxlayer import bridges
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
@@ -94,9 +93,7 @@ class JaxLayer(keras.layers.Layer):
             else None
         )
         # Keras's attribute name for the same setting.
-        self.jax2tf_native_serialization_platforms = (
-            self.native_serialization_platforms
-        )
+        self.jax2tf_native_serialization_platforms = self.native_serialization_platforms
         self.call_fn_arguments = _signature.argument_names(
             call_fn, "call_fn", _signature.CALL_FN_ARGUMENTS, owner=owner
         )
@@ -177,8 +174,10 @@ class JaxLayer(keras.layers.Layer):
 
     def build(self, input_shape):
         """Creates the weights with `init_fn`, unless they were given."""
-        if self._params_spec is None and self._state_spec is None and (
-            self.call_fn_has_params or self.call_fn_has_state
+        if (
+            self._params_spec is None
+            and self._state_spec is None
+            and (self.call_fn_has_params or self.call_fn_has_state)
         ):
             # Initialised eagerly, also when Keras builds the layer while
             # TensorFlow traces a train step.
@@ -200,7 +199,7 @@ class JaxLayer(keras.layers.Layer):
         with jax.ensure_compile_time_eval():
             inputs = jax.tree_util.tree_unflatten(
                 shapes_def,
-                [placeholder(s, d) for s, d in zip(shapes, dtypes)],
+                [placeholder(s, d) for s, d in zip(shapes, dtypes, strict=True)],
             )
             args = []
             for name in self.init_fn_arguments:
@@ -281,8 +280,7 @@ class JaxLayer(keras.layers.Layer):
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._input_dtypes = [
-                self._placeholder_dtype(x)
-                for x in jax.tree_util.tree_leaves(inputs)
+                self._placeholder_dtype(x) for x in jax.tree_util.tree_leaves(inputs)
             ]
         return super().__call__(*args, **kwargs)
 
@@ -315,7 +313,9 @@ class JaxLayer(keras.layers.Layer):
             rng_leaves,
         )
         if training and self._state_spec is not None:
-            for variable, value in zip(self._state_spec.variables, new_state):
+            for variable, value in zip(
+                self._state_spec.variables, new_state, strict=True
+            ):
                 variable.assign(value)
         return jax.tree_util.tree_unflatten(fn.out_treedef, list(outputs))
 
@@ -337,9 +337,7 @@ class JaxLayer(keras.layers.Layer):
         key = (training, in_def, rng_def)
         fn = self._pure_fns.get(key)
         if fn is None:
-            fn = self._pure_fns[key] = self._make_pure_fn(
-                training, in_def, rng_def
-            )
+            fn = self._pure_fns[key] = self._make_pure_fn(training, in_def, rng_def)
         return fn
 
     def _make_pure_fn(self, training, in_def, rng_def):
@@ -351,9 +349,7 @@ class JaxLayer(keras.layers.Layer):
             args = []
             for name in names:
                 if name == "params":
-                    args.append(
-                        params_spec.rebuild(params) if params_spec else None
-                    )
+                    args.append(params_spec.rebuild(params) if params_spec else None)
                 elif name == "state":
                     args.append(state_spec.rebuild(state) if state_spec else None)
                 elif name == "rng":
@@ -411,9 +407,7 @@ class JaxLayer(keras.layers.Layer):
                 dtype = self.compute_dtype
             return jax.ShapeDtypeStruct(tuple(x.shape), dtype)
 
-        params = [
-            struct(v, v._autocast) for v in _variables(self._params_spec)
-        ]
+        params = [struct(v, v._autocast) for v in _variables(self._params_spec)]
         state = [struct(v, v._autocast) for v in _variables(self._state_spec)]
         rng = [struct(k, False) for k in rng_leaves]
         shapes = [tuple(x.shape) for x in in_leaves]
@@ -527,7 +521,7 @@ def _check_state(owner, spec, new_state):
             f"structure of the state at initialization: {'; '.join(detail)}."
         )
     leaves = []
-    for (path, leaf), slot in zip(flat, spec.slots):
+    for (path, leaf), slot in zip(flat, spec.slots, strict=True):
         if slot is None:
             continue
         variable = spec.variables[slot]
@@ -573,7 +567,7 @@ def _eval_output_shapes(fn, shapes, dtypes, extra):
     names = (f"d{i}" for i in itertools.count())
     try:
         structs = []
-        for shape, dtype in zip(shapes, dtypes):
+        for shape, dtype in zip(shapes, dtypes, strict=True):
             dims = [
                 str(d) if d is not None else ("batch" if i == 0 else next(names))
                 for i, d in enumerate(shape)
@@ -594,7 +588,7 @@ def _eval_output_shapes(fn, shapes, dtypes, extra):
                         jax.ShapeDtypeStruct(
                             tuple(size if d is None else d for d in shape), dt
                         )
-                        for shape, dt in zip(shapes, dtypes)
+                        for shape, dt in zip(shapes, dtypes, strict=True)
                     ],
                     *extra,
                 )
@@ -605,11 +599,11 @@ def _eval_output_shapes(fn, shapes, dtypes, extra):
         return [
             (
                 tuple(
-                    a if a == b else None for a, b in zip(x.shape, y.shape)
+                    a if a == b else None for a, b in zip(x.shape, y.shape, strict=True)
                 ),
                 x.dtype,
             )
-            for x, y in zip(*results)
+            for x, y in zip(*results, strict=True)
         ]
 
 
