@@ -160,8 +160,9 @@ class FlaxLayer(JaxLayer):
                 "`@keras.saving.register_keras_serializable()`; or save only "
                 "the weights with `save_weights`."
             )
+        # A method bound to an equal module (a dataclass) is saved by name.
         method = self.method
-        if getattr(method, "__self__", None) is self.module:
+        if getattr(method, "__self__", None) == self.module:
             method = method.__name__
         config["module"] = keras.saving.serialize_keras_object(self.module)
         config["method"] = (
@@ -182,16 +183,10 @@ class FlaxLayer(JaxLayer):
         if config.get("variables") is None and params_spec is not None:
             # Placeholders of the saved shapes: the weights file fills them.
             config["variables"] = _merge(
-                _placeholders(params_spec), _placeholders(state_spec)
+                V.config_to_placeholders(params_spec),
+                V.config_to_placeholders(state_spec),
             )
         return cls(**config)
-
-
-def _placeholders(spec_config):
-    # An empty collection dict is described as a leaf with no shape.
-    if spec_config in (None, {"leaf": {}}):
-        return {}
-    return V.config_to_placeholders(spec_config)
 
 
 def _check_module(nn, module, layer_name):
