@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -294,15 +295,12 @@ class JaxLayer(keras.layers.Layer):
         return dtype
 
     def call(self, inputs, training=False):
+        # The hot path: one flatten of the inputs, cached functions.
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
-        for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
-            if not V.is_array(leaf) or isinstance(leaf, (bool, int, float)):
-                raise TypeError(
-                    f"{self._owner}: every leaf of `inputs` must be an array "
-                    f"or tensor; {V.keystr(path, 'inputs')} is "
-                    f"{_describe(leaf)}."
-                )
+        for leaf in in_leaves:
+            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+                self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
         fn = self._pure_fn(training, in_def, rng_def)
         outputs, new_state = self._bridge(
@@ -317,21 +315,27 @@ class JaxLayer(keras.layers.Layer):
                 self._state_spec.variables, new_state, strict=True
             ):
                 variable.assign(value)
-        return jax.tree_util.tree_unflatten(fn.out_treedef, list(outputs))
+        return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
+
+    def _raise_bad_input(self, inputs):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+                raise TypeError(
+                    f"{self._owner}: every leaf of `inputs` must be an array "
+                    f"or tensor; {V.keystr(path, 'inputs')} is "
+                    f"{_describe(leaf)}."
+                )
 
     def _call_rng(self, training):
         if not self.call_fn_has_rng:
-            return [], jax.tree_util.tree_structure(None)
+            return [], _NONE_TREEDEF
         leaves, treedef = jax.tree_util.tree_flatten(self._get_call_rng(training))
-        cast = []
-        for leaf in leaves:
-            dtype = keras.backend.standardize_dtype(leaf.dtype)
-            cast.append(
-                leaf
-                if dtype in ("uint32", "int32") or "key" in dtype
-                else keras.ops.cast(leaf, "int32")
-            )
-        return cast, treedef
+        # Seeds go to JAX as int32 (uint32 on the jax backend); typed keys
+        # pass as they are.
+        return [
+            leaf if _seed_dtype_ok(leaf.dtype) else keras.ops.cast(leaf, "int32")
+            for leaf in leaves
+        ], treedef
 
     def _pure_fn(self, training, in_def, rng_def):
         key = (training, in_def, rng_def)
@@ -455,6 +459,16 @@ class JaxLayer(keras.layers.Layer):
             config["params"] = V.config_to_placeholders(params_spec)
             config["state"] = V.config_to_placeholders(state_spec)
         return cls(**config)
+
+
+_NOT_TENSORS = (bool, int, float, complex, str, bytes)
+_NONE_TREEDEF = jax.tree_util.tree_structure(None)
+
+
+@functools.lru_cache(maxsize=64)
+def _seed_dtype_ok(dtype) -> bool:
+    name = keras.backend.standardize_dtype(dtype)
+    return name in ("uint32", "int32") or "key" in name
 
 
 def _variables(spec):
