@@ -190,3 +190,24 @@ def test_building_inside_jit_initialises_eagerly():
     f(jnp.ones((3, 4)))
     assert layer.params["w"].shape == (4, 2)
     np.testing.assert_allclose(to_np(layer.params["w"]), 12.0)  # ones((3, 4)).sum()
+
+
+def test_errors_from_user_code_keep_their_type_inside_fit_and_predict():
+    """Also when the function is traced with an unknown batch dimension."""
+
+    def call_fn(params, inputs, training):
+        if training:
+            raise RuntimeError("no training for this model")
+        raise KeyError("missing table")
+
+    layer = JaxLayer(call_fn, params=PARAMS)
+    with pytest.raises(KeyError, match="missing table"):
+        layer.compute_output_spec(keras.KerasTensor((None, 2)))
+    x = np.ones((4, 2), "float32")
+    model = keras.Sequential([JaxLayer(call_fn, params=PARAMS)])
+    with pytest.raises(KeyError, match="missing table"):
+        model.predict(x, verbose=0)
+    model = keras.Sequential([JaxLayer(call_fn, params=PARAMS)])
+    model.compile("sgd", "mse")
+    with pytest.raises((RuntimeError, KeyError)):
+        model.fit(x, x, verbose=0)

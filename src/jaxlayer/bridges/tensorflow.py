@@ -94,11 +94,12 @@ def run(
     if conversion is None:
         conversion = per_fn[key] = _Conversion(fn, _symbolic_specs(key), counts)
     mode = _mode()
-    if conversion.symbolic_failed is None:
+    symbolic = conversion
+    if symbolic.symbolic_failed is None:
         try:
-            return conversion(args, mode)
+            return symbolic(args, mode)
         except _ExportError as err:
-            _symbolic_failure(fn, conversion, args, err.__cause__)
+            _symbolic_failure(fn, symbolic, args, counts, err.__cause__)
     concrete_key = ("concrete", tuple(_shape_of(a) for a in args), key)
     conversion = per_fn.get(concrete_key)
     if conversion is None:
@@ -106,9 +107,24 @@ def run(
             fn, _concrete_specs(args), counts
         )
     try:
-        return conversion(args, mode)
+        result = conversion(args, mode)
     except _ExportError as err:
+        # It fails with concrete shapes too: the error is the function's own
+        # (or the layer's contract), not the symbolic shapes'. Raise it as it
+        # is, and try symbolic shapes again next time.
+        symbolic.symbolic_failed = None
+        del per_fn[concrete_key]
         raise err.__cause__ from None
+    if not symbolic.warned:
+        symbolic.warned = True
+        warnings.warn(
+            f"{fn.owner}: `call_fn` could not be exported with a symbolic "
+            "batch dimension, so it is exported for the concrete input "
+            "shapes, again for each new shape. Cause: "
+            f"{symbolic.symbolic_failed}",
+            stacklevel=2,
+        )
+    return result
 
 
 def outside_graph(fn: Callable[[], Any]) -> Any:
@@ -217,9 +233,14 @@ def _mode():
     return "plain" if tf.executing_eagerly() else "graph"
 
 
-def _symbolic_failure(fn, conversion, args, err):
+def _symbolic_failure(fn, conversion, args, counts, err):
     conversion.symbolic_failed = err
     if any(None in x.shape.as_list() for x in args):
+        own = _error_with_concrete_shapes(fn, args, counts)
+        if own is not None:
+            # The function fails whatever the shapes: its own error.
+            conversion.symbolic_failed = None
+            raise own
         raise ValueError(
             f"{fn.owner}: `call_fn` could not be exported with symbolic "
             "dimensions (the batch dimension and unknown dimensions), and the "
@@ -228,12 +249,24 @@ def _symbolic_failure(fn, conversion, args, err):
             "size (no Python code depending on `inputs.shape[0]`), or give "
             f"the inputs static shapes. Cause: {err}"
         ) from err
-    warnings.warn(
-        f"{fn.owner}: `call_fn` could not be exported with a symbolic batch "
-        "dimension, so it is exported for the concrete input shapes, again "
-        f"for each new shape. Cause: {err}",
-        stacklevel=4,
-    )
+
+
+def _error_with_concrete_shapes(fn, args, counts):
+    """The error `fn` raises when traced with unknown dims set to 2, if any."""
+    specs = [
+        jax.ShapeDtypeStruct(
+            tuple(2 if d is None else d for d in x.shape.as_list()),
+            jax.dtypes.canonicalize_dtype(x.dtype.as_numpy_dtype),
+        )
+        for x in args
+    ]
+    n_params, n_inputs, n_state = counts
+    a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
+    try:
+        jax.eval_shape(fn, specs[:a], specs[a:b], specs[b:c], specs[c:])
+    except Exception as err:  # noqa: BLE001 - returned to be raised
+        return err
+    return None
 
 
 def _platform_choices(fn):
@@ -274,6 +307,7 @@ class _Conversion:
 
     def __init__(self, fn, specs, counts):
         self.symbolic_failed = None
+        self.warned = False
         self._fn = weakref.ref(fn)
         self._owner = fn.owner
         self._specs = specs
