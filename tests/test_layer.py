@@ -265,8 +265,8 @@ def test_init_fn_runs_at_build_with_placeholders_and_training_true():
 
     layer = JaxLayer(call_fn, init_fn)
     inputs = {
-        "a": keras.Input((3,)),
-        "b": keras.Input((None, 4), dtype="int32"),
+        "a": keras.Input((3,), name="a"),
+        "b": keras.Input((None, 4), dtype="int32", name="b"),
     }
     outputs = layer(inputs)
     assert seen["training"] is True
@@ -316,7 +316,7 @@ def test_pytree_inputs_and_outputs_in_a_functional_model():
     layer = JaxLayer(call_fn, params={"w": np.eye(3, dtype="float32")})
     inputs = {
         "pair": (keras.Input((3,)), keras.Input((3,))),
-        "c": keras.Input((3,)),
+        "c": keras.Input((3,), name="c"),
     }
     outputs = layer(inputs)
     model = keras.Model(inputs, outputs)
