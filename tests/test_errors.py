@@ -211,3 +211,22 @@ def test_errors_from_user_code_keep_their_type_inside_fit_and_predict():
     model.compile("sgd", "mse")
     with pytest.raises((RuntimeError, KeyError)):
         model.fit(x, x, verbose=0)
+
+
+def test_init_fn_params_unused_by_call_fn_are_not_dropped_silently():
+    def call_fn(state, inputs):
+        return inputs, state
+
+    def init_fn(rng, inputs):
+        return {"w": jnp.ones(2)}, {"n": jnp.zeros(())}
+
+    layer = JaxLayer(call_fn, init_fn, name="stateonly")
+    with pytest.raises(ValueError, match=r"stateonly.*params\['w'\].*no `params`"):
+        layer(np.ones((1, 2), "float32"))
+
+    def empty_init(rng, inputs):
+        return {}, {"n": jnp.zeros(())}
+
+    layer = JaxLayer(call_fn, empty_init)
+    layer(np.ones((1, 2), "float32"))
+    assert layer.params is None and len(layer.non_trainable_weights) == 1

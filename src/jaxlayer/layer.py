@@ -231,6 +231,14 @@ class JaxLayer(keras.layers.Layer):
                         "outside `jax.jit`, or give `params`/`state`."
                     )
         if not self.call_fn_has_params:
+            leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+            if leaves:
+                raise ValueError(
+                    f"{self._owner}: `init_fn` returned params (at "
+                    f"{V.keystr(leaves[0][0], 'params')}) but `call_fn` takes "
+                    "no `params` argument, so they could never be used; add "
+                    "`params` to `call_fn`'s arguments or return empty params."
+                )
             params = None
         self._create_weights(params, state, copy=False)
 
