@@ -149,9 +149,7 @@ def test_fit_lowers_loss_and_inference_leaves_state_alone():
     assert not np.allclose(average, 0.0)
     first = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model.predict(x, verbose=0), first)
-    np.testing.assert_array_equal(
-        _np(layer.state["bn/~/mean_ema"]["average"]), average
-    )
+    np.testing.assert_array_equal(_np(layer.state["bn/~/mean_ema"]["average"]), average)
 
 
 def test_without_apply_rng():
@@ -162,9 +160,7 @@ def test_without_apply_rng():
     x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
     layer = JaxLayer(f.apply, f.init, seed=0)
     out = _np(layer(x))
-    np.testing.assert_allclose(
-        out, f.apply(V.numpy_tree(layer.params), x), atol=1e-5
-    )
+    np.testing.assert_allclose(out, f.apply(V.numpy_tree(layer.params), x), atol=1e-5)
     assert layer.trainable_weights[0].path.endswith("mlp/~/linear_0/b")
 
 

@@ -200,9 +200,7 @@ def _state_indices(eqx, module):
     flat = jax.tree_util.tree_flatten_with_path(
         module, is_leaf=lambda x: _is_index(eqx, x)
     )[0]
-    return [
-        (V.path_parts(path), leaf) for path, leaf in flat if _is_index(eqx, leaf)
-    ]
+    return [(V.path_parts(path), leaf) for path, leaf in flat if _is_index(eqx, leaf)]
 
 
 def _check_state(eqx, module, state, owner):

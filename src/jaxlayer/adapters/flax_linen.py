@@ -166,7 +166,8 @@ class FlaxLayer(JaxLayer):
             method = method.__name__
         config["module"] = keras.saving.serialize_keras_object(self.module)
         config["method"] = (
-            method if method is None or isinstance(method, str)
+            method
+            if method is None or isinstance(method, str)
             else _serialize_fn(method)
         )
         return config
@@ -209,9 +210,7 @@ def _check_module(nn, module, layer_name):
 
 
 def _is_nnx(module) -> bool:
-    return any(
-        c.__module__.startswith("flax.nnx") for c in type(module).__mro__
-    )
+    return any(c.__module__.startswith("flax.nnx") for c in type(module).__mro__)
 
 
 def _resolve_method(module, method, layer_name):

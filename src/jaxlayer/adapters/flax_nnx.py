@@ -76,9 +76,7 @@ class NNXLayer(JaxLayer):
         nnx = _deps.require("flax.nnx", _FEATURE)
         layer_name = kwargs.get("name") or "NNXLayer"
         _check_module(nnx, module, layer_name)
-        graphdef, params, rngs, rest = nnx.split(
-            module, nnx.Param, nnx.RngState, ...
-        )
+        graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
         rng_data = jax.tree_util.tree_map(_key_to_data, nnx.to_pure_dict(rngs))
@@ -178,9 +176,11 @@ def _key_to_data(x):
 
 def _data_to_keys(tree):
     return jax.tree_util.tree_map(
-        lambda x: jax.random.wrap_key_data(x.data, impl=x.impl)
-        if isinstance(x, _KeyData)
-        else jax.numpy.asarray(x),
+        lambda x: (
+            jax.random.wrap_key_data(x.data, impl=x.impl)
+            if isinstance(x, _KeyData)
+            else jax.numpy.asarray(x)
+        ),
         tree,
         is_leaf=lambda x: isinstance(x, _KeyData),
     )
@@ -196,8 +196,10 @@ class _KeyData:
 
 def _reseed(nnx, model, rng):
     """Gives every RNG stream of `model` a key drawn from `rng`."""
-    key = rng if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key) else (
-        jax.random.wrap_key_data(rng)
+    key = (
+        rng
+        if jax.dtypes.issubdtype(rng.dtype, jax.dtypes.prng_key)
+        else (jax.random.wrap_key_data(rng))
     )
     tags = sorted(
         {
@@ -208,5 +210,3 @@ def _reseed(nnx, model, rng):
     )
     keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)}
     nnx.reseed(model, policy="match_shape", **keys)
-
-
