@@ -454,3 +454,28 @@ def test_user_params_survive_training():
     assert not np.allclose(
         to_np(layer.params["dense_0"]["kernel"]), init["dense_0"]["kernel"]
     )
+
+
+def test_compute_output_shape():
+    def call_fn(params, inputs):
+        return {"y": inputs["x"] @ params["w"], "s": inputs["x"].sum()}
+
+    layer = JaxLayer(call_fn, params={"w": np.ones((5, 2), "float32")})
+    shapes = layer.compute_output_shape({"x": (None, 7, 5)})
+    assert shapes == {"y": (None, 7, 2), "s": ()}
+
+
+def test_call_rng_is_deterministic_under_set_random_seed():
+    x, _ = data()
+
+    def two_training_calls():
+        layer = make_layer(False, True, True, True, seed=None)
+        return [to_np(layer(x, training=True)) for _ in range(2)]
+
+    keras.utils.set_random_seed(5)
+    first = two_training_calls()
+    keras.utils.set_random_seed(5)
+    again = two_training_calls()
+    np.testing.assert_allclose(again[0], first[0], **TOL)
+    np.testing.assert_allclose(again[1], first[1], **TOL)
+    assert not np.allclose(first[0], first[1])

@@ -435,6 +435,22 @@ class JaxLayer(keras.layers.Layer):
             [keras.KerasTensor(shape, dtype=dtype) for shape, dtype in out],
         )
 
+    def compute_output_shape(self, input_shape):
+        shapes, shapes_def = _flatten_shapes(input_shape)
+        dtypes = self._input_dtypes
+        if dtypes is None or len(dtypes) != len(shapes):
+            dtypes = [self.compute_dtype] * len(shapes)
+        inputs = jax.tree_util.tree_unflatten(
+            shapes_def,
+            [
+                keras.KerasTensor(shape, dtype=dtype)
+                for shape, dtype in zip(shapes, dtypes, strict=True)
+            ],
+        )
+        return jax.tree_util.tree_map(
+            lambda t: tuple(t.shape), self.compute_output_spec(inputs)
+        )
+
     # -- saving ----------------------------------------------------------
 
     def get_config(self):
