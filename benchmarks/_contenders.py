@@ -173,12 +173,17 @@ def keras_model(kind: str, workload: Workload):
     return keras.Sequential([keras.Input(workload.input_shape), layer])
 
 
+# `jit_compile` of every Keras contender (`--jit-compile`).
+JIT_COMPILE = "auto"
+
+
 def compile_model(model, spe: int):
     """Compiles for training with Adam and sparse softmax cross-entropy."""
     model.compile(
         optimizer=keras.optimizers.Adam(LEARNING_RATE, epsilon=ADAM_EPSILON),
         loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
         steps_per_execution=spe,
+        jit_compile=JIT_COMPILE,
     )
     return model
 

@@ -189,7 +189,8 @@ def render(runs: list[dict], note: str | None = None) -> str:
         out.append(
             f"- settings: {s['rounds']} rounds, steps_per_execution "
             f"{', '.join(map(str, s['spe']))}, "
-            f"{s['predict_batches']} predict batches per timing"
+            f"{s['predict_batches']} predict batches per timing, Keras "
+            f"`jit_compile={s.get('jit_compile', 'auto')}`"
             + (" (**--quick: the numbers mean nothing**)" if s["quick"] else "")
         )
     for run in runs:

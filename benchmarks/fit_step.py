@@ -96,6 +96,14 @@ def parse_args(argv=None) -> argparse.Namespace:
         help="markdown file to write, '-' for none (default: %(default)s).",
     )
     parser.add_argument(
+        "--jit-compile",
+        choices=("auto", "true", "false"),
+        default="auto",
+        help="`jit_compile` of the Keras contenders' `compile` (default: "
+        "auto, Keras's own choice; on TensorFlow, true runs the whole train "
+        "step in XLA).",
+    )
+    parser.add_argument(
         "--note", default=None, help="a line added to the report's header."
     )
     parser.add_argument(
@@ -166,6 +174,8 @@ def run_backend(args) -> dict:
     from benchmarks._names import CONTENDERS, PURE_JAX
     from benchmarks._workloads import WORKLOADS
 
+    C.JIT_COMPILE = {"auto": "auto", "true": True, "false": False}[args.jit_compile]
+
     backend = keras.backend.backend()
     if backend != args.backend:
         raise SystemExit(
@@ -189,6 +199,7 @@ def run_backend(args) -> dict:
             "spe": args.spe,
             "predict_batches": args.predict_batches,
             "quick": args.quick,
+            "jit_compile": args.jit_compile,
         },
         "load_before": _load(),
         "workloads": [],
