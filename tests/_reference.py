@@ -93,3 +93,18 @@ def make_init_fn(names, stateful):
 
 def numpy_tree(tree):
     return jax.tree_util.tree_map(np.asarray, tree)
+
+
+def mlp_init(rng, inputs):
+    """A small two-layer perceptron's params (hidden width 8, 3 outputs)."""
+    k1, k2 = jax.random.split(rng)
+    d = inputs.shape[-1]
+    return {
+        "hidden": {"w": jax.random.normal(k1, (d, 8)) / 2, "b": jnp.full(8, 0.1)},
+        "out": {"w": jax.random.normal(k2, (8, 3)) / 3},
+    }
+
+
+def mlp_call(params, inputs):
+    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
+    return h @ params["out"]["w"]

@@ -2,16 +2,16 @@
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 import pytest
 
-from jaxlayer import _variables as V
+from _helpers import LR, assert_trees_close, image_data, sgd_model, to_np
 from jaxlayer.adapters import EquinoxLayer
 
-eqx = pytest.importorskip("equinox")
+# Equinox convolutions take channels first.
+CHW = (1, 8, 8)
 
-LR = 0.1
+eqx = pytest.importorskip("equinox")
 
 
 class ConvBN(eqx.Module):
@@ -39,30 +39,6 @@ def _make(rate=0.5, seed=0):
     return eqx.nn.make_with_state(ConvBN)(rate, key=jax.random.PRNGKey(seed))
 
 
-def _data(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 1, 8, 8)).astype("float32")
-    y = rng.normal(size=(n, 2)).astype("float32")
-    return x, y
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _assert_trees_close(actual, expected, atol=1e-5):
-    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
-    expected = jax.tree_util.tree_map(np.asarray, expected)
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
-        expected
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
-        actual,
-        expected,
-    )
-
-
 def _batched(model):
     return jax.vmap(model, in_axes=(0, None), out_axes=(0, None), axis_name="batch")
 
@@ -74,13 +50,6 @@ def _state_tree(model, state):
             "batch_state_index": state.get(model.bn.batch_state_index),
         }
     }
-
-
-def _model(layer):
-    inputs = keras.Input((1, 8, 8))
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
-    return model
 
 
 def test_weights_named_after_module_fields():
@@ -101,18 +70,18 @@ def test_weights_named_after_module_fields():
 
 
 def test_inference_matches_equinox():
-    x, _ = _data()
+    x, _ = image_data(shape=CHW)
     module, state = _make()
     layer = EquinoxLayer(module, state)
     expected, _ = _batched(eqx.nn.inference_mode(module))(x, state)
-    np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)
+    np.testing.assert_allclose(to_np(layer(x)), expected, atol=1e-5)
 
 
 def test_sgd_step_matches_jax_grad_and_updates_state():
-    x, y = _data()
+    x, y = image_data(shape=CHW)
     module, state = _make(rate=0.0)
     layer = EquinoxLayer(module, state)
-    model = _model(layer)
+    model = sgd_model(layer, shape=CHW)
     params, static = eqx.partition(module, eqx.is_inexact_array)
 
     def loss(params):
@@ -122,25 +91,25 @@ def test_sgd_step_matches_jax_grad_and_updates_state():
     grads, new_state = jax.grad(loss, has_aux=True)(params)
     model.train_on_batch(x, y)
     expected = jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
-    _assert_trees_close(layer.params, expected)
-    _assert_trees_close(layer.state, _state_tree(module, new_state))
+    assert_trees_close(layer.params, expected)
+    assert_trees_close(layer.state, _state_tree(module, new_state))
 
 
 def test_fit_lowers_loss_and_inference_leaves_state_alone():
-    x, y = _data(32)
+    x, y = image_data(32, shape=CHW)
     layer = EquinoxLayer(*_make(rate=0.2), seed=3)
-    model = _model(layer)
+    model = sgd_model(layer, shape=CHW)
     before = model.evaluate(x, y, verbose=0)
-    weight = _np(layer.params.conv.weight).copy()
+    weight = to_np(layer.params.conv.weight).copy()
     model.fit(x, y, epochs=8, batch_size=8, verbose=0)
     assert model.evaluate(x, y, verbose=0) < before
-    assert not np.allclose(_np(layer.params.conv.weight), weight)
-    assert int(_np(layer.state["bn"]["batch_counter"])) == 8 * 4
-    hidden = _np(layer.state["bn"]["batch_state_index"][0]).copy()
+    assert not np.allclose(to_np(layer.params.conv.weight), weight)
+    assert int(to_np(layer.state["bn"]["batch_counter"])) == 8 * 4
+    hidden = to_np(layer.state["bn"]["batch_state_index"][0]).copy()
     first = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model.predict(x, verbose=0), first)
     np.testing.assert_array_equal(
-        _np(layer.state["bn"]["batch_state_index"][0]), hidden
+        to_np(layer.state["bn"]["batch_state_index"][0]), hidden
     )
 
     trained, trained_state = layer.to_module()
@@ -150,14 +119,14 @@ def test_fit_lowers_loss_and_inference_leaves_state_alone():
 
 
 def test_dropout_key_fresh_per_call_per_example_and_seeded():
-    x, _ = _data()
+    x, _ = image_data(shape=CHW)
     x = np.repeat(x[:1], 8, axis=0)
     a = EquinoxLayer(*_make(), seed=7)
     b = EquinoxLayer(*_make(), seed=7)
-    a1, a2 = _np(a(x, training=True)), _np(a(x, training=True))
+    a1, a2 = to_np(a(x, training=True)), to_np(a(x, training=True))
     assert not np.allclose(a1, a2)
     assert not np.allclose(a1[0], a1[1])  # one key per example
-    np.testing.assert_allclose(_np(b(x, training=True)), a1, atol=1e-6)
+    np.testing.assert_allclose(to_np(b(x, training=True)), a1, atol=1e-6)
 
 
 def test_stateless_module_and_no_vmap():
@@ -166,7 +135,7 @@ def test_stateless_module_and_no_vmap():
     layer = EquinoxLayer(mlp, name="mlp")
     assert layer.non_trainable_weights == []
     assert layer.trainable_weights[0].path == "mlp/layers/0/weight"
-    np.testing.assert_allclose(_np(layer(x)), jax.vmap(mlp)(x), atol=1e-5)
+    np.testing.assert_allclose(to_np(layer(x)), jax.vmap(mlp)(x), atol=1e-5)
 
     class Whole(eqx.Module):
         w: jax.Array
@@ -176,19 +145,19 @@ def test_stateless_module_and_no_vmap():
 
     whole = Whole(jnp.ones((4, 3)))
     layer = EquinoxLayer(whole, vmap=False)
-    np.testing.assert_allclose(_np(layer(x)), whole(x), atol=1e-5)
+    np.testing.assert_allclose(to_np(layer(x)), whole(x), atol=1e-5)
     assert isinstance(layer.to_module(), Whole)
 
 
 def test_save_and_load_weights(tmp_path):
-    x, y = _data()
-    model = _model(EquinoxLayer(*_make()))
+    x, y = image_data(shape=CHW)
+    model = sgd_model(EquinoxLayer(*_make()), shape=CHW)
     # Full batches: on TensorFlow a partial batch has an unknown size, and JAX
     # cannot export BatchNorm's `pmean` over a vmapped axis of unknown size.
     model.fit(x, y, epochs=1, batch_size=8, verbose=0)
     path = str(tmp_path / "eqx.weights.h5")
     model.save_weights(path)
-    other = _model(EquinoxLayer(*_make(seed=1)))
+    other = sgd_model(EquinoxLayer(*_make(seed=1)), shape=CHW)
     other.load_weights(path)
     np.testing.assert_allclose(
         other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
@@ -196,7 +165,7 @@ def test_save_and_load_weights(tmp_path):
 
 
 def test_keras_file_gives_clear_error(tmp_path):
-    model = _model(EquinoxLayer(*_make()))
+    model = sgd_model(EquinoxLayer(*_make()), shape=CHW)
     with pytest.raises(NotImplementedError, match="save_weights"):
         model.save(str(tmp_path / "eqx.keras"))
 

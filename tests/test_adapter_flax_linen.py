@@ -8,12 +8,10 @@ import keras
 import numpy as np
 import pytest
 
-from jaxlayer import _variables as V
+from _helpers import LR, assert_trees_close, image_data, sgd_model, to_np
 from jaxlayer.adapters import FlaxLayer
 
 nn = pytest.importorskip("flax.linen")
-
-LR = 0.1
 
 
 @keras.saving.register_keras_serializable(package="test_flax_linen")
@@ -51,40 +49,9 @@ class Heads(nn.Module):
         return self.head(x.reshape((x.shape[0], -1)))
 
 
-def _data(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
-    y = rng.normal(size=(n, 2)).astype("float32")
-    return x, y
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _assert_trees_close(actual, expected, atol=1e-5):
-    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
-    expected = jax.tree_util.tree_map(np.asarray, expected)
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
-        expected
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
-        actual,
-        expected,
-    )
-
-
-def _model(layer):
-    inputs = keras.Input((8, 8, 1))
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
-    return model
-
-
 def test_weights_named_after_flax_variables():
     layer = FlaxLayer(ConvBN(), seed=1, name="net")
-    layer(_data()[0])
+    layer(image_data()[0])
     assert sorted(w.path for w in layer.trainable_weights) == [
         "net/params/BatchNorm_0/bias",
         "net/params/BatchNorm_0/scale",
@@ -101,21 +68,21 @@ def test_weights_named_after_flax_variables():
 
 
 def test_inference_matches_flax_apply():
-    x, _ = _data()
+    x, _ = image_data()
     module = ConvBN()
     variables = module.init(jax.random.PRNGKey(0), x)
     layer = FlaxLayer(module, variables=variables)
     expected = module.apply(variables, x, training=False)
-    np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)
-    _assert_trees_close(layer.flax_variables(), variables)
+    np.testing.assert_allclose(to_np(layer(x)), expected, atol=1e-5)
+    assert_trees_close(layer.flax_variables(), variables)
 
 
 def test_sgd_step_matches_jax_grad_and_updates_batch_stats():
-    x, y = _data()
+    x, y = image_data()
     module = ConvBN(rate=0.0)
     variables = module.init(jax.random.PRNGKey(0), x)
     layer = FlaxLayer(module, variables=variables)
-    model = _model(layer)
+    model = sgd_model(layer)
 
     def loss(params):
         out, updates = module.apply(
@@ -132,41 +99,41 @@ def test_sgd_step_matches_jax_grad_and_updates_batch_stats():
     expected = jax.tree_util.tree_map(
         lambda p, g: p - LR * g, variables["params"], grads
     )
-    _assert_trees_close(layer.params["params"], expected)
-    _assert_trees_close(layer.state["batch_stats"], updates["batch_stats"])
+    assert_trees_close(layer.params["params"], expected)
+    assert_trees_close(layer.state["batch_stats"], updates["batch_stats"])
 
 
 def test_fit_lowers_loss_and_inference_leaves_stats_alone():
-    x, y = _data(32)
+    x, y = image_data(32)
     layer = FlaxLayer(ConvBN(rate=0.2), seed=3)
-    model = _model(layer)
+    model = sgd_model(layer)
     before = model.evaluate(x, y, verbose=0)
-    kernel = _np(layer.params["params"]["Conv_0"]["kernel"]).copy()
-    mean = _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]).copy()
+    kernel = to_np(layer.params["params"]["Conv_0"]["kernel"]).copy()
+    mean = to_np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]).copy()
     model.fit(x, y, epochs=8, batch_size=8, verbose=0)
     after = model.evaluate(x, y, verbose=0)
     assert after < before
-    assert not np.allclose(_np(layer.params["params"]["Conv_0"]["kernel"]), kernel)
-    mean = _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"])
+    assert not np.allclose(to_np(layer.params["params"]["Conv_0"]["kernel"]), kernel)
+    mean = to_np(layer.state["batch_stats"]["BatchNorm_0"]["mean"])
     assert not np.allclose(mean, 0.0)
     first = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model.predict(x, verbose=0), first)
     np.testing.assert_array_equal(
-        _np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]), mean
+        to_np(layer.state["batch_stats"]["BatchNorm_0"]["mean"]), mean
     )
 
 
 def test_dropout_rng_fresh_per_call_and_seeded():
-    x, _ = _data()
+    x, _ = image_data()
     a = FlaxLayer(ConvBN(), seed=7)
     b = FlaxLayer(ConvBN(), seed=7)
-    a1, a2 = _np(a(x, training=True)), _np(a(x, training=True))
+    a1, a2 = to_np(a(x, training=True)), to_np(a(x, training=True))
     assert not np.allclose(a1, a2)
-    np.testing.assert_allclose(_np(b(x, training=True)), a1, atol=1e-6)
+    np.testing.assert_allclose(to_np(b(x, training=True)), a1, atol=1e-6)
 
 
 def test_method_by_name_and_function():
-    x, _ = _data()
+    x, _ = image_data()
     module = Heads()
     by_name = FlaxLayer(module, method="features", seed=0)
     assert by_name(x).shape == (8, 3)
@@ -180,19 +147,19 @@ def test_method_by_name_and_function():
         return module.features(inputs) * (2.0 if training else 1.0)
 
     by_fn = FlaxLayer(module, method=wrapper, variables=variables)
-    np.testing.assert_allclose(_np(by_fn(x)), _np(by_name(x)), atol=1e-6)
+    np.testing.assert_allclose(to_np(by_fn(x)), to_np(by_name(x)), atol=1e-6)
     np.testing.assert_allclose(
-        _np(by_fn(x, training=True)), 2 * _np(by_name(x)), atol=1e-5
+        to_np(by_fn(x, training=True)), 2 * to_np(by_name(x)), atol=1e-5
     )
 
 
 def test_save_and_load_weights(tmp_path):
-    x, y = _data()
-    model = _model(FlaxLayer(ConvBN(), seed=0))
+    x, y = image_data()
+    model = sgd_model(FlaxLayer(ConvBN(), seed=0))
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "flax.weights.h5")
     model.save_weights(path)
-    other = _model(FlaxLayer(ConvBN(), seed=5))
+    other = sgd_model(FlaxLayer(ConvBN(), seed=5))
     other.load_weights(path)
     np.testing.assert_allclose(
         other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
@@ -200,8 +167,8 @@ def test_save_and_load_weights(tmp_path):
 
 
 def test_keras_file_round_trip(tmp_path):
-    x, y = _data()
-    model = _model(FlaxLayer(ConvBN(rate=0.25), method="__call__", seed=0))
+    x, y = image_data()
+    model = sgd_model(FlaxLayer(ConvBN(rate=0.25), method="__call__", seed=0))
     model.fit(x, y, epochs=1, verbose=0)
     path = os.path.join(tmp_path, "flax.keras")
     model.save(path)

@@ -6,12 +6,10 @@ import keras
 import numpy as np
 import pytest
 
-from jaxlayer import _variables as V
+from _helpers import LR, assert_trees_close, image_data, sgd_model, to_np
 from jaxlayer.adapters import NNXLayer
 
 nnx = pytest.importorskip("flax.nnx")
-
-LR = 0.1
 
 
 class ConvBN(nnx.Module):
@@ -26,37 +24,6 @@ class ConvBN(nnx.Module):
     def __call__(self, x):
         x = self.drop(jax.nn.relu(self.bn(self.conv(x))))
         return self.out(x.reshape((x.shape[0], -1)))
-
-
-def _data(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
-    y = rng.normal(size=(n, 2)).astype("float32")
-    return x, y
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _assert_trees_close(actual, expected, atol=1e-5):
-    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
-    expected = jax.tree_util.tree_map(np.asarray, expected)
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
-        expected
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
-        actual,
-        expected,
-    )
-
-
-def _model(layer):
-    inputs = keras.Input((8, 8, 1))
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss="mse")
-    return model
 
 
 def test_weights_named_after_module_attributes():
@@ -77,21 +44,21 @@ def test_weights_named_after_module_attributes():
 
 
 def test_inference_matches_nnx_eval():
-    x, _ = _data()
+    x, _ = image_data()
     module = ConvBN(rngs=nnx.Rngs(0))
     layer = NNXLayer(module)
     module.eval()
-    np.testing.assert_allclose(_np(layer(x)), module(x), atol=1e-5)
+    np.testing.assert_allclose(to_np(layer(x)), module(x), atol=1e-5)
     # No `.eval()` needed on the module given to the layer.
     layer2 = NNXLayer(ConvBN(rngs=nnx.Rngs(0)))
-    np.testing.assert_allclose(_np(layer2(x)), module(x), atol=1e-5)
+    np.testing.assert_allclose(to_np(layer2(x)), module(x), atol=1e-5)
 
 
 def test_sgd_step_matches_jax_grad_and_updates_batch_stats():
-    x, y = _data()
+    x, y = image_data()
     module = ConvBN(rate=0.0, rngs=nnx.Rngs(0))
     layer = NNXLayer(module)
-    model = _model(layer)
+    model = sgd_model(layer)
     module.train()
     params = nnx.to_pure_dict(nnx.state(module, nnx.Param))
     # Flax's own gradient; it also updates the module's batch statistics.
@@ -101,24 +68,24 @@ def test_sgd_step_matches_jax_grad_and_updates_batch_stats():
     expected = jax.tree_util.tree_map(
         lambda p, g: p - LR * g, params, nnx.to_pure_dict(grads)
     )
-    _assert_trees_close(layer.params, expected)
-    _assert_trees_close(layer.state, stats)
+    assert_trees_close(layer.params, expected)
+    assert_trees_close(layer.state, stats)
 
 
 def test_fit_lowers_loss_and_inference_leaves_stats_alone():
-    x, y = _data(32)
+    x, y = image_data(32)
     layer = NNXLayer(ConvBN(rate=0.2, rngs=nnx.Rngs(0)), seed=3)
-    model = _model(layer)
+    model = sgd_model(layer)
     before = model.evaluate(x, y, verbose=0)
-    kernel = _np(layer.params["conv"]["kernel"]).copy()
+    kernel = to_np(layer.params["conv"]["kernel"]).copy()
     model.fit(x, y, epochs=8, batch_size=8, verbose=0)
     assert model.evaluate(x, y, verbose=0) < before
-    assert not np.allclose(_np(layer.params["conv"]["kernel"]), kernel)
-    mean = _np(layer.state["bn"]["mean"]).copy()
+    assert not np.allclose(to_np(layer.params["conv"]["kernel"]), kernel)
+    mean = to_np(layer.state["bn"]["mean"]).copy()
     assert not np.allclose(mean, 0.0)
     first = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model.predict(x, verbose=0), first)
-    np.testing.assert_array_equal(_np(layer.state["bn"]["mean"]), mean)
+    np.testing.assert_array_equal(to_np(layer.state["bn"]["mean"]), mean)
 
     trained = layer.to_module()
     assert isinstance(trained, ConvBN)
@@ -128,26 +95,26 @@ def test_fit_lowers_loss_and_inference_leaves_stats_alone():
 
 
 def test_dropout_fresh_per_call_and_seeded():
-    x, _ = _data()
+    x, _ = image_data()
     a = NNXLayer(ConvBN(rngs=nnx.Rngs(0)), seed=7)
     b = NNXLayer(ConvBN(rngs=nnx.Rngs(0)), seed=7)
-    a1, a2 = _np(a(x, training=True)), _np(a(x, training=True))
+    a1, a2 = to_np(a(x, training=True)), to_np(a(x, training=True))
     assert not np.allclose(a1, a2)
-    np.testing.assert_allclose(_np(b(x, training=True)), a1, atol=1e-6)
+    np.testing.assert_allclose(to_np(b(x, training=True)), a1, atol=1e-6)
     keras.utils.set_random_seed(11)
-    c1 = _np(NNXLayer(ConvBN(rngs=nnx.Rngs(0)))(x, training=True))
+    c1 = to_np(NNXLayer(ConvBN(rngs=nnx.Rngs(0)))(x, training=True))
     keras.utils.set_random_seed(11)
-    c2 = _np(NNXLayer(ConvBN(rngs=nnx.Rngs(0)))(x, training=True))
+    c2 = to_np(NNXLayer(ConvBN(rngs=nnx.Rngs(0)))(x, training=True))
     np.testing.assert_allclose(c1, c2, atol=1e-6)
 
 
 def test_save_and_load_weights(tmp_path):
-    x, y = _data()
-    model = _model(NNXLayer(ConvBN(rngs=nnx.Rngs(0))))
+    x, y = image_data()
+    model = sgd_model(NNXLayer(ConvBN(rngs=nnx.Rngs(0))))
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "nnx.weights.h5")
     model.save_weights(path)
-    other = _model(NNXLayer(ConvBN(rngs=nnx.Rngs(1))))
+    other = sgd_model(NNXLayer(ConvBN(rngs=nnx.Rngs(1))))
     other.load_weights(path)
     np.testing.assert_allclose(
         other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
@@ -155,7 +122,7 @@ def test_save_and_load_weights(tmp_path):
 
 
 def test_keras_file_gives_clear_error(tmp_path):
-    model = _model(NNXLayer(ConvBN(rngs=nnx.Rngs(0))))
+    model = sgd_model(NNXLayer(ConvBN(rngs=nnx.Rngs(0))))
     with pytest.raises(NotImplementedError, match="save_weights"):
         model.save(str(tmp_path / "nnx.keras"))
 

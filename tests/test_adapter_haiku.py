@@ -2,16 +2,14 @@
 
 import jax
 import jax.numpy as jnp
-import keras
 import numpy as np
 import pytest
 
+from _helpers import LR, assert_trees_close, image_data, sgd_model, to_np
 from jaxlayer import JaxLayer
 from jaxlayer import _variables as V
 
 hk = pytest.importorskip("haiku")
-
-LR = 0.1
 
 
 # The example of the JaxLayer spec, verbatim.
@@ -49,37 +47,6 @@ def _conv_bn(rate):
     return hk.transform_with_state(net)
 
 
-def _data(n=8, seed=0):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(n, 8, 8, 1)).astype("float32")
-    y = rng.normal(size=(n, 2)).astype("float32")
-    return x, y
-
-
-def _np(x):
-    return np.asarray(keras.ops.convert_to_numpy(x))
-
-
-def _assert_trees_close(actual, expected, atol=1e-5):
-    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
-    expected = jax.tree_util.tree_map(np.asarray, expected)
-    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
-        expected
-    )
-    jax.tree_util.tree_map(
-        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
-        actual,
-        expected,
-    )
-
-
-def _model(layer, shape=(8, 8, 1), loss="mse"):
-    inputs = keras.Input(shape)
-    model = keras.Model(inputs, layer(inputs))
-    model.compile(optimizer=keras.optimizers.SGD(LR), loss=loss)
-    return model
-
-
 def test_spec_example():
     transformed_module = hk.transform(my_haiku_module_fn)
     keras_layer = JaxLayer(
@@ -87,9 +54,9 @@ def test_spec_example():
         init_fn=transformed_module.init,
         seed=0,
     )
-    x, _ = _data()
+    x, _ = image_data()
     y = np.eye(10, dtype="float32")[np.arange(8) % 10]
-    model = _model(keras_layer, loss="categorical_crossentropy")
+    model = sgd_model(keras_layer, loss="categorical_crossentropy")
     expected = transformed_module.apply(
         V.numpy_tree(keras_layer.params), None, x, False
     )
@@ -101,28 +68,28 @@ def test_spec_example():
     before = model.evaluate(x, y, verbose=0)
     model.fit(x, y, epochs=3, verbose=0)
     assert model.evaluate(x, y, verbose=0) < before
-    a, b = _np(keras_layer(x, training=True)), _np(keras_layer(x, training=True))
+    a, b = to_np(keras_layer(x, training=True)), to_np(keras_layer(x, training=True))
     assert not np.allclose(a, b)  # a fresh dropout key per training call
 
 
 def test_transform_with_state_inference_matches_haiku():
-    x, _ = _data()
+    x, _ = image_data()
     f = _conv_bn(0.5)
     params, state = f.init(jax.random.PRNGKey(0), x, True)
     layer = JaxLayer(f.apply, params=params, state=state, name="hk")
     expected, _ = f.apply(params, state, None, x, False)
-    np.testing.assert_allclose(_np(layer(x)), expected, atol=1e-5)
+    np.testing.assert_allclose(to_np(layer(x)), expected, atol=1e-5)
     paths = sorted(w.path for w in layer.non_trainable_weights)
     assert "hk/bn/~/mean_ema/average" in paths
     assert "hk/conv/w" in [w.path for w in layer.trainable_weights]
 
 
 def test_sgd_step_matches_jax_grad_and_updates_state():
-    x, y = _data()
+    x, y = image_data()
     f = _conv_bn(0.0)
     params, state = f.init(jax.random.PRNGKey(0), x, True)
     layer = JaxLayer(f.apply, params=params, state=state)
-    model = _model(layer)
+    model = sgd_model(layer)
 
     def loss(params):
         out, new_state = f.apply(params, state, jax.random.PRNGKey(1), x, True)
@@ -131,25 +98,27 @@ def test_sgd_step_matches_jax_grad_and_updates_state():
     grads, new_state = jax.grad(loss, has_aux=True)(params)
     model.train_on_batch(x, y)
     expected = jax.tree_util.tree_map(lambda p, g: p - LR * g, params, grads)
-    _assert_trees_close(layer.params, expected)
-    _assert_trees_close(layer.state, new_state)
+    assert_trees_close(layer.params, expected)
+    assert_trees_close(layer.state, new_state)
 
 
 def test_fit_lowers_loss_and_inference_leaves_state_alone():
-    x, y = _data(32)
+    x, y = image_data(32)
     f = _conv_bn(0.2)
     layer = JaxLayer(f.apply, f.init, seed=3)
-    model = _model(layer)
+    model = sgd_model(layer)
     before = model.evaluate(x, y, verbose=0)
-    w = _np(layer.params["conv"]["w"]).copy()
+    w = to_np(layer.params["conv"]["w"]).copy()
     model.fit(x, y, epochs=8, batch_size=8, verbose=0)
     assert model.evaluate(x, y, verbose=0) < before
-    assert not np.allclose(_np(layer.params["conv"]["w"]), w)
-    average = _np(layer.state["bn/~/mean_ema"]["average"]).copy()
+    assert not np.allclose(to_np(layer.params["conv"]["w"]), w)
+    average = to_np(layer.state["bn/~/mean_ema"]["average"]).copy()
     assert not np.allclose(average, 0.0)
     first = model.predict(x, verbose=0)
     np.testing.assert_array_equal(model.predict(x, verbose=0), first)
-    np.testing.assert_array_equal(_np(layer.state["bn/~/mean_ema"]["average"]), average)
+    np.testing.assert_array_equal(
+        to_np(layer.state["bn/~/mean_ema"]["average"]), average
+    )
 
 
 def test_without_apply_rng():
@@ -159,19 +128,19 @@ def test_without_apply_rng():
     f = hk.without_apply_rng(hk.transform(mlp))
     x = np.random.default_rng(0).normal(size=(5, 4)).astype("float32")
     layer = JaxLayer(f.apply, f.init, seed=0)
-    out = _np(layer(x))
+    out = to_np(layer(x))
     np.testing.assert_allclose(out, f.apply(V.numpy_tree(layer.params), x), atol=1e-5)
     assert layer.trainable_weights[0].path.endswith("mlp/~/linear_0/b")
 
 
 def test_save_and_load_weights(tmp_path):
-    x, y = _data()
+    x, y = image_data()
     f = _conv_bn(0.2)
-    model = _model(JaxLayer(f.apply, f.init, seed=0))
+    model = sgd_model(JaxLayer(f.apply, f.init, seed=0))
     model.fit(x, y, epochs=1, verbose=0)
     path = str(tmp_path / "hk.weights.h5")
     model.save_weights(path)
-    other = _model(JaxLayer(f.apply, f.init, seed=1))
+    other = sgd_model(JaxLayer(f.apply, f.init, seed=1))
     other.load_weights(path)
     np.testing.assert_allclose(
         other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6

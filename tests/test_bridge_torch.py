@@ -11,6 +11,7 @@ import keras
 import numpy as np
 import pytest
 
+from _reference import mlp_call, mlp_init
 from jaxlayer import JaxLayer
 
 BACKEND = keras.backend.backend()
@@ -23,20 +24,6 @@ if BACKEND == "torch":
     from jaxlayer.bridges import torch as bridge
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
-
-
-def mlp_init(rng, inputs):
-    k1, k2 = jax.random.split(rng)
-    d = inputs.shape[-1]
-    return {
-        "hidden": {"w": jax.random.normal(k1, (d, 8)) / 2, "b": jnp.full(8, 0.1)},
-        "out": {"w": jax.random.normal(k2, (8, 3)) / 3},
-    }
-
-
-def mlp_call(params, inputs):
-    h = jnp.tanh(inputs @ params["hidden"]["w"] + params["hidden"]["b"])
-    return h @ params["out"]["w"]
 
 
 def stateful_call(params, state, inputs, training):

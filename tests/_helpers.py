@@ -1,0 +1,43 @@
+"""Helpers shared by the adapter tests."""
+
+import jax
+import keras
+import numpy as np
+
+from jaxlayer import _variables as V
+
+LR = 0.1
+
+
+def image_data(n=8, seed=0, shape=(8, 8, 1)):
+    """Images of shape (n, *shape) and regression targets of shape (n, 2)."""
+    rng = np.random.default_rng(seed)
+    x = rng.normal(size=(n, *shape)).astype("float32")
+    y = rng.normal(size=(n, 2)).astype("float32")
+    return x, y
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def assert_trees_close(actual, expected, atol=1e-5):
+    """Same structure, same values (rtol 1e-5); `actual` may hold variables."""
+    actual = jax.tree_util.tree_map(np.asarray, V.numpy_tree(actual))
+    expected = jax.tree_util.tree_map(np.asarray, expected)
+    assert jax.tree_util.tree_structure(actual) == jax.tree_util.tree_structure(
+        expected
+    )
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, atol=atol, rtol=1e-5),
+        actual,
+        expected,
+    )
+
+
+def sgd_model(layer, shape=(8, 8, 1), loss="mse", lr=LR):
+    """A functional model around `layer`, compiled with plain SGD."""
+    inputs = keras.Input(shape)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(optimizer=keras.optimizers.SGD(lr), loss=loss)
+    return model
