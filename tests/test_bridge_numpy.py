@@ -109,3 +109,59 @@ def test_fit_raises_keras_error():
     model.compile("sgd", "mse")
     with pytest.raises(NotImplementedError, match="fit not implemented"):
         model.fit(x, y, verbose=0)
+
+
+def test_model_library_adapters_predict():
+    """Each adapter's inference on the NumPy backend equals the library's own
+    forward on the same variables."""
+    import equinox as eqx
+    import flax.linen as nn
+    import haiku as hk
+    from flax import nnx
+
+    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer
+
+    x = np.random.default_rng(0).normal(size=(4, 8, 8, 1)).astype("float32")
+
+    class CNN(nn.Module):
+        @nn.compact
+        def __call__(self, x, training=False):
+            x = nn.Conv(4, (3, 3))(x)
+            x = nn.BatchNorm(use_running_average=not training)(x)
+            return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+    module = CNN()
+    variables = module.init(jax.random.key(0), x)
+    layer = FlaxLayer(module, variables=variables)
+    np.testing.assert_allclose(layer(x), module.apply(variables, x), **TOL)
+
+    class Net(nnx.Module):
+        def __init__(self, rngs):
+            self.linear = nnx.Linear(64, 2, rngs=rngs)
+            self.bn = nnx.BatchNorm(2, rngs=rngs)
+            self.drop = nnx.Dropout(0.5, rngs=rngs)
+
+        def __call__(self, x):
+            return self.drop(self.bn(self.linear(x.reshape((x.shape[0], -1)))))
+
+    net = Net(nnx.Rngs(0))
+    layer = NNXLayer(net)
+    net.eval()
+    np.testing.assert_allclose(layer(x), net(jnp.asarray(x)), **TOL)
+
+    mlp = eqx.nn.MLP(64, 2, 8, 1, key=jax.random.key(0))
+    flat = x.reshape(4, 64)
+    layer = EquinoxLayer(mlp)
+    np.testing.assert_allclose(layer(flat), jax.vmap(mlp)(flat), **TOL)
+
+    def forward(inputs, training):
+        h = hk.Linear(2)(inputs.reshape((inputs.shape[0], -1)))
+        return hk.BatchNorm(True, True, 0.9)(h, is_training=training)
+
+    f = hk.transform_with_state(forward)
+    params, state = f.init(jax.random.key(0), x, True)
+    layer = JaxLayer(f.apply, params=params, state=state)
+    expected, _ = f.apply(params, state, None, x, False)
+    np.testing.assert_allclose(layer(x), expected, **TOL)
+    model = keras.Sequential([keras.Input((8, 8, 1)), layer])
+    np.testing.assert_allclose(model.predict(x, verbose=0), expected, **TOL)
