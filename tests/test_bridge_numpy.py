@@ -165,3 +165,18 @@ def test_model_library_adapters_predict():
     np.testing.assert_allclose(layer(x), expected, **TOL)
     model = keras.Sequential([keras.Input((8, 8, 1)), layer])
     np.testing.assert_allclose(model.predict(x, verbose=0), expected, **TOL)
+
+
+@keras.saving.register_keras_serializable(package="jaxlayer_numpy_tests")
+def doubled(params, inputs):
+    return inputs @ params["w"]
+
+
+def test_keras_file_round_trip(tmp_path):
+    layer = JaxLayer(doubled, params={"w": 2 * np.eye(3, dtype="float32")})
+    model = keras.Sequential([keras.Input((3,)), layer])
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    x = np.ones((2, 3), "float32")
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), 2 * x, **TOL)
