@@ -36,7 +36,10 @@ def pytest_report_header(config):
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
+    # A clean, seeded Keras per test: `fit`'s shuffling and Keras's global
+    # seed generator are the same on every run (JAXLAYER_TEST_SEED varies it).
     keras.backend.clear_session()
+    keras.utils.set_random_seed(int(os.environ.get("JAXLAYER_TEST_SEED", "0")))
     keras.config.set_dtype_policy("float32")
     yield
     keras.config.set_dtype_policy("float32")
