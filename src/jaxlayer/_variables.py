@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import re
 from typing import Any
@@ -155,11 +156,10 @@ def _cast(value, dtype, copy):
 def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
     # `Layer.add_weight` would reset the name scope to the layer's own, so
     # the variable is made here, under one scope per pytree path element.
-    scopes = [keras.name_scope(layer.name, caller=layer)]
-    scopes += [keras.name_scope(part) for part in parts[:-1]]
-    for scope in scopes:
-        scope.__enter__()
-    try:
+    with contextlib.ExitStack() as scopes:
+        scopes.enter_context(keras.name_scope(layer.name, caller=layer))
+        for part in parts[:-1]:
+            scopes.enter_context(keras.name_scope(part))
         # A callable initializer, so that Keras can defer the creation when
         # the layer is built inside a stateless (symbolic) scope.
         variable = keras.Variable(
@@ -170,9 +170,6 @@ def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
             autocast=autocast,
             name=parts[-1],
         )
-    finally:
-        for scope in reversed(scopes):
-            scope.__exit__(None, None, None)
     layer._track_variable(variable)
     return variable
 
