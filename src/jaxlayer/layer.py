@@ -474,15 +474,24 @@ class JaxLayer(keras.layers.Layer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        params_spec = config.pop("params_spec", None)
-        state_spec = config.pop("state_spec", None)
+        params, state = _pop_saved_trees(config)
         config["call_fn"] = _deserialize_fn(config["call_fn"], "call_fn", cls)
         config["init_fn"] = _deserialize_fn(config.get("init_fn"), "init_fn", cls)
         if config.get("params") is None and config.get("state") is None:
-            # Placeholders of the saved shapes: the weights file fills them.
-            config["params"] = V.config_to_placeholders(params_spec)
-            config["state"] = V.config_to_placeholders(state_spec)
+            config["params"], config["state"] = params, state
         return cls(**config)
+
+
+def _pop_saved_trees(config):
+    """Removes the saved tree descriptions from `config`; returns placeholders.
+
+    The placeholders (zeros of the saved shapes and dtypes, or None where no
+    tree was described) rebuild the variables; the weights file fills them.
+    """
+    return (
+        V.config_to_placeholders(config.pop("params_spec", None)),
+        V.config_to_placeholders(config.pop("state_spec", None)),
+    )
 
 
 _NOT_TENSORS = (bool, int, float, complex, str, bytes)

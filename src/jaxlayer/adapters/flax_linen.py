@@ -10,7 +10,12 @@ import keras
 
 from jaxlayer import _deps
 from jaxlayer import _variables as V
-from jaxlayer.layer import JaxLayer, _deserialize_fn, _serialize_fn
+from jaxlayer.layer import (
+    JaxLayer,
+    _deserialize_fn,
+    _pop_saved_trees,
+    _serialize_fn,
+)
 
 _FEATURE = "FlaxLayer"
 
@@ -175,18 +180,13 @@ class FlaxLayer(JaxLayer):
     @classmethod
     def from_config(cls, config):
         config = dict(config)
-        params_spec = config.pop("params_spec", None)
-        state_spec = config.pop("state_spec", None)
+        params, state = _pop_saved_trees(config)
         config["module"] = keras.saving.deserialize_keras_object(config["module"])
         method = config.get("method")
         if isinstance(method, dict):
             config["method"] = _deserialize_fn(method, "method", cls)
-        if config.get("variables") is None and params_spec is not None:
-            # Placeholders of the saved shapes: the weights file fills them.
-            config["variables"] = _merge(
-                V.config_to_placeholders(params_spec),
-                V.config_to_placeholders(state_spec),
-            )
+        if config.get("variables") is None and params is not None:
+            config["variables"] = _merge(params, state)
         return cls(**config)
 
 
