@@ -13,6 +13,9 @@ Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
 `JaxLayer` as `call_fn` and `init_fn`.
 """
 
+# First, before anything imports Keras: importing `_backend` falls back to the
+# JAX backend when the one Keras would pick is not installed.
+from jaxlayer import _backend  # noqa: F401
 from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer
 from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
 from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer

@@ -7,12 +7,38 @@ import os
 import sys
 import tempfile
 
+DEFAULT_EPOCHS = 12
+# The accuracy the default run must reach (it reaches about 0.97).
+MIN_ACCURACY = 0.95
+TRAINING_BACKENDS = ("jax", "tensorflow", "torch")
 
-def demo(epochs: int = 12, seed: int = 0) -> float:
+_EPILOG = """\
+how the Keras backend is chosen (once per process, when Keras is imported):
+  1. KERAS_BACKEND, when set: jax, tensorflow, torch or numpy (numpy runs
+     inference only; the demo needs jax, tensorflow or torch). A backend
+     that is not installed is an error naming the extra to install.
+  2. Else the "backend" of Keras's config file ($KERAS_HOME/keras.json, or
+     ~/.keras/keras.json), when that backend is installed (Keras writes the
+     file with "tensorflow" on its first import).
+  3. Else jax, a dependency of jaxlayer (one line on stderr says so).
+
+examples:
+  python -m jaxlayer demo
+  KERAS_BACKEND=torch python -m jaxlayer demo
+  KERAS_BACKEND=tensorflow python -m jaxlayer demo --epochs 2
+"""
+
+
+class DemoError(Exception):
+    """The demo cannot run here; the message says why in one line."""
+
+
+def demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> float:
     """Trains the spec's Haiku CNN on scikit-learn's 8x8 digits with `fit`.
 
-    Prints the test accuracy, saves the model to a `.keras` file, reloads it
-    and checks that the reloaded model predicts the same.
+    Prints the Keras backend and the test accuracy, saves the model to a
+    `.keras` file, reloads it and checks that the reloaded model predicts the
+    same.
 
     Args:
         epochs: training epochs.
@@ -20,14 +46,30 @@ def demo(epochs: int = 12, seed: int = 0) -> float:
 
     Returns:
         The test accuracy.
+
+    Raises:
+        DemoError: on the NumPy backend, which cannot train.
+        ImportError: when Haiku or scikit-learn is missing (the message names
+            the `demo` extra).
+
+    Example:
+        >>> accuracy = demo(epochs=2)  # doctest: +SKIP
     """
     import keras
     import numpy as np
 
+    backend = keras.backend.backend()
+    if backend not in TRAINING_BACKENDS:
+        raise DemoError(
+            f"the demo trains a model, which the {backend} backend of Keras "
+            f"cannot do: run it on a training backend (jax, tensorflow or torch), "
+            f"e.g. KERAS_BACKEND=jax python -m jaxlayer demo"
+        )
+
     from jaxlayer import _deps
     from jaxlayer._demo_model import build_model
 
-    datasets = _deps.require("sklearn.datasets", "the demo")
+    datasets = _deps.require("sklearn.datasets", "the demo", extra="demo")
     keras.utils.set_random_seed(seed)
     digits = datasets.load_digits()
     x = (digits.images / 16.0).astype("float32")[..., None]  # (1797, 8, 8, 1)
@@ -63,15 +105,65 @@ def demo(epochs: int = 12, seed: int = 0) -> float:
     return accuracy
 
 
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m jaxlayer",
+        description="jaxlayer: any JAX model as a Keras 3 layer.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    commands = parser.add_subparsers(dest="command", metavar="COMMAND")
+    run = commands.add_parser(
+        "demo",
+        help="train, save and reload a Haiku CNN on the current Keras backend",
+        description="Trains the Haiku CNN of the spec with `model.fit` on\n"
+        "scikit-learn's 8x8 digits, saves it to a .keras file, reloads it and\n"
+        "checks that it predicts the same.",
+        epilog=_EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    run.add_argument(
+        "--epochs",
+        type=int,
+        default=DEFAULT_EPOCHS,
+        help="training epochs (default: %(default)s).",
+    )
+    run.add_argument("--seed", type=int, default=0, help="random seed (default: 0).")
+    run.add_argument(
+        "--min-accuracy",
+        type=float,
+        default=None,
+        help=f"exit 1 below this test accuracy (default: {MIN_ACCURACY} with "
+        f"the default {DEFAULT_EPOCHS} epochs, no check otherwise).",
+    )
+    return parser
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m jaxlayer")
-    commands = parser.add_subparsers(dest="command", required=True)
-    run = commands.add_parser("demo", help="train, save and reload a Haiku CNN")
-    run.add_argument("--epochs", type=int, default=12)
-    run.add_argument("--seed", type=int, default=0)
+    """The command line: `python -m jaxlayer demo`; returns the exit status."""
+    parser = _parser()
     args = parser.parse_args(argv)
-    accuracy = demo(epochs=args.epochs, seed=args.seed)
-    return 0 if accuracy >= 0.95 else 1
+    if args.command is None:
+        parser.print_help()
+        return 0
+    minimum = args.min_accuracy
+    if minimum is None:
+        minimum = MIN_ACCURACY if args.epochs >= DEFAULT_EPOCHS else 0.0
+    from jaxlayer._deps import MissingExtraError
+
+    try:
+        accuracy = demo(epochs=args.epochs, seed=args.seed)
+    except (DemoError, MissingExtraError) as err:
+        # One line, no traceback: the NumPy backend, a missing extra.
+        print(f"python -m jaxlayer demo: {err}", file=sys.stderr)
+        return 1
+    if accuracy < minimum:
+        print(
+            f"python -m jaxlayer demo: test accuracy {accuracy:.4f} is below {minimum}",
+            file=sys.stderr,
+        )
+        return 1
+    return 0
 
 
 if __name__ == "__main__":

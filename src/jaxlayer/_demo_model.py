@@ -8,7 +8,7 @@ import keras
 from jaxlayer import _deps
 from jaxlayer.layer import JaxLayer
 
-hk = _deps.require("haiku", "the demo")
+hk = _deps.require("haiku", "the demo", extra="demo")
 
 
 class MyHaikuModule(hk.Module):

@@ -19,29 +19,44 @@ _EXTRAS = {
 }
 
 
-def require(module: str, feature: str | None = None) -> ModuleType:
+class MissingExtraError(ImportError):
+    """An optional library is missing; the message names the extra to install."""
+
+
+def require(
+    module: str, feature: str | None = None, extra: str | None = None
+) -> ModuleType:
     """Imports `module`, or raises an ImportError naming the extra to install.
 
     Args:
         module: the dotted module name, such as `"flax.linen"`.
         feature: what needs it, for the message (defaults to the module).
+        extra: the extra of `jaxlayer` to name (defaults to the one that
+            provides `module`); a feature that needs several libraries names
+            the extra that installs them all (the demo: `"demo"`).
 
     Returns:
         The imported module.
 
     Raises:
-        ImportError: when the module cannot be imported.
+        MissingExtraError: (an `ImportError`) when the module cannot be
+            imported.
+
+    Example:
+        >>> hk = require("haiku", "the demo", extra="demo")  # doctest: +SKIP
     """
     try:
         return importlib.import_module(module)
     except ImportError as err:
-        extra = _EXTRAS.get(module, _EXTRAS.get(module.split(".")[0]))
+        if extra is None:
+            extra = _EXTRAS.get(module, _EXTRAS.get(module.split(".")[0]))
         hint = (
-            f"install it with `pip install 'jaxlayer[{extra}]'`"
+            f"install it with `pip install 'jaxlayer[{extra}]'` (from a clone: "
+            f"`pip install '.[{extra}]'`)"
             if extra
             else f"install `{module.split('.')[0]}`"
         )
-        raise ImportError(
+        raise MissingExtraError(
             f"{feature or module} needs `{module}`, which could not be "
             f"imported ({err}); {hint}."
         ) from err
