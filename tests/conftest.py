@@ -11,7 +11,7 @@ import pytest  # noqa: E402
 BACKEND = keras.backend.backend()
 
 # The NumPy backend trains nothing: only its inference tests run there.
-NUMPY_FILES = ("test_bridge_numpy.py",)
+NUMPY_FILES = ("test_bridge_numpy.py", "test_state_inference.py", "test_lifetimes.py")
 if BACKEND == "numpy":
     collect_ignore_glob = [
         f

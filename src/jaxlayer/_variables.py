@@ -12,7 +12,12 @@ import keras
 import numpy as np
 from keras import ops
 
-_SAFE = re.compile(r"[^A-Za-z0-9_.\-~]+")
+from jaxlayer import _private
+
+# Characters every backend accepts in a variable's name and in the names that
+# optimizers derive from its path (TensorFlow's scope names allow
+# `[A-Za-z0-9_.\\/>-]`).
+_SAFE = re.compile(r"[^A-Za-z0-9_.\-]+")
 
 
 def is_array(value: Any) -> bool:
@@ -37,14 +42,32 @@ def key_name(key: Any) -> str:
 def path_parts(path: tuple) -> list[str]:
     """A pytree path as name-scope parts; `/` inside a key splits it too.
 
-    Haiku names its modules `mlp/~/linear_0`; splitting on `/` gives the
-    scopes `mlp`, `~`, `linear_0`, so the variable path reads as in Haiku.
+    Haiku names its modules `res_net18/~/block_group_0/~/block_0`; splitting
+    on `/` and dropping Haiku's `~` separators gives the scopes `res_net18`,
+    `block_group_0`, `block_0`. Characters that some backend refuses in a
+    name become `_`.
     """
     parts = []
     for key in path:
         for part in key_name(key).split("/"):
+            if part.strip() == "~":
+                continue
             parts.append(_SAFE.sub("_", part) or "_")
     return parts
+
+
+def unique_parts(parts: list[str], taken: set) -> list[str]:
+    """`parts`, with `_1`, `_2`, ... added to the last one if already taken.
+
+    Two leaves whose paths map to the same name (`{"a b": ..., "a_b": ...}`)
+    get distinct, deterministic names (in leaf order) instead of a clash.
+    """
+    candidate, n = list(parts), 0
+    while tuple(candidate) in taken:
+        n += 1
+        candidate = [*parts[:-1], f"{parts[-1]}_{n}"]
+    taken.add(tuple(candidate))
+    return candidate
 
 
 def keystr(path: tuple, root: str) -> str:
@@ -72,10 +95,6 @@ class TreeSpec:
     variables: list
     tree: Any
 
-    @property
-    def is_empty(self) -> bool:
-        return not self.slots
-
     def rebuild(self, arrays):
         """The tree, with `arrays` (one per variable) at the variable leaves."""
         leaves = [
@@ -84,11 +103,10 @@ class TreeSpec:
         ]
         return jax.tree_util.tree_unflatten(self.treedef, leaves)
 
-    def variable_paths(self) -> list:
-        return [p for p, s in zip(self.paths, self.slots, strict=True) if s is not None]
 
-
-def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
+def create_variables(
+    layer, values, *, trainable: bool, copy: bool, taken: set | None = None
+) -> TreeSpec:
     """Creates one Keras variable per array leaf of `values`.
 
     Each variable is created inside nested name scopes that follow its pytree
@@ -101,11 +119,16 @@ def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
         values: a pytree of arrays (or None).
         trainable: whether floating leaves are trainable.
         copy: copy the arrays (for user-given values that the layer must not
-            alias: Keras donates variable buffers in jitted train steps).
+            alias: Keras donates variable buffers in jitted train steps, and
+            torch optimizers update in place).
+        taken: the name paths already used in the layer (updated), so that
+            no two variables of the layer get the same path.
 
     Returns:
         The `TreeSpec` describing the tree and its variables.
     """
+    if taken is None:
+        taken = set()
     flat, treedef = jax.tree_util.tree_flatten_with_path(values)
     slots, static, paths, variables, leaves = [], [], [], [], []
     for path, value in flat:
@@ -126,7 +149,7 @@ def create_variables(layer, values, *, trainable: bool, copy: bool) -> TreeSpec:
         value = _cast(value, dtype, copy)
         variable = _new_variable(
             layer,
-            path_parts(path) or ["value"],
+            unique_parts(path_parts(path) or ["value"], taken),
             value,
             dtype=dtype,
             trainable=trainable and floating,
@@ -147,7 +170,10 @@ def _cast(value, dtype, copy):
             return value.astype(dtype)
         return jax.numpy.array(value, copy=True) if copy else value
     if keras.ops.is_tensor(value) and not isinstance(value, jax.Array):
-        return keras.ops.cast(value, dtype)
+        # A torch or TensorFlow tensor: copied, so that training never
+        # changes the caller's tensor and two layers never share one.
+        value = keras.ops.cast(value, dtype)
+        return keras.ops.copy(value) if copy else value
     # A backend tensor: Keras hands out the initializer's value as is while
     # the creation of a variable is deferred (a symbolic build).
     return keras.ops.convert_to_tensor(np.array(value, copy=copy), dtype=dtype)
@@ -170,7 +196,7 @@ def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
             autocast=autocast,
             name=parts[-1],
         )
-    layer._track_variable(variable)
+    _private.track_variable(layer, variable)
     return variable
 
 

@@ -11,10 +11,10 @@ import jax
 import jax.numpy as jnp
 import keras
 import numpy as np
-from keras.src.random.seed_generator import draw_seed
 
-from jaxlayer import _signature, bridges
+from jaxlayer import _private, _signature, bridges
 from jaxlayer import _variables as V
+from jaxlayer._pure import PureFunction
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
@@ -42,8 +42,10 @@ class JaxLayer(keras.layers.Layer):
     Every array leaf of `params` and `state` becomes one Keras variable named
     by its pytree path (`layer/encoder/dense_1/kernel`); `layer.params` and
     `layer.state` are the same trees with a variable at each array leaf.
-    Floating leaves of `params` are trainable; `state` is updated with the
-    values `call_fn` returns in training and left untouched in inference.
+    Floating leaves of `params` are trainable; `state` takes the values
+    `call_fn` returns on every call, in training and in inference (as with
+    Keras's class): a function that must leave its state alone in inference
+    returns it unchanged.
 
     Args:
         call_fn: the function computing the model's outputs.
@@ -84,10 +86,11 @@ class JaxLayer(keras.layers.Layer):
         **kwargs,
     ):
         super().__init__(**kwargs)
-        owner = f"{type(self).__name__} '{self.name}'"
+        owner = self._owner
+        self._pure_fns: dict = {}
         self.call_fn = call_fn
         self.init_fn = init_fn
-        self.seed = seed
+        self.seed = _check_seed(seed, owner)
         self.native_serialization_platforms = (
             tuple(native_serialization_platforms)
             if native_serialization_platforms is not None
@@ -95,9 +98,6 @@ class JaxLayer(keras.layers.Layer):
         )
         # Keras's attribute name for the same setting.
         self.jax2tf_native_serialization_platforms = self.native_serialization_platforms
-        self.call_fn_arguments = _signature.argument_names(
-            call_fn, "call_fn", _signature.CALL_FN_ARGUMENTS, owner=owner
-        )
         self.init_fn_arguments = (
             _signature.argument_names(
                 init_fn, "init_fn", _signature.INIT_FN_ARGUMENTS, owner=owner
@@ -105,9 +105,6 @@ class JaxLayer(keras.layers.Layer):
             if init_fn is not None
             else None
         )
-        self.call_fn_has_params = "params" in self.call_fn_arguments
-        self.call_fn_has_state = "state" in self.call_fn_arguments
-        self.call_fn_has_rng = "rng" in self.call_fn_arguments
         if (
             init_fn is None
             and params is None
@@ -132,16 +129,51 @@ class JaxLayer(keras.layers.Layer):
                 "to `call_fn`'s arguments (and return `(outputs, new_state)`)."
             )
         self.seed_generator = (
-            keras.random.SeedGenerator(seed) if self.call_fn_has_rng else None
+            _seed_generator(self.seed) if self.call_fn_has_rng else None
         )
-        self._init_seed_counter = itertools.count()
+        self._init_seed_count = 0
         self._bridge = bridges.get(keras.backend.backend())
-        self._pure_fns: dict = {}
         self._input_dtypes = None
         self._set_trees(None, None)
         if params is not None or state is not None:
             self._create_weights(params, state, copy=True)
             self.built = True
+
+    # -- the function and what depends on it -----------------------------
+
+    @property
+    def call_fn(self) -> Callable:
+        """The function computing the model's outputs (see the class doc)."""
+        return self._call_fn
+
+    @call_fn.setter
+    def call_fn(self, fn: Callable) -> None:
+        names = _signature.argument_names(
+            fn, "call_fn", _signature.CALL_FN_ARGUMENTS, owner=self._owner
+        )
+        for name, value in (
+            ("_call_fn", fn),
+            ("call_fn_arguments", names),
+            ("call_fn_has_params", "params" in names),
+            ("call_fn_has_state", "state" in names),
+            ("call_fn_has_rng", "rng" in names),
+        ):
+            object.__setattr__(self, name, value)
+        self._reset_pure_fns()
+
+    @property
+    def dtype_policy(self):
+        return keras.layers.Layer.dtype_policy.fget(self)
+
+    @dtype_policy.setter
+    def dtype_policy(self, value):
+        keras.layers.Layer.dtype_policy.fset(self, value)
+        self._reset_pure_fns()
+
+    def _reset_pure_fns(self):
+        """Drops the pure functions and with them every bridge's caches."""
+        if "_pure_fns" in self.__dict__:
+            self._pure_fns.clear()
 
     # -- weights ---------------------------------------------------------
 
@@ -159,58 +191,87 @@ class JaxLayer(keras.layers.Layer):
         }
         for name, value in values.items():
             object.__setattr__(self, name, value)
+        self._reset_pure_fns()
 
     def _create_weights(self, params, state, *, copy):
+        taken: set = set()  # one namespace for the paths of params and state
         params_spec = (
-            V.create_variables(self, params, trainable=True, copy=copy)
+            V.create_variables(self, params, trainable=True, copy=copy, taken=taken)
             if params is not None
             else None
         )
         state_spec = (
-            V.create_variables(self, state, trainable=False, copy=copy)
+            V.create_variables(self, state, trainable=False, copy=copy, taken=taken)
             if state is not None
             else None
         )
         self._set_trees(params_spec, state_spec)
 
-    def build(self, input_shape):
-        """Creates the weights with `init_fn`, unless they were given."""
-        if (
+    @property
+    def _needs_init(self) -> bool:
+        return (
             self._params_spec is None
             and self._state_spec is None
             and (self.call_fn_has_params or self.call_fn_has_state)
-        ):
+        )
+
+    def build(self, input_shape):
+        """Creates the weights with `init_fn`, unless they were given."""
+        if self._needs_init:
             # Initialised eagerly, also when Keras builds the layer while
             # TensorFlow traces a train step.
             _outside_graph(lambda: self._initialize_weights(input_shape))
         self.built = True
 
     def _initialize_weights(self, input_shape):
-        dtypes = self._input_dtypes
+        # Keras may build the layer while tracing (a subclassed model's
+        # symbolic build runs under `jax.eval_shape`): draw the seed and
+        # initialise eagerly.
+        with jax.ensure_compile_time_eval():
+            rng = self._get_init_rng()
+            params, state = self._init_trees(input_shape, rng)
+        for root, tree in (("params", params), ("state", state)):
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+                if _private.is_tracer(leaf):
+                    raise ValueError(
+                        f"{self._owner} cannot be built in a tracing scope "
+                        f"(`init_fn` returned a tracer at "
+                        f"{V.keystr(path, root)}); call the layer once "
+                        "outside `jax.jit`, or give `params`/`state`."
+                    )
+        self._create_weights(params, state, copy=False)
 
-        def placeholder(shape, dtype):
-            shape = tuple(1 if d is None else int(d) for d in shape)
-            return jnp.ones(shape, jax.dtypes.canonicalize_dtype(dtype))
+    def _init_trees(self, input_shape, rng, abstract=False):
+        """`(params, state)` from `init_fn` for inputs of `input_shape`.
 
+        With `abstract`, `init_fn` runs under `jax.eval_shape` and the trees
+        hold `jax.ShapeDtypeStruct`s (nothing is computed or drawn).
+        """
         shapes, shapes_def = _flatten_shapes(input_shape)
+        dtypes = self._input_dtypes
         if dtypes is None or len(dtypes) != len(shapes):
             dtypes = ["float32"] * len(shapes)
-        # Keras may build the layer while tracing (a subclassed model's
-        # symbolic build runs under `jax.eval_shape`): initialise eagerly.
-        with jax.ensure_compile_time_eval():
-            inputs = jax.tree_util.tree_unflatten(
-                shapes_def,
-                [placeholder(s, d) for s, d in zip(shapes, dtypes, strict=True)],
+        placeholders = [
+            jax.ShapeDtypeStruct(
+                tuple(1 if d is None else int(d) for d in shape),
+                jax.dtypes.canonicalize_dtype(dtype),
             )
-            args = []
-            for name in self.init_fn_arguments:
-                if name == "rng":
-                    args.append(_to_jax_keys(self._get_init_rng()))
-                elif name == "inputs":
-                    args.append(inputs)
-                else:
-                    args.append(True)
-            result = self.init_fn(*args)
+            for shape, dtype in zip(shapes, dtypes, strict=True)
+        ]
+        rng = _to_jax_keys(rng)
+
+        def init(leaves):
+            values = {
+                "rng": rng,
+                "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
+                "training": True,
+            }
+            return _call_by_name(self.init_fn, self.init_fn_arguments, values)
+
+        if abstract:
+            result = jax.eval_shape(init, placeholders)
+        else:
+            result = init([jnp.ones(p.shape, p.dtype) for p in placeholders])
         if self.call_fn_has_state:
             if not (isinstance(result, (tuple, list)) and len(result) == 2):
                 raise ValueError(
@@ -221,15 +282,6 @@ class JaxLayer(keras.layers.Layer):
             params, state = result
         else:
             params, state = result, None
-        for root, tree in (("params", params), ("state", state)):
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
-                if isinstance(leaf, jax.core.Tracer):
-                    raise ValueError(
-                        f"{self._owner} cannot be built in a tracing scope "
-                        f"(`init_fn` returned a tracer at "
-                        f"{V.keystr(path, root)}); call the layer once "
-                        "outside `jax.jit`, or give `params`/`state`."
-                    )
         if not self.call_fn_has_params:
             leaves = jax.tree_util.tree_flatten_with_path(params)[0]
             if leaves:
@@ -240,7 +292,7 @@ class JaxLayer(keras.layers.Layer):
                     "`params` to `call_fn`'s arguments or return empty params."
                 )
             params = None
-        self._create_weights(params, state, copy=False)
+        return params, state
 
     @property
     def _owner(self):
@@ -256,11 +308,14 @@ class JaxLayer(keras.layers.Layer):
         `keras.utils.set_random_seed` makes deterministic).
         """
         if self.seed is None:
-            return draw_seed(None)
-        count = next(self._init_seed_counter)
-        return keras.ops.convert_to_tensor(
-            [int(self.seed), 2**20 + count], dtype="int32"
+            return keras.random.randint((2,), 0, 2**31 - 1, dtype="int32")
+        count = self._init_seed_count
+        self._init_seed_count = count + 1
+        words = np.array(
+            [self.seed % 2**32, (self.seed // 2**32 + 2**20 + count) % 2**32],
+            dtype=np.uint32,
         )
+        return keras.ops.convert_to_tensor(words.view(np.int32))
 
     def _get_init_rng(self):
         """Returns the `rng` passed to `init_fn`; override for a structure."""
@@ -310,15 +365,17 @@ class JaxLayer(keras.layers.Layer):
             if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
                 self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
-        fn = self._pure_fn(training, in_def, rng_def)
-        outputs, new_state = self._bridge(
-            fn,
-            V.values_of(self._params_spec),
-            in_leaves,
-            V.values_of(self._state_spec),
-            rng_leaves,
-        )
-        if training and self._state_spec is not None:
+        params = V.values_of(self._params_spec)
+        state = V.values_of(self._state_spec)
+        fn = self._pure_fns.get((training, in_def, rng_def))
+        if fn is None:
+            fn = self._pure_fn(
+                training, in_def, rng_def, (params, in_leaves, state, rng_leaves)
+            )
+        outputs, new_state = self._bridge(fn, params, in_leaves, state, rng_leaves)
+        # The state `call_fn` returns is stored in training and in inference
+        # (as Keras does); a function that must leave it alone returns it.
+        if self._state_spec is not None:
             for variable, value in zip(
                 self._state_spec.variables, new_state, strict=True
             ):
@@ -345,111 +402,181 @@ class JaxLayer(keras.layers.Layer):
             for leaf in leaves
         ], treedef
 
-    def _pure_fn(self, training, in_def, rng_def):
+    def _pure_fn(self, training, in_def, rng_def, example):
+        """The pure function for this call structure, made on first use.
+
+        Args:
+            training: the training flag.
+            in_def: the structure of the inputs.
+            rng_def: the structure of the `rng` argument.
+            example: `(params, inputs, state, rng)`, lists of tensors (or
+                anything with `shape` and `dtype`) of the first call, from
+                which the output structure is computed with `jax.eval_shape`.
+        """
         key = (training, in_def, rng_def)
         fn = self._pure_fns.get(key)
-        if fn is None:
-            fn = self._pure_fns[key] = self._make_pure_fn(training, in_def, rng_def)
+        if fn is not None:
+            return fn
+        tree_fn = self._tree_fn(training, in_def, rng_def)
+        out_def, _ = _eval_outputs(self._owner, tree_fn, *example)
+        owner = self._owner
+
+        def flat(params, inputs, state, rng):
+            result, new_state = tree_fn(params, inputs, state, rng)
+            return _output_leaves(owner, result), new_state
+
+        fn = self._pure_fns[key] = PureFunction(
+            flat,
+            owner=owner,
+            platforms=self.native_serialization_platforms,
+            training=training,
+            in_treedef=in_def,
+            rng_treedef=rng_def,
+            out_treedef=out_def,
+            trainable=self._params_trainable,
+        )
         return fn
 
-    def _make_pure_fn(self, training, in_def, rng_def):
+    def _params_trainable(self):
+        return tuple(v.trainable for v in _variables(self._params_spec))
+
+    def _tree_fn(self, training, in_def, rng_def):
+        """`call_fn` on flat lists: `(outputs tree, new state leaves)`."""
         params_spec, state_spec = self._params_spec, self._state_spec
         call_fn, names, owner = self.call_fn, self.call_fn_arguments, self._owner
         has_state = self.call_fn_has_state
 
-        def pure(params, inputs, state, rng):
-            args = []
-            for name in names:
-                if name == "params":
-                    args.append(params_spec.rebuild(params) if params_spec else None)
-                elif name == "state":
-                    args.append(state_spec.rebuild(state) if state_spec else None)
-                elif name == "rng":
-                    keys = [_as_key(k) for k in rng]
-                    args.append(jax.tree_util.tree_unflatten(rng_def, keys))
-                elif name == "inputs":
-                    args.append(jax.tree_util.tree_unflatten(in_def, inputs))
-                else:
-                    args.append(training)
-            result = call_fn(*args)
-            new_state = []
-            if has_state:
-                if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                    raise ValueError(
-                        f"{owner}: `call_fn` takes a `state` argument, so it "
-                        "must return a tuple `(outputs, new_state)`; it "
-                        f"returned {_describe(result)}."
-                    )
-                result, returned_state = result
-                new_state = _check_state(owner, state_spec, returned_state)
-            out_leaves = []
-            flat, out_def = jax.tree_util.tree_flatten_with_path(result)
-            for path, leaf in flat:
-                if isinstance(leaf, (bool, int, float)):
-                    leaf = jnp.asarray(leaf)
-                if not isinstance(leaf, (jax.Array, np.ndarray)):
-                    raise TypeError(
-                        f"{owner}: every output of `call_fn` must be an "
-                        f"array; {V.keystr(path, 'outputs')} is "
-                        f"{_describe(leaf)}."
-                    )
-                out_leaves.append(leaf)
-            pure.out_treedef = jax.tree_util.tree_structure(
-                jax.tree_util.tree_unflatten(out_def, [0] * len(out_leaves))
-            )
-            return out_leaves, new_state
+        def tree_fn(params, inputs, state, rng):
+            values = {
+                "params": params_spec.rebuild(params) if params_spec else None,
+                "state": state_spec.rebuild(state) if state_spec else None,
+                "inputs": jax.tree_util.tree_unflatten(in_def, inputs),
+                "training": training,
+            }
+            if "rng" in names:
+                keys = [_as_key(k) for k in rng]
+                values["rng"] = jax.tree_util.tree_unflatten(rng_def, keys)
+            result = _call_by_name(call_fn, names, values)
+            if not has_state:
+                return result, []
+            if not (isinstance(result, (tuple, list)) and len(result) == 2):
+                raise ValueError(
+                    f"{owner}: `call_fn` takes a `state` argument, so it "
+                    "must return a tuple `(outputs, new_state)`; it "
+                    f"returned {_describe(result)}."
+                )
+            result, returned_state = result
+            return result, _check_state(owner, state_spec, returned_state)
 
-        # Read by the bridges: the output structure (set when `pure` is
-        # traced), the owner for messages and the TF compilation platforms.
-        pure.out_treedef = None
-        pure.owner = owner
-        pure.native_serialization_platforms = self.native_serialization_platforms
-        return pure
+        return tree_fn
+
+    def _abstract_trees(self, input_shape):
+        """Shape/dtype lists of the params and state values a call receives.
+
+        From the variables once built; before that, from `init_fn` run
+        abstractly (`jax.eval_shape`: no variable is made, no seed drawn).
+        """
+        if self._needs_init:
+            if self.init_fn is None:
+                raise ValueError(f"{self._owner} has no weights and no `init_fn`.")
+            params, state = self._init_trees(
+                input_shape, self._dry_init_rng(), abstract=True
+            )
+            params = [
+                self._param_struct(x)
+                for x in jax.tree_util.tree_leaves(params)
+                if V.is_array(x)
+            ]
+            state = [
+                _struct(x.shape, x.dtype)
+                for x in jax.tree_util.tree_leaves(state)
+                if V.is_array(x)
+            ]
+            return params, state
+        params = [self._param_struct(v) for v in _variables(self._params_spec)]
+        state = [_struct(v.shape, v.dtype) for v in _variables(self._state_spec)]
+        return params, state
+
+    def _param_struct(self, x):
+        """The shape and dtype of a parameter as `call_fn` receives it."""
+        dtype = keras.backend.standardize_dtype(x.dtype)
+        if V.is_float(dtype):
+            dtype = self.compute_dtype if self.autocast else self.variable_dtype
+        return _struct(x.shape, dtype)
+
+    def _dry_init_rng(self):
+        """`_get_init_rng()` drawn without changing any generator's state."""
+        count = self._init_seed_count
+        try:
+            with keras.StatelessScope():
+                return self._get_init_rng()
+        finally:
+            self._init_seed_count = count
 
     def compute_output_spec(self, inputs, training=False):
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         with keras.StatelessScope():
             rng_leaves, rng_def = self._call_rng(training)
-        fn = self._pure_fn(training, in_def, rng_def)
-
-        def struct(x, autocast):
-            dtype = keras.backend.standardize_dtype(x.dtype)
-            if autocast and V.is_float(dtype) and self.autocast:
-                dtype = self.compute_dtype
-            return jax.ShapeDtypeStruct(tuple(x.shape), dtype)
-
-        params = [struct(v, v._autocast) for v in _variables(self._params_spec)]
-        state = [struct(v, v._autocast) for v in _variables(self._state_spec)]
-        rng = [struct(k, False) for k in rng_leaves]
+        rng = [_struct(k.shape, k.dtype) for k in rng_leaves]
         shapes = [tuple(x.shape) for x in in_leaves]
-        dtypes = [keras.backend.standardize_dtype(x.dtype) for x in in_leaves]
-        out = _eval_output_shapes(
-            lambda inputs, p, s, r: fn(p, inputs, s, r)[0],
-            shapes,
-            dtypes,
-            (params, state, rng),
-        )
+        if not self.built and self._needs_init:
+            # Not built yet (`compute_output_shape` before any call): the
+            # shapes of the weights come from `init_fn`, run abstractly.
+            params, state = self._abstract_trees(
+                jax.tree_util.tree_unflatten(in_def, shapes)
+            )
+            out_def, out = _eval_outputs(
+                self._owner,
+                self._tree_fn(training, in_def, rng_def),
+                params,
+                in_leaves,
+                state,
+                rng,
+            )
+        else:
+            params, state = self._abstract_trees(None)
+            fn = self._pure_fn(
+                training, in_def, rng_def, (params, in_leaves, state, rng)
+            )
+            out_def = fn.out_treedef
+            _, out = _eval_outputs(
+                self._owner,
+                lambda p, x, s, r: (fn(p, x, s, r)[0], []),
+                params,
+                in_leaves,
+                state,
+                rng,
+            )
         return jax.tree_util.tree_unflatten(
-            fn.out_treedef,
-            [keras.KerasTensor(shape, dtype=dtype) for shape, dtype in out],
+            out_def, [keras.KerasTensor(shape, dtype=dtype) for shape, dtype in out]
         )
 
     def compute_output_shape(self, input_shape):
         shapes, shapes_def = _flatten_shapes(input_shape)
         dtypes = self._input_dtypes
-        if dtypes is None or len(dtypes) != len(shapes):
-            dtypes = [self.compute_dtype] * len(shapes)
-        inputs = jax.tree_util.tree_unflatten(
-            shapes_def,
-            [
-                keras.KerasTensor(shape, dtype=dtype)
-                for shape, dtype in zip(shapes, dtypes, strict=True)
-            ],
+        candidates = (
+            [dtypes]
+            if dtypes is not None and len(dtypes) == len(shapes)
+            else [[self.compute_dtype] * len(shapes), ["int32"] * len(shapes)]
         )
-        return jax.tree_util.tree_map(
-            lambda t: tuple(t.shape), self.compute_output_spec(inputs)
-        )
+        # Without known input dtypes, floating inputs are tried first, then
+        # integer ones (an embedding lookup takes integer indices).
+        for i, dtypes in enumerate(candidates):
+            inputs = jax.tree_util.tree_unflatten(
+                shapes_def,
+                [
+                    keras.KerasTensor(shape, dtype=dtype)
+                    for shape, dtype in zip(shapes, dtypes, strict=True)
+                ],
+            )
+            try:
+                spec = self.compute_output_spec(inputs)
+            except Exception:
+                if i + 1 == len(candidates):
+                    raise
+                continue
+            return jax.tree_util.tree_map(lambda t: tuple(t.shape), spec)
 
     # -- saving ----------------------------------------------------------
 
@@ -603,13 +730,33 @@ def _flatten_shapes(input_shape):
     return [tuple(s) for s in leaves], treedef
 
 
-def _eval_output_shapes(fn, shapes, dtypes, extra):
-    """Output (shape, dtype) pairs of `fn`, None where a dimension varies.
+def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
+    """The structure and `(shape, dtype)` leaves of `tree_fn`'s outputs.
 
-    Unknown input dimensions are made symbolic (the first dimension of every
-    input shares one symbol, the batch); functions that cannot be traced with
-    symbolic shapes are evaluated at two concrete sizes instead.
+    `tree_fn(params, inputs, state, rng) -> (outputs, new_state)`; the
+    arguments are lists of anything with `shape` and `dtype` (tensors,
+    `KerasTensor`s, `jax.ShapeDtypeStruct`s). Unknown (None) input
+    dimensions are made symbolic (the first dimension of every input shares
+    one symbol, the batch) and come out None where an output depends on
+    them; a function that cannot be traced with symbolic shapes is evaluated
+    at two concrete sizes instead.
     """
+    params = [_struct(x.shape, x.dtype) for x in params]
+    state = [_struct(x.shape, x.dtype) for x in state]
+    rng = [_struct(x.shape, x.dtype) for x in rng]
+    shapes = [tuple(None if d is None else int(d) for d in x.shape) for x in inputs]
+    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in inputs]
+
+    def outputs_of(inputs, params, state, rng):
+        result, _ = tree_fn(params, inputs, state, rng)
+        treedef = jax.tree_util.tree_structure(result)
+        return jax.tree_util.tree_unflatten(treedef, _output_leaves(owner, result))
+
+    def evaluate(structs):
+        out = jax.eval_shape(outputs_of, structs, params, state, rng)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        return treedef, leaves
+
     scope = jax.export.SymbolicScope()
     names = (f"d{i}" for i in itertools.count())
     try:
@@ -621,37 +768,84 @@ def _eval_output_shapes(fn, shapes, dtypes, extra):
             ]
             sym = jax.export.symbolic_shape(",".join(dims), scope=scope)
             structs.append(jax.ShapeDtypeStruct(sym, dtype))
-        out = jax.eval_shape(fn, structs, *extra)
-        return [
+        treedef, out = evaluate(structs)
+        return treedef, [
             (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
             for o in out
         ]
     except Exception as first_error:  # noqa: BLE001 - fall back, re-raise below
+        if all(None not in shape for shape in shapes):
+            raise
         try:
             results = [
-                jax.eval_shape(
-                    fn,
+                evaluate(
                     [
                         jax.ShapeDtypeStruct(
                             tuple(size if d is None else d for d in shape), dt
                         )
                         for shape, dt in zip(shapes, dtypes, strict=True)
-                    ],
-                    *extra,
+                    ]
                 )
                 for size in (2, 3)
             ]
         except Exception:  # noqa: BLE001
             raise first_error from None
-        return [
+        (treedef, x_out), (_, y_out) = results
+        return treedef, [
             (
                 tuple(
                     a if a == b else None for a, b in zip(x.shape, y.shape, strict=True)
                 ),
                 x.dtype,
             )
-            for x, y in zip(*results, strict=True)
+            for x, y in zip(x_out, y_out, strict=True)
         ]
+
+
+def _struct(shape, dtype):
+    return jax.ShapeDtypeStruct(
+        tuple(int(d) for d in shape),
+        jax.dtypes.canonicalize_dtype(keras.backend.standardize_dtype(dtype)),
+    )
+
+
+def _output_leaves(owner, result):
+    """The array leaves of `call_fn`'s outputs (Python numbers as arrays)."""
+    leaves = []
+    for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
+        if isinstance(leaf, (bool, int, float)):
+            leaf = jnp.asarray(leaf)
+        if not isinstance(leaf, (jax.Array, np.ndarray)):
+            raise TypeError(
+                f"{owner}: every output of `call_fn` must be an array; "
+                f"{V.keystr(path, 'outputs')} is {_describe(leaf)}."
+            )
+        leaves.append(leaf)
+    return leaves
+
+
+def _call_by_name(fn, names, values):
+    """Calls `fn` with `values[name]` for each of its argument `names`."""
+    return fn(*[values[name] for name in names])
+
+
+def _check_seed(seed, owner):
+    if seed is None:
+        return None
+    if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
+        raise TypeError(
+            f"{owner}: `seed` must be an integer or None, got {_describe(seed)}."
+        )
+    return int(seed)
+
+
+def _seed_generator(seed):
+    """Keras's seed generator for `seed`; a seed out of the range the backend
+    stores (2**31 and over on torch, negative on jax) is folded into it."""
+    try:
+        return keras.random.SeedGenerator(seed)
+    except (OverflowError, RuntimeError, ValueError):
+        return keras.random.SeedGenerator(seed % (2**31 - 1))
 
 
 def _serialize_fn(fn):

@@ -2,18 +2,16 @@
 
 from __future__ import annotations
 
-import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import numpy as np
 
-# One jitted function per pure function (jax.jit caches per shape and dtype).
-_JITTED: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+from jaxlayer._pure import PureFunction
 
 
 def run(
-    fn: Callable,
+    fn: PureFunction,
     params: Sequence[np.ndarray],
     inputs: Sequence[np.ndarray],
     state: Sequence[np.ndarray],
@@ -36,9 +34,9 @@ def run(
     Returns:
         `(outputs, new_state)`, lists of NumPy arrays.
     """
-    jitted = _JITTED.get(fn)
-    if jitted is None:
-        jitted = _JITTED[fn] = jax.jit(fn)
+    # One jitted function per pure function, kept in its slot (jax.jit
+    # caches per shape and dtype); it goes with the layer.
+    jitted = fn.slot("numpy", lambda: jax.jit(fn))
     outputs, new_state = jitted(
         [np.asarray(x) for x in params],
         [np.asarray(x) for x in inputs],

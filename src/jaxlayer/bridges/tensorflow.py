@@ -38,8 +38,6 @@ from tensorflow.python.eager import record as _record
 # the op on a CPU or on an NVIDIA GPU.
 DEFAULT_PLATFORMS = ("cpu", "cuda")
 
-# fn -> {structure key -> _Conversion}.
-_CACHE: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 _count = 0
 
 
@@ -86,9 +84,9 @@ def run(
     """
     args = [tf.convert_to_tensor(x) for x in (*params, *inputs, *state, *rng)]
     counts = (len(params), len(inputs), len(state))
-    per_fn = _CACHE.get(fn)
-    if per_fn is None:
-        per_fn = _CACHE[fn] = {}
+    # {structure key -> _Conversion}, kept in the pure function's slot: it
+    # goes with the layer.
+    per_fn = fn.slot("tensorflow", dict)
     key = _symbolic_key(args, counts)
     conversion = per_fn.get(key)
     if conversion is None:
@@ -314,6 +312,7 @@ class _Conversion:
         self._counts = counts
         self._platforms = _platform_choices(fn)
         self._exports = {}
+        self._attrs = {}
         n_params, n_inputs, _ = counts
         self._diff = [
             i for i, s in enumerate(specs[: n_params + n_inputs]) if _is_float(s.dtype)
@@ -450,7 +449,7 @@ class _Conversion:
         forward = self._export_kind("forward")
         n_outputs = self._n_outputs
         if mode == "plain" or not self._diff or not self._float_outs:
-            results = _call_exported(forward, args)
+            results = _call_exported(forward, args, self._attrs)
             return results[:n_outputs], results[n_outputs:]
         n_args, float_outs = len(args), self._float_outs
         diff, diff_set = self._diff, set(self._diff)
@@ -471,7 +470,7 @@ class _Conversion:
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(train, args)
+                results = _call_exported(train, args, self._attrs)
                 residuals = [
                     args[i]
                     if kind == "arg"
@@ -484,7 +483,9 @@ class _Conversion:
                 def grad(*cts):
                     backward = self._export_kind("backward")
                     grads = _call_exported(
-                        backward, [*residuals, *cotangents(cts, results)]
+                        backward,
+                        [*residuals, *cotangents(cts, results)],
+                        self._attrs,
                     )
                     return full_grads(grads)
 
@@ -494,11 +495,13 @@ class _Conversion:
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(forward, args)
+                results = _call_exported(forward, args, self._attrs)
 
                 def grad(*cts):
                     vjp = self._export_kind("vjp")
-                    grads = _call_exported(vjp, [*args, *cotangents(cts, results)])
+                    grads = _call_exported(
+                        vjp, [*args, *cotangents(cts, results)], self._attrs
+                    )
                     return full_grads(grads)
 
                 return results, grad
@@ -522,12 +525,13 @@ def _cast_args(args, specs):
     return out
 
 
-# id(exported) -> (exported, XlaCallModule attributes): built once per export.
-_ATTRS: dict = {}
+def _call_attrs(exported, cache):
+    """The `XlaCallModule` attributes of `exported`, built once per export.
 
-
-def _call_attrs(exported):
-    entry = _ATTRS.get(id(exported))
+    `cache` (id(exported) -> (exported, attributes, kept argument indices))
+    belongs to the conversion that made the export, so it goes with it.
+    """
+    entry = cache.get(id(exported))
     if entry is None or entry[0] is not exported:
         attrs = {
             "version": exported.calling_convention_version,
@@ -544,13 +548,13 @@ def _call_attrs(exported):
             "use_shardy_partitioner": bool(jax.config.jax_use_shardy_partitioner),
         }
         kept = sorted(exported.module_kept_var_idx)
-        entry = _ATTRS[id(exported)] = (exported, attrs, kept)
+        entry = cache[id(exported)] = (exported, attrs, kept)
     return entry[1], entry[2]
 
 
-def _call_exported(exported, args) -> list[Any]:
+def _call_exported(exported, args, cache) -> list[Any]:
     """Runs one `jax.export.Exported` as an `XlaCallModule` op."""
-    attrs, kept = _call_attrs(exported)
+    attrs, kept = _call_attrs(exported, cache)
     results = list(_tfxla.call_module([args[i] for i in kept], **attrs))
     if not tf.executing_eagerly():
         # Static output dims where a symbol's size is static in this graph.

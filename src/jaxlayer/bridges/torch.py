@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import collections
 import warnings
-import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -43,8 +42,6 @@ from torch.utils import dlpack as _torch_dlpack
 #: returns residuals), `backward_traces`, `jit_functions`, `views` (JAX views
 #: of parameters and state made through DLPack).
 counters: collections.Counter = collections.Counter()
-
-_ENTRIES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 # With 64-bit types disabled, JAX would turn these into their 32-bit kinds.
 _NARROW = {
@@ -235,7 +232,8 @@ def _placement(fn, tensors):
         )
     if _jax_serves(device.type):
         return device.type, None
-    if not getattr(fn, "_jaxlayer_warned_device", False):
+    entry = _entry(fn)
+    if not entry.warned_device:
         warnings.warn(
             f"{fn.owner}: the torch tensors are on {device} but JAX has no "
             f"{device.type} device; they are copied to the CPU and back on "
@@ -243,7 +241,7 @@ def _placement(fn, tensors):
             "`pip install jax[cuda12]`) to run zero-copy.",
             stacklevel=3,
         )
-        fn._jaxlayer_warned_device = True
+        entry.warned_device = True
     return "cpu", device
 
 
@@ -253,7 +251,7 @@ def _placement(fn, tensors):
 class _Entry:
     """What the bridge keeps per pure function: jitted code and views."""
 
-    __slots__ = ("forward", "signatures", "views", "__weakref__")
+    __slots__ = ("forward", "signatures", "views", "warned_device")
 
     def __init__(self, fn):
         def forward(params, inputs, state, rng):
@@ -265,6 +263,7 @@ class _Entry:
         self.signatures: dict = {}
         # Per position of params + state: (tensor, data_ptr, shape, view).
         self.views: list = []
+        self.warned_device = False
 
     def cached_views(self, tensors, offset, device_type, taken):
         """JAX views of long-lived tensors (parameters, state), cached."""
@@ -412,10 +411,8 @@ class _JaxFunction(torch.autograd.Function):
 
 
 def _entry(fn) -> _Entry:
-    entry = _ENTRIES.get(fn)
-    if entry is None:
-        entry = _ENTRIES[fn] = _Entry(fn)
-    return entry
+    # Kept in the pure function's slot: it goes with the layer.
+    return fn.slot("torch", lambda: _Entry(fn))
 
 
 def _requires_grad(t: torch.Tensor) -> bool:

@@ -1,0 +1,100 @@
+"""Every private API of Keras, TensorFlow and JAX that jaxlayer uses, in one place.
+
+Each entry says what it is for, what breaks if it changes, and the fallback.
+Nothing here is imported at `import jaxlayer`: the TensorFlow names are
+imported by the TensorFlow bridge, the DLPack ones by the torch bridge. When
+a private name has gone, the message names the versions jaxlayer supports.
+
+Keras (3.10 - 3.15):
+
+- `Layer._track_variable(variable)`: registers a variable made outside
+  `add_weight` (which would reset the name scope that gives the variable its
+  pytree path). If it goes: `layer.weights` would miss the variables.
+  Fallback: the variables are tracked by assigning them to a list attribute,
+  which Keras's attribute tracking picks up.
+
+TensorFlow (2.17 - 2.21), used by `bridges/tensorflow.py`:
+
+- `tensorflow.compiler.tf2xla.python.xla.call_module`: the `XlaCallModule`
+  op that runs a `jax.export` module inside a TensorFlow graph (what
+  `jax2tf` uses). Its attributes are built by the bridge from the public
+  fields of `jax.export.Exported`. If it goes: no JAX call on the
+  TensorFlow backend (the error names the supported versions).
+- `tensorflow.python.eager.record.could_possibly_record()`: whether a
+  gradient tape may record the op, to choose between a forward with VJP
+  residuals and a plain forward. If it goes: the bridge assumes a tape may
+  record (correct, a little slower in inference).
+
+JAX (0.6 - 0.10):
+
+- `jax.core.Tracer` (public, but marked for removal from `jax.core` in
+  future releases): tells a tracer from a concrete array when `init_fn`
+  runs. If it goes: `is_tracer` falls back to "not a concrete array".
+- `jax._src.lib._jax.dlpack_managed_tensor_to_buffer` and
+  `buffer_to_dlpack_managed_tensor` (and `jaxlib_extension_version`): the
+  torch bridge's zero-copy DLPack exchange on CPU without the 30-115 us of
+  Python checks in `jax.dlpack.from_dlpack`. Probed at first use; if they
+  are missing or behave differently the bridge uses the public
+  `jax.dlpack.from_dlpack` / `torch.from_dlpack` (tested both ways).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.17-2.21, JAX 0.6-0.10"
+
+
+def unsupported(what: str, err: Exception) -> ImportError:
+    """The error for a private API that is missing from an installed library."""
+    return ImportError(
+        f"jaxlayer needs {what}, which this installation does not provide "
+        f"({type(err).__name__}: {err}); jaxlayer supports {SUPPORTED}."
+    )
+
+
+def track_variable(layer: Any, variable: Any) -> None:
+    """Makes `variable` one of `layer`'s weights (see the module docstring)."""
+    track = getattr(layer, "_track_variable", None)
+    if track is not None:
+        track(variable)
+        return
+    extra = getattr(layer, "_jaxlayer_variables", None)
+    if extra is None:
+        layer._jaxlayer_variables = []
+        extra = layer._jaxlayer_variables
+    extra.append(variable)
+
+
+def is_tracer(value: Any) -> bool:
+    """Whether `value` is a JAX tracer (an abstract value, not an array)."""
+    import jax
+
+    tracer = getattr(jax.core, "Tracer", None)
+    if tracer is not None:
+        return isinstance(value, tracer)
+    return type(value).__name__.endswith("Tracer")
+
+
+def tf_call_module():
+    """TensorFlow's `XlaCallModule` op wrapper (see the module docstring)."""
+    try:
+        from tensorflow.compiler.tf2xla.python import xla
+    except ImportError as err:
+        raise unsupported("TensorFlow's XlaCallModule op", err) from err
+    call = getattr(xla, "call_module", None)
+    if call is None:
+        raise unsupported(
+            "TensorFlow's XlaCallModule op",
+            AttributeError("tensorflow xla has no call_module"),
+        )
+    return call
+
+
+def tf_could_possibly_record():
+    """A function telling whether a gradient tape may record (or always True)."""
+    try:
+        from tensorflow.python.eager import record
+    except ImportError:
+        return lambda: True
+    return getattr(record, "could_possibly_record", lambda: True)
