@@ -200,3 +200,31 @@ def test_state_from_another_model_is_refused():
     _, other_state = eqx.nn.make_with_state(Other)()
     with pytest.raises(ValueError, match="does not match the module"):
         EquinoxLayer(module, other_state)
+
+
+class Sampler(eqx.Module):
+    """Adds noise whatever the mode: its `__call__` requires `key`."""
+
+    linear: eqx.nn.Linear
+
+    def __call__(self, x, key):
+        return self.linear(x) + jax.random.normal(key, (2,))
+
+
+def test_module_requiring_a_key_gets_a_fresh_key_in_inference_too():
+    layer = EquinoxLayer(Sampler(eqx.nn.Linear(3, 2, key=jax.random.key(0))), seed=4)
+    x = np.ones((2, 3), "float32")
+    first, second = to_np(layer(x)), to_np(layer(x))
+    assert not np.allclose(first, second)  # not a fixed key
+    again = EquinoxLayer(Sampler(eqx.nn.Linear(3, 2, key=jax.random.key(0))), seed=4)
+    np.testing.assert_allclose(to_np(again(x)), first)  # seeded
+
+
+def test_channels_last_input_to_a_conv_says_what_the_module_expects():
+    conv = eqx.nn.Conv2d(1, 4, 3, key=jax.random.key(0))
+    layer = EquinoxLayer(conv, name="conv")
+    with pytest.raises(ValueError, match=r"EquinoxLayer 'conv'.*shape \(8, 8, 1\)"):
+        layer(np.ones((2, 8, 8, 1), "float32"))
+    with pytest.raises(ValueError, match=r"channels first: \(1, H, W\)"):
+        layer(np.ones((2, 8, 8, 1), "float32"))
+    assert layer(np.ones((2, 1, 8, 8), "float32")).shape == (2, 4, 6, 6)

@@ -2,10 +2,12 @@
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 import pytest
 
 from _helpers import LR, assert_trees_close, image_data, sgd_model, to_np
+from conftest import BACKEND
 from jaxlayer import JaxLayer
 from jaxlayer import _variables as V
 
@@ -145,3 +147,39 @@ def test_save_and_load_weights(tmp_path):
     np.testing.assert_allclose(
         other.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
     )
+
+
+def resnet_fn(inputs, is_training):
+    return hk.nets.ResNet18(4, resnet_v2=False)(inputs, is_training=is_training)
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="fit: training backends")
+def test_resnet18_with_nested_modules_fits():
+    """Haiku's ResNet18 (nested modules, `~` in every name, batch norm state)
+    trains with Adam on every backend, with readable weight paths."""
+
+    net = hk.transform_with_state(resnet_fn)
+
+    def call_fn(params, state, rng, inputs, training):
+        return net.apply(params, state, rng, inputs, training)
+
+    def init_fn(rng, inputs):
+        return net.init(rng, inputs, True)
+
+    layer = JaxLayer(call_fn, init_fn, seed=0, name="resnet")
+    inputs = keras.Input((16, 16, 3))
+    model = keras.Model(inputs, layer(inputs))
+    model.compile(
+        keras.optimizers.Adam(1e-3),
+        keras.losses.CategoricalCrossentropy(from_logits=True),
+    )
+    rs = np.random.RandomState(0)
+    x = rs.rand(8, 16, 16, 3).astype("float32")
+    y = np.eye(4, dtype="float32")[rs.randint(0, 4, 8)]
+    before = [to_np(w).copy() for w in layer.trainable_weights[:3]]
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    after = [to_np(w) for w in layer.trainable_weights[:3]]
+    assert any(not np.allclose(a, b) for a, b in zip(before, after, strict=True))
+    paths = [w.path for w in layer.weights]
+    assert "resnet/res_net18/block_group_0/block_0/batchnorm_0/offset" in paths
+    assert not any("~" in p for p in paths)

@@ -48,9 +48,70 @@ def test_paths_follow_the_tree():
 
 
 def test_haiku_module_names_become_scopes():
+    """Haiku's `~` separators are dropped: every backend accepts the names
+    (TensorFlow refuses `~` in scope names) and they read as module paths."""
     params = {"mlp/~/linear_0": {"w": np.ones((2, 2), "float32")}}
     layer = JaxLayer(lambda params, inputs: inputs, params=params, name="hk")
-    assert [v.path for v in layer.weights] == ["hk/mlp/~/linear_0/w"]
+    assert [v.path for v in layer.weights] == ["hk/mlp/linear_0/w"]
+
+
+def test_names_that_would_clash_get_a_deterministic_suffix():
+    params = {
+        "a b": np.ones(2, "float32"),
+        "a_b": np.ones(2, "float32"),
+        "mlp/~/w": np.ones(2, "float32"),
+        "mlp/w": np.ones(2, "float32"),
+    }
+    state = {"a_b": np.zeros(2, "float32")}
+
+    def call_fn(params, state, inputs):
+        return inputs, state
+
+    layer = JaxLayer(call_fn, params=params, state=state, name="clash")
+    paths = [v.path for v in layer.weights]
+    assert len(set(paths)) == len(paths) == 5
+    assert sorted(paths) == [
+        "clash/a_b",
+        "clash/a_b_1",
+        "clash/a_b_2",
+        "clash/mlp/w",
+        "clash/mlp/w_1",
+    ]
+    # The same tree gives the same names again.
+    again = JaxLayer(call_fn, params=params, state=state, name="clash")
+    assert [v.path for v in again.weights] == paths
+
+
+@pytest.mark.skipif(BACKEND == "numpy", reason="optimizers: training backends")
+@pytest.mark.parametrize(
+    "optimizer",
+    [
+        lambda: keras.optimizers.SGD(0.1, momentum=0.9),
+        lambda: keras.optimizers.Adam(use_ema=True),
+        lambda: keras.optimizers.AdamW(),
+        lambda: keras.optimizers.Lion(),
+    ],
+    ids=["sgd_momentum", "adam_ema", "adamw", "lion"],
+)
+def test_every_optimizer_builds_its_slots_from_haiku_paths(optimizer):
+    params = {
+        "res_net/~/block_group_0/~/block_0/~/batchnorm_0": {
+            "offset": np.zeros(3, "float32"),
+            "scale": np.ones(3, "float32"),
+        }
+    }
+    layer = JaxLayer(
+        lambda params, inputs: (
+            inputs * params["res_net/~/block_group_0/~/block_0/~/batchnorm_0"]["scale"]
+        ),
+        params=params,
+    )
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile(optimizer(), "mse")
+    x = np.ones((4, 3), "float32")
+    model.train_on_batch(x, x)
+    names = [v.path for v in model.optimizer.variables]
+    assert all("~" not in name for name in names)
 
 
 def test_paths_inside_models_and_summary(capsys):

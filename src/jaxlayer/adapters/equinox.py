@@ -11,6 +11,7 @@ import numpy as np
 
 from jaxlayer import _deps
 from jaxlayer import _variables as V
+from jaxlayer.adapters._common import check_module
 from jaxlayer.layer import JaxLayer
 
 _FEATURE = "EquinoxLayer"
@@ -24,8 +25,9 @@ class EquinoxLayer(JaxLayer):
     `layer/layers/0/bias`); everything else stays in the module. A stateful
     module (built with `eqx.nn.make_with_state`) comes with its
     `eqx.nn.State`, whose values become non-trainable weights named after the
-    `eqx.nn.StateIndex` they belong to (`layer/bn/state_index/0`), updated by
-    the calls made in training and left alone in inference.
+    `eqx.nn.StateIndex` they belong to (`layer/bn/state_index/0`), set to
+    what the module returns on every call (a batch norm returns its state
+    unchanged in inference).
 
     The module is called as Equinox modules are, on one example at a time:
     `module(x, key=key)`, or `module(x, state, key=key)` returning
@@ -39,7 +41,15 @@ class EquinoxLayer(JaxLayer):
     In inference the module runs under `eqx.nn.inference_mode` (dropout off,
     batch norm on its running statistics). If its `__call__` takes `key`, a
     training call passes a key drawn from the layer's seed generator (`seed`,
-    or Keras's global seed), a different one per example when vmapped.
+    or Keras's global seed), a different one per example when vmapped; an
+    inference call passes none when `key` is optional, and a fresh key, drawn
+    the same way, when `__call__` requires one (a sampling module).
+
+    The module sees one example at a time (the batch axis is mapped away):
+    an image batch `(N, C, H, W)` reaches an `eqx.nn.Conv2d` as `(C, H, W)`,
+    channels first, as Equinox expects. When the module fails on an
+    example, the error says the per-example shape it got and, for a
+    convolution, the one it expects.
 
     After training, `to_module()` returns the module (and its state, when it
     has one) with the trained values.
@@ -89,23 +99,26 @@ class EquinoxLayer(JaxLayer):
         eqx = _deps.require("equinox", _FEATURE)
         layer_name = kwargs.get("name") or "EquinoxLayer"
         owner = f"EquinoxLayer '{layer_name}'"
-        _check_module(eqx, module, owner)
+        check_module(module, eqx.Module, "equinox", owner)
         module, state = _check_state(eqx, module, state, owner)
         indices = _state_indices(eqx, module)
         params, static = eqx.partition(module, eqx.is_inexact_array)
         key_mode = _key_mode(module)
         stateful = state is not None
 
+        example = _expected_example(eqx, module)
+
         def run(model, inputs, eqx_state, key, training):
             model = eqx.nn.inference_mode(model, value=not training)
-            if key is None and key_mode == "required":
-                key = jax.random.PRNGKey(0)
 
             def one(x, k):
                 kw = {"key": k} if key_mode and k is not None else {}
-                if stateful:
-                    return model(x, eqx_state, **kw)
-                return model(x, **kw), None
+                try:
+                    if stateful:
+                        return model(x, eqx_state, **kw)
+                    return model(x, **kw), None
+                except Exception as err:  # noqa: BLE001 - re-raised with context
+                    raise _with_shape_context(err, owner, x, vmap, example) from err
 
             if not vmap:
                 return one(inputs, key)
@@ -147,6 +160,14 @@ class EquinoxLayer(JaxLayer):
         object.__setattr__(self, "_static", static)
         object.__setattr__(self, "_template", template)
         object.__setattr__(self, "_indices", indices)
+        object.__setattr__(self, "_key_mode", key_mode)
+
+    def _get_call_rng(self, training):
+        # A module whose `__call__` requires `key` gets a fresh key on every
+        # call, in inference too (drawn from the seed generator).
+        if training or self._key_mode == "required":
+            return self._get_call_seed()
+        return None
 
     def to_module(self) -> Any:
         """Returns the module with the layer's current weights.
@@ -173,22 +194,6 @@ class EquinoxLayer(JaxLayer):
             "model with a new `EquinoxLayer(module, state)` and call "
             "`model.load_weights(path)`."
         )
-
-
-def _check_module(eqx, module, owner):
-    if isinstance(module, eqx.Module):
-        return
-    hint = ""
-    if isinstance(module, type) and issubclass(module, eqx.Module):
-        hint = f"; pass an instance, `{module.__name__}(...)`, not the class"
-    elif any(c.__module__.startswith("flax.nnx") for c in type(module).__mro__):
-        hint = "; for a Flax NNX module use `jaxlayer.NNXLayer`"
-    elif any(c.__module__.startswith("flax.linen") for c in type(module).__mro__):
-        hint = "; for a Flax linen module use `jaxlayer.FlaxLayer`"
-    raise TypeError(
-        f"{owner}: `module` must be an `equinox.Module` instance, got "
-        f"{type(module).__name__}{hint}."
-    )
 
 
 def _is_index(eqx, x):
@@ -292,3 +297,42 @@ def _key_mode(module):
     if key is None:
         return None
     return "required" if key.default is inspect.Parameter.empty else "optional"
+
+
+def _expected_example(eqx, module):
+    """What the first convolution of `module` expects of one example, if any."""
+    leaves = jax.tree_util.tree_leaves(
+        module, is_leaf=lambda x: isinstance(x, eqx.nn.Conv)
+    )
+    for leaf in leaves:
+        if isinstance(leaf, eqx.nn.Conv):
+            names = {1: ["L"], 2: ["H", "W"], 3: ["D", "H", "W"]}
+            dims = ", ".join(
+                [str(leaf.in_channels)] + names.get(leaf.num_spatial_dims, ["..."])
+            )
+            return (
+                f"its first convolution ({type(leaf).__name__}) expects one "
+                f"example channels first: ({dims}) - transpose NHWC images "
+                "to NCHW before the layer"
+            )
+    return None
+
+
+def _with_shape_context(err, owner, x, vmapped, example):
+    """`err` with the per-example shape the module got (and expects)."""
+    got = tuple(x.shape) if hasattr(x, "shape") else None
+    where = (
+        "one example at a time (the batch axis mapped away by jax.vmap)"
+        if vmapped
+        else "the whole batch (vmap=False)"
+    )
+    message = (
+        f"{owner}: the Equinox module failed on its input of shape {got}; it "
+        f"is called on {where}"
+        + (f", and {example}" if example else "")
+        + f". Original error: {type(err).__name__}: {err}"
+    )
+    try:
+        return type(err)(message)
+    except Exception:  # noqa: BLE001 - an error type with another signature
+        return ValueError(message)

@@ -10,6 +10,7 @@ import keras
 
 from jaxlayer import _deps
 from jaxlayer import _variables as V
+from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.layer import (
     JaxLayer,
     _deserialize_fn,
@@ -81,7 +82,7 @@ class FlaxLayer(JaxLayer):
     ):
         nn = _deps.require("flax.linen", _FEATURE)
         layer_name = kwargs.get("name") or "FlaxLayer"
-        _check_module(nn, module, layer_name)
+        check_module(module, nn.Module, "flax.linen", f"FlaxLayer '{layer_name}'")
         target = _resolve_method(module, method, layer_name)
         has_training = _takes(target, "training")
         mutable = nn.DenyList(["params"])
@@ -190,29 +191,6 @@ class FlaxLayer(JaxLayer):
         return cls(**config)
 
 
-def _check_module(nn, module, layer_name):
-    if isinstance(module, nn.Module):
-        return
-    kind = type(module).__module__.split(".")[0]
-    hint = ""
-    if type(module).__module__.startswith("flax.nnx") or _is_nnx(module):
-        hint = "; for a Flax NNX module use `jaxlayer.NNXLayer`"
-    elif kind == "equinox" or any(
-        c.__module__.startswith("equinox") for c in type(module).__mro__
-    ):
-        hint = "; for an Equinox module use `jaxlayer.EquinoxLayer`"
-    elif isinstance(module, type) and issubclass(module, nn.Module):
-        hint = f"; pass an instance, `{module.__name__}()`, not the class"
-    raise TypeError(
-        f"FlaxLayer '{layer_name}': `module` must be a `flax.linen.Module` "
-        f"instance, got {type(module).__name__}{hint}."
-    )
-
-
-def _is_nnx(module) -> bool:
-    return any(c.__module__.startswith("flax.nnx") for c in type(module).__mro__)
-
-
 def _resolve_method(module, method, layer_name):
     """The callable run for `method`, to read its signature."""
     owner = f"FlaxLayer '{layer_name}'"
@@ -253,15 +231,9 @@ def _takes(fn, name) -> bool:
 
 def _split(variables):
     """Flax variables -> (`{"params": ...}`, the other collections)."""
-    variables = {k: _plain(v) for k, v in dict(variables).items()}
+    variables = {k: plain(v) for k, v in dict(variables).items()}
     params = {"params": variables.pop("params")} if "params" in variables else {}
     return params, variables
-
-
-def _plain(tree):
-    if isinstance(tree, Mapping):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree
 
 
 def _merge(params, state):

@@ -9,6 +9,7 @@ import numpy as np
 
 from jaxlayer import _deps
 from jaxlayer import _variables as V
+from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.layer import JaxLayer
 
 _FEATURE = "NNXLayer"
@@ -75,7 +76,7 @@ class NNXLayer(JaxLayer):
     def __init__(self, module: Any, **kwargs):
         nnx = _deps.require("flax.nnx", _FEATURE)
         layer_name = kwargs.get("name") or "NNXLayer"
-        _check_module(nnx, module, layer_name)
+        check_module(module, nnx.Module, "flax.nnx", f"NNXLayer '{layer_name}'")
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
@@ -104,8 +105,8 @@ class NNXLayer(JaxLayer):
 
         super().__init__(
             call_fn=call_fn,
-            params=_plain(nnx.to_pure_dict(params)),
-            state=_plain(nnx.to_pure_dict(rest)),
+            params=plain(nnx.to_pure_dict(params)),
+            state=plain(nnx.to_pure_dict(rest)),
             **kwargs,
         )
         object.__setattr__(self, "_merge", merge)
@@ -134,31 +135,6 @@ class NNXLayer(JaxLayer):
             "`model.save_weights(path)`, then rebuild the model with a new "
             "`NNXLayer(MyModule(...))` and call `model.load_weights(path)`."
         )
-
-
-def _check_module(nnx, module, layer_name):
-    if isinstance(module, nnx.Module):
-        return
-    hint = ""
-    if isinstance(module, type) and issubclass(module, nnx.Module):
-        hint = (
-            f"; pass an instance, `{module.__name__}(..., rngs=nnx.Rngs(0))`, "
-            "not the class"
-        )
-    elif any(c.__module__.startswith("flax.linen") for c in type(module).__mro__):
-        hint = "; for a Flax linen module use `jaxlayer.FlaxLayer`"
-    elif any(c.__module__.startswith("equinox") for c in type(module).__mro__):
-        hint = "; for an Equinox module use `jaxlayer.EquinoxLayer`"
-    raise TypeError(
-        f"NNXLayer '{layer_name}': `module` must be a `flax.nnx.Module` "
-        f"instance, got {type(module).__name__}{hint}."
-    )
-
-
-def _plain(tree):
-    if isinstance(tree, dict):
-        return {k: _plain(v) for k, v in tree.items()}
-    return tree
 
 
 def _filled(nnx, template, pure):

@@ -1,24 +1,31 @@
 """How a pure JAX function runs on each Keras backend.
 
-A bridge is a callable
+A bridge is a function
 
     run(fn, params, inputs, state, rng) -> (outputs, new_state)
 
 where every argument after `fn` is a list of backend tensors (what
 `keras.Variable.value` and the layer's inputs are on that backend), and the
-two results are lists of backend tensors. `fn` is a pure JAX function with
-the same signature taking and returning lists of `jax.Array`; the layer makes
-one per (training flag, input structure) and keeps it, so a bridge may cache
-compiled versions keyed on `fn` (and on shapes and dtypes).
+two results are lists of backend tensors. `fn` is a `jaxlayer._pure.
+PureFunction`: a pure JAX function with the same signature taking and
+returning lists of `jax.Array`, made by the layer for one training flag,
+input structure and rng structure.
 
 Gradients: `outputs` are differentiable with respect to the floating tensors
 of `params` and `inputs`, through the backend's own autodiff; `state` and
 `rng` are not differentiated and `new_state` carries no gradient.
 
-`fn` also carries attributes for the bridges: `fn.owner` (the layer, for
-messages), `fn.native_serialization_platforms` (platforms to compile for
-inside a TensorFlow graph, or None) and `fn.out_treedef` (set by the layer
-when `fn` is traced).
+What `fn` tells the bridges: `fn.owner` (the layer, for messages),
+`fn.platforms` (platforms to compile for inside a TensorFlow graph, or
+None), `fn.out_treedef` (the output structure, from `jax.eval_shape`),
+`fn.trainable()` (which parameters are trainable now).
+
+Lifetimes: the layer owns its pure functions and drops them whenever its
+trees, its `call_fn` or its dtype policy change. A bridge keeps what it
+compiles or caches (jitted functions, `jax.export` modules, DLPack views of
+parameters) in `fn.slot(name, make)`, never at module level, so a dropped
+layer takes its compiled code with it and a live layer never runs stale
+code. Module-level state is limited to counters and probed capabilities.
 
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """
@@ -28,12 +35,7 @@ from __future__ import annotations
 import importlib
 from collections.abc import Callable
 
-_MODULES = {
-    "jax": "jax",
-    "tensorflow": "tensorflow",
-    "torch": "torch",
-    "numpy": "numpy",
-}
+_MODULES = ("jax", "tensorflow", "torch", "numpy")
 
 
 def get(backend: str) -> Callable:
@@ -47,20 +49,16 @@ def get(backend: str) -> Callable:
 
     Raises:
         NotImplementedError: no bridge exists for this backend.
+
+    Example:
+
+    >>> from jaxlayer import bridges
+    >>> bridges.get("jax").__module__
+    'jaxlayer.bridges.jax'
     """
-    module = _MODULES.get(backend)
-    if module is None:
+    if backend not in _MODULES:
         raise NotImplementedError(
             f"jaxlayer has no bridge for the Keras backend {backend!r}; "
             f"supported backends: {', '.join(sorted(_MODULES))}."
         )
-    try:
-        bridge = importlib.import_module(f"{__name__}.{module}")
-    except ModuleNotFoundError as err:
-        if err.name != f"{__name__}.{module}":
-            raise
-        raise NotImplementedError(
-            f"jaxlayer cannot run JAX functions on the Keras backend "
-            f"{backend!r} yet; use KERAS_BACKEND=jax."
-        ) from err
-    return bridge.run
+    return importlib.import_module(f"{__name__}.{backend}").run
