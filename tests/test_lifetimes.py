@@ -54,7 +54,10 @@ def build_call_fit_drop(make_layer, n=40):
         layer = make_layer()
         model = keras.Sequential([keras.Input((WIDTH,)), layer])
         if TRAINS:
-            model.compile(optimizer="sgd", loss="mse")
+            # Eager steps: the bridges' own compiled code (jitted forward and
+            # backward, exports) is what is under test, not Keras's compiled
+            # train function, which would only slow the loop.
+            model.compile(optimizer="sgd", loss="mse", run_eagerly=True)
             model.train_on_batch(x, y)
         model.predict_on_batch(x)
         layer(x)
