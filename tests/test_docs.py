@@ -22,7 +22,8 @@ How a block is run is set by an HTML comment on the line just before it
   directory of the page's other blocks (which may run it), not run itself;
   its test checks that it compiles.
 - `continues`: the block runs in the namespace the page's previous Python
-  block leaves (which runs first, and so on back along the chain).
+  block leaves (which runs first, and so on back along the chain; the
+  outputs of every block of the chain are checked).
 - `subprocess`: the block runs in a fresh Python process (pytest on this
   one example), with the environment variables the value gives
   (`subprocess="XLA_FLAGS=--xla_force_host_platform_device_count=8"`):
@@ -142,13 +143,11 @@ def test_example(
     monkeypatch.chdir(tmp_path)
     _write_files(example, tmp_path)
     namespace: dict = {}
-    *before, last = _chain(example)
-    for ex in before:
-        namespace = eval_example.run(ex, module_globals=namespace)
-    if eval_example.update_examples:
-        eval_example.run_print_update(last, module_globals=namespace)
-    else:
-        eval_example.run_print_check(last, module_globals=namespace)
+    for ex in _chain(example):  # each block's printed output is checked
+        if eval_example.update_examples:
+            namespace = eval_example.run_print_update(ex, module_globals=namespace)
+        else:
+            namespace = eval_example.run_print_check(ex, module_globals=namespace)
 
 
 def _run_in_subprocess(example: CodeExample, assignments: str, tmp_path: Path):
