@@ -1,11 +1,16 @@
 """Training and inference cost of `jaxlayer.JaxLayer` against pure JAX and
 native Keras, measured side by side.
 
-Usage:
+Usage, from the repository root (`pip install -e ".[all]"` or `".[bench]"`
+plus the backends to measure):
 
     python -m benchmarks.fit_step --backend jax
     python -m benchmarks.fit_step --backend all      # each backend in turn
-    python -m benchmarks.fit_step --backend torch --quick --workloads mlp
+    python -m benchmarks.fit_step --quick            # a smoke run, < 1 min each
+    python -m benchmarks.fit_step --backend all --write  # the checked-in files
+
+From any other directory: `python /path/to/jaxlayer/benchmarks/fit_step.py`
+(or `PYTHONPATH=/path/to/jaxlayer python -m benchmarks.fit_step`).
 
 For each Keras backend (one process per backend, `KERAS_BACKEND` set before
 Keras is imported) and each workload (`mlp`, `cnn`, `transformer`), four
@@ -23,8 +28,15 @@ rounds are reported, and ratios of the mins. A contender that raises is
 reported as "unsupported: <reason>". On the JAX backend the live
 `jax.Array` bytes after building and one fit step are compared as well.
 
-The markdown report goes to stdout and to `benchmarks/results.md` (or
-`--output`).
+Where the results go: the markdown report is printed, then a one-screen
+summary (per backend, workload and `steps_per_execution`: jaxlayer's `fit`
+time over native Keras layers', Keras's `JaxLayer`'s and pure JAX's). The
+report is written to `benchmarks/out/results.md` (git-ignored) and a chart of
+the ratios next to it, `results.svg` (matplotlib, the `bench` extra; skipped
+with a note when it is missing). `--output PATH` writes the report elsewhere
+(`-`: nowhere), `--chart PATH` the chart (`.svg` or `.png`; `-`: none), and
+`--write` updates the checked-in `benchmarks/results.md` and
+`benchmarks/results.svg`; nothing overwrites them otherwise.
 """
 
 from __future__ import annotations
@@ -38,11 +50,22 @@ import platform
 import subprocess
 import sys
 import tempfile
+import time
 from importlib import metadata
 from pathlib import Path
 
+_ROOT = Path(__file__).resolve().parent.parent
+if __package__ in (None, ""):
+    # Run as a script (`python path/to/benchmarks/fit_step.py`): make the
+    # `benchmarks` package importable from any directory.
+    sys.path.insert(0, str(_ROOT))
+
 BACKENDS = ("jax", "tensorflow", "torch")
-DEFAULT_OUTPUT = Path(__file__).with_name("results.md")
+CHECKED_IN = Path(__file__).with_name("results.md")
+DEFAULT_OUTPUT = Path(__file__).parent / "out" / "results.md"
+# --quick: a smoke run of every workload, under a minute per backend.
+QUICK_SPE = "1"
+QUICK_STEPS = 2
 _BACKEND_MODULES = {"jax": "jax", "tensorflow": "tensorflow", "torch": "torch"}
 
 
@@ -50,6 +73,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""
     parser = argparse.ArgumentParser(
         prog="python -m benchmarks.fit_step",
+        allow_abbrev=False,
         description=__doc__.split("\n\n")[0],
     )
     parser.add_argument(
@@ -76,8 +100,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--spe",
-        default="1,25",
-        help="comma-separated steps_per_execution values (default: 1,25).",
+        default=None,
+        help="comma-separated steps_per_execution values (default: 1,25; "
+        f"{QUICK_SPE} with --quick).",
     )
     parser.add_argument(
         "--predict-batches",
@@ -88,12 +113,36 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument(
         "--quick",
         action="store_true",
-        help="a smoke run: 1 round, few steps; the numbers mean nothing.",
+        help=f"a smoke run, under a minute per backend: 1 round, {QUICK_STEPS} "
+        f"steps per fit, steps_per_execution {QUICK_SPE} unless --spe is "
+        "given; the numbers mean nothing.",
+    )
+    parser.add_argument(
+        "--memory",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="on the jax backend, compare live jax.Array bytes after build and "
+        "one fit step (builds every contender again; default: on, off with "
+        "--quick).",
     )
     parser.add_argument(
         "--output",
-        default=str(DEFAULT_OUTPUT),
-        help="markdown file to write, '-' for none (default: %(default)s).",
+        default=None,
+        help="markdown report to write, '-' for none (default: "
+        f"{DEFAULT_OUTPUT.relative_to(_ROOT)}, git-ignored; with --write: "
+        f"{CHECKED_IN.relative_to(_ROOT)}).",
+    )
+    parser.add_argument(
+        "--chart",
+        default=None,
+        help="chart of the fit-time ratios to write (.svg or .png), '-' for "
+        "none (default: the report's path with .svg; needs matplotlib).",
+    )
+    parser.add_argument(
+        "--write",
+        action="store_true",
+        help="write the checked-in benchmarks/results.md and results.svg "
+        "(for a run on a quiet machine).",
     )
     parser.add_argument(
         "--jit-compile",
@@ -111,9 +160,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.spe is None:
+        args.spe = QUICK_SPE if args.quick else "1,25"
     args.spe = sorted({int(s) for s in args.spe.split(",")})
+    if args.output is None:
+        args.output = str(CHECKED_IN if args.write else DEFAULT_OUTPUT)
+    elif args.write:
+        parser.error("--write writes benchmarks/results.md: give --output or --write")
+    if args.write and args.quick:
+        parser.error("--write keeps full runs only: --quick numbers mean nothing")
+    if args.chart is None:
+        args.chart = (
+            "-" if args.output == "-" else str(Path(args.output).with_suffix(".svg"))
+        )
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
+    if args.memory is None:
+        args.memory = not args.quick
     if args.predict_batches is None:
         args.predict_batches = 5 if args.quick else 20
     return args
@@ -154,8 +217,8 @@ def _load() -> list[float] | None:
 
 def _steps(workload, args) -> int:
     steps = args.steps if args.steps is not None else workload.default_steps
-    if args.quick:
-        steps = min(steps, max(args.spe))
+    if args.quick and args.steps is None:
+        steps = min(steps, QUICK_STEPS)
     top = max(args.spe)
     # Whole executions of the largest steps_per_execution, at least one.
     return max(top, -(-steps // top) * top)
@@ -209,13 +272,16 @@ def run_backend(args) -> dict:
         steps = _steps(workload, args)
         data = workload.data(steps)
         print(f"[{backend}] {name}: {steps} steps/fit", file=sys.stderr, flush=True)
+        started = time.perf_counter()
         entry = {
             "name": name,
             "description": workload.description,
             "batch_size": workload.batch_size,
             "steps": steps,
             "param_bytes": C.param_bytes(workload),
-            "memory": C.memory(workload, data) if backend == "jax" else None,
+            "memory": (
+                C.memory(workload, data) if backend == "jax" and args.memory else None
+            ),
             "results": {},
         }
         runners = {}
@@ -250,6 +316,11 @@ def run_backend(args) -> dict:
         runners.clear()
         keras.backend.clear_session()
         run["workloads"].append(entry)
+        print(
+            f"[{backend}] {name}: done in {time.perf_counter() - started:.0f} s",
+            file=sys.stderr,
+            flush=True,
+        )
     run["load_after"] = _load()
     return run
 
@@ -268,7 +339,9 @@ def _time(res, key, runners, kind, spe):
 
 def run_all(args, argv) -> list[dict]:
     """Runs each installed backend in its own subprocess; returns the runs."""
-    passthrough = _strip(argv, ("--backend", "--output", "--json", "--note"))
+    passthrough = _strip(
+        argv, ("--backend", "--output", "--json", "--note", "--chart"), ("--write",)
+    )
     runs = []
     for backend in BACKENDS:
         if importlib.util.find_spec(_BACKEND_MODULES[backend]) is None:
@@ -290,9 +363,8 @@ def run_all(args, argv) -> list[dict]:
             ]
             env = dict(os.environ, KERAS_BACKEND=backend)
             env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            root = str(Path(__file__).resolve().parent.parent)
             env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (root, env.get("PYTHONPATH")) if p
+                p for p in (str(_ROOT), env.get("PYTHONPATH")) if p
             )
             proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
             if proc.returncode != 0 or not out.exists():
@@ -302,8 +374,8 @@ def run_all(args, argv) -> list[dict]:
     return runs
 
 
-def _strip(argv, options):
-    """`argv` without the given options and their values."""
+def _strip(argv, options, flags=()):
+    """`argv` without the given options (and their values) and flags."""
     out, skip = [], False
     for arg in argv:
         if skip:
@@ -312,6 +384,8 @@ def _strip(argv, options):
         name = arg.split("=", 1)[0]
         if name in options:
             skip = "=" not in arg
+            continue
+        if arg in flags:
             continue
         out.append(arg)
     return out
@@ -327,15 +401,34 @@ def main(argv=None) -> list[dict]:
         os.environ["KERAS_BACKEND"] = args.backend
         os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
         runs = [run_backend(args)]
-    from benchmarks._report import render
+    from benchmarks._report import render, summary, write_chart
 
     text = render(runs, note=args.note)
     print(text)
+    written = []
     if args.output != "-":
+        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
         Path(args.output).write_text(text)
+        written.append(f"report: {_shown(args.output)}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs[0] if len(runs) == 1 else runs))
+    if args.chart != "-":
+        Path(args.chart).parent.mkdir(parents=True, exist_ok=True)
+        note = write_chart(runs, args.chart)
+        written.append(note or f"chart: {_shown(args.chart)}")
+    print(summary(runs))
+    for line in written:
+        print(line)
     return runs
+
+
+def _shown(path) -> str:
+    """`path` relative to the working directory when it is below it."""
+    path = Path(path).resolve()
+    try:
+        return str(path.relative_to(Path.cwd()))
+    except ValueError:
+        return str(path)
 
 
 if __name__ == "__main__":

@@ -1,10 +1,14 @@
 """Smoke test of `benchmarks.fit_step`: it runs and reports every contender.
 
 A tiny `--quick` run of the MLP workload on the current Keras backend, in this
-process. Only that each contender gets a row (numbers or "unsupported") is
-checked; timings are not asserted.
+process. Only that each contender gets a row (numbers or "unsupported"), the
+summary and the chart are checked; timings are not asserted. The options that
+decide where results go, the chart of made-up results and a run as a script
+from another directory are checked without training.
 """
 
+import importlib.util
+import subprocess
 import sys
 from pathlib import Path
 
@@ -15,8 +19,14 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import fit_step  # noqa: E402
-from benchmarks._names import CONTENDERS, JAXLAYER  # noqa: E402
+from benchmarks import _report, fit_step  # noqa: E402
+from benchmarks._names import (  # noqa: E402
+    CONTENDERS,
+    JAXLAYER,
+    KERAS_JAXLAYER,
+    NATIVE,
+    PURE_JAX,
+)
 
 BACKEND = keras.backend.backend()
 
@@ -41,6 +51,7 @@ def test_quick_run_reports_every_contender(tmp_path, capsys):
             "4",
             "--predict-batches",
             "2",
+            "--memory",
             "--output",
             str(output),
         ]
@@ -58,9 +69,110 @@ def test_quick_run_reports_every_contender(tmp_path, capsys):
     for kind in CONTENDERS[:2] + ((JAXLAYER,) if BACKEND == "jax" else ()):
         assert isinstance(workload["results"][kind]["fit_1"], list), kind
     text = output.read_text()
-    assert text in capsys.readouterr().out
+    out = capsys.readouterr().out
+    assert text in out
+    # The summary comes last: one row per spe for this backend's mlp.
+    summary = out[out.index("Summary: jaxlayer.JaxLayer") :]
+    rows = [line.split() for line in summary.splitlines()]
+    assert [r[:3] for r in rows if r[:1] == [BACKEND]] == [
+        [BACKEND, "1", "mlp"],
+        *([[BACKEND, "2", "mlp"]] if BACKEND != "torch" else []),
+    ]
+    chart = output.with_suffix(".svg")
+    if importlib.util.find_spec("matplotlib") is not None:
+        assert chart.read_text().lstrip().startswith("<?xml")
+        assert f"chart: {chart.name}" in out or f"/{chart.name}" in out
+    else:
+        assert not chart.exists()
+        assert "chart skipped: matplotlib is not installed" in out
     rows = [line for line in text.splitlines() if line.startswith("| mlp |")]
+    assert all(f"| {kind} |" in text for kind in CONTENDERS)
     for kind in CONTENDERS:
         assert any(f"| mlp | {kind} |" in row for row in rows), kind
     if BACKEND == "jax":
         assert "## Memory" in text
+
+
+def test_results_go_to_benchmarks_out_unless_asked():
+    checked_in = ROOT / "benchmarks" / "results.md"
+    args = fit_step.parse_args([])
+    assert Path(args.output) == ROOT / "benchmarks" / "out" / "results.md"
+    assert Path(args.chart) == ROOT / "benchmarks" / "out" / "results.svg"
+    args = fit_step.parse_args(["--write"])
+    assert Path(args.output) == checked_in
+    assert Path(args.chart) == checked_in.with_suffix(".svg")
+    args = fit_step.parse_args(["--output", "-"])
+    assert (args.output, args.chart) == ("-", "-")
+    args = fit_step.parse_args(["--output", "x.md", "--chart", "y.png"])
+    assert (args.output, args.chart) == ("x.md", "y.png")
+    for argv in (["--write", "--output", "x.md"], ["--write", "--quick"]):
+        with pytest.raises(SystemExit):
+            fit_step.parse_args(argv)
+    quick = fit_step.parse_args(["--quick"])
+    assert (quick.spe, quick.rounds, quick.memory) == ([1], 1, False)
+    assert fit_step.parse_args([]).memory
+
+
+def _made_up_run(backend, quick=False):
+    def fit(ms):
+        return {"fit_1": [ms], "predict": [1.0]}
+
+    results = {
+        PURE_JAX: fit(1.0),
+        NATIVE: fit(2.0),
+        JAXLAYER: fit(1.5),
+        KERAS_JAXLAYER: (
+            {"fit_1": "unsupported: refuses torch", "predict": "unsupported"}
+            if backend == "torch"
+            else fit(3.0)
+        ),
+    }
+    return {
+        "backend": backend,
+        "settings": {"spe": [1], "quick": quick},
+        "workloads": [{"name": w, "results": results} for w in ("mlp", "cnn")],
+    }
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("matplotlib") is None, reason="needs matplotlib"
+)
+@pytest.mark.parametrize("suffix", [".svg", ".png"])
+def test_chart_of_made_up_results(tmp_path, suffix):
+    runs = [_made_up_run("jax"), _made_up_run("torch"), {"backend": "x", "error": "1"}]
+    path = tmp_path / f"chart{suffix}"
+    assert _report.write_chart(runs, path) is None
+    data = path.read_bytes()
+    assert data.startswith(b"<?xml" if suffix == ".svg" else b"\x89PNG")
+    if suffix == ".svg":
+        text = data.decode()
+        for label in ("vs native Keras", "vs Keras JaxLayer", "vs pure JAX"):
+            assert label in text
+        # Reproducible: the same results give the same file.
+        again = tmp_path / "again.svg"
+        _report.write_chart(runs, again)
+        assert again.read_bytes() == data
+
+
+def test_summary_of_made_up_results():
+    text = _report.summary([_made_up_run("jax"), _made_up_run("torch")])
+    rows = {tuple(line.split()[:3]): line.split()[3:] for line in text.splitlines()}
+    assert rows["jax", "1", "mlp"] == ["0.75x", "0.50x", "1.50x"]
+    assert rows["torch", "1", "cnn"] == ["0.75x", "unsupported", "1.50x"]
+    assert len(text.splitlines()) <= 24  # one screen
+
+
+def test_runs_as_a_script_from_another_directory(tmp_path):
+    # Far enough to import the `benchmarks` package (and Keras), then an
+    # unknown workload stops it before any training.
+    script = ROOT / "benchmarks" / "fit_step.py"
+    result = subprocess.run(
+        [sys.executable, str(script), "--backend", "jax", "--workloads", "nope"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert result.returncode != 0
+    assert "unknown workloads ['nope']" in result.stderr, result.stderr[-2000:]
+    assert not list(tmp_path.iterdir())
