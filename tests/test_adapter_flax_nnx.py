@@ -121,10 +121,19 @@ def test_save_and_load_weights(tmp_path):
     )
 
 
-def test_keras_file_gives_clear_error(tmp_path):
+def test_keras_file_reloads_from_its_export_without_the_module(tmp_path):
+    # The module is not in the file: the layer comes back as its exported
+    # computation (tests/test_portable_saving.py covers fine-tuning and other
+    # backends); `to_module()` then says the module's class is missing.
+    x, _ = image_data()
     model = sgd_model(NNXLayer(ConvBN(rngs=nnx.Rngs(0))))
-    with pytest.raises(NotImplementedError, match="save_weights"):
-        model.save(str(tmp_path / "nnx.keras"))
+    want = model.predict(x, verbose=0)
+    path = str(tmp_path / "nnx.keras")
+    model.save(path)
+    loaded = keras.saving.load_model(path)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-5)
+    with pytest.raises(ValueError, match="needs the module's class"):
+        loaded.layers[-1].to_module()
 
 
 def test_bad_arguments():

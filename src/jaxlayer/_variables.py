@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import dataclasses
 import re
+import sys
+from collections.abc import Callable
 from typing import Any
 
 import jax
@@ -200,30 +203,63 @@ def _new_variable(layer, parts, value, *, dtype, trainable, autocast):
     return variable
 
 
-def spec_to_config(spec: TreeSpec | None):
+class UndescribableTree(TypeError):
+    """A tree a `.keras` file cannot describe (a custom pytree node, ...).
+
+    Attributes:
+        path: where, as Python indexing (`params['encoder']`).
+        what: what was found there.
+    """
+
+    def __init__(self, path: str, what: str):
+        super().__init__(f"{path} is {what}")
+        self.path = path
+        self.what = what
+
+
+# The description of a tree whose variables are kept by name only (see
+# `FlatTree`): a layer rebuilt from its exported computation.
+FLAT = {"flat": True}
+
+
+def spec_to_config(spec: TreeSpec | None, root: str = "params"):
     """A JSON-serializable description of a tree of variables, or None.
 
-    Only trees made of dicts, lists and tuples (with string or int dict keys)
-    and JSON-serializable static leaves can be described; anything else gives
-    None, and the layer then needs `init_fn` to be rebuilt from a config.
+    Trees of dicts (string or scalar keys), OrderedDicts, lists, tuples and
+    NamedTuples, with JSON-serializable static leaves, are described; a
+    `FlatTree` is described as `FLAT`.
+
+    Args:
+        spec: the tree's `TreeSpec` (None gives None).
+        root: the tree's name, for messages (`"params"`, `"state"`).
+
+    Raises:
+        UndescribableTree: a node or a static leaf cannot be described
+            (a registered custom pytree node, an object leaf); the error
+            names its path.
     """
     if spec is None:
         return None
+    if isinstance(spec.tree, FlatTree):
+        return dict(FLAT)
     leaves = []
-    for slot, value, variable in zip(
-        spec.slots, spec.static, _slot_variables(spec), strict=True
+    for slot, value, variable, path in zip(
+        spec.slots, spec.static, _slot_variables(spec), spec.paths, strict=True
     ):
         if slot is None:
             if not isinstance(value, (str, int, float, bool)):
-                return None
+                raise UndescribableTree(
+                    keystr(path, root),
+                    f"a static leaf of type {type(value).__name__}",
+                )
             leaves.append(_Leaf(static=value))
         else:
             leaves.append(_Leaf(shape=list(variable.shape), dtype=variable.dtype))
-    tree = jax.tree_util.tree_unflatten(spec.treedef, leaves)
     try:
-        return _encode(tree)
-    except TypeError:
-        return None
+        tree = jax.tree_util.tree_unflatten(spec.treedef, leaves)
+    except Exception as err:  # noqa: BLE001 - a node type that checks its leaves
+        raise UndescribableTree(root, f"a tree of {spec.treedef}") from err
+    return encode_tree(tree, root)
 
 
 def _slot_variables(spec):
@@ -234,45 +270,206 @@ class _Leaf(dict):
     """A leaf's description, told apart from the tree's own dicts."""
 
 
-def _encode(node):
+_KEY_TYPES = (int, float, bool)
+
+
+def encode_tree(tree: Any, root: str = "tree"):
+    """A JSON-serializable description of a tree whose leaves are `dict`s.
+
+    The nodes described are `dict` (string keys, or int/float/bool keys),
+    `collections.OrderedDict`, `list`, `tuple`, NamedTuples and None; each
+    leaf, a `dict` of JSON values, is kept as it is. `decode_tree` reverses
+    it.
+
+    Raises:
+        UndescribableTree: a node of another type, or a key that JSON cannot
+            hold; the error names its path under `root`.
+    """
+    return _encode(tree, root)
+
+
+def _encode(node, path):
     if isinstance(node, _Leaf):
         return {"leaf": dict(node)}
-    if type(node) is dict:
-        if not all(isinstance(k, str) for k in node):
-            raise TypeError("non-string key")
-        return {"dict": {k: _encode(v) for k, v in node.items()}}
-    if type(node) is list:
-        return {"list": [_encode(v) for v in node]}
-    if type(node) is tuple:
-        return {"tuple": [_encode(v) for v in node]}
+    kind = type(node)
+    if kind is dict or kind is collections.OrderedDict:
+        keys = list(node)
+        if kind is dict and all(isinstance(k, str) for k in keys):
+            return {"dict": {k: _encode(v, f"{path}[{k!r}]") for k, v in node.items()}}
+        for k in keys:
+            if not isinstance(k, (str, *_KEY_TYPES)):
+                raise UndescribableTree(
+                    path, f"a dict with a key of type {type(k).__name__} ({k!r})"
+                )
+        items = [[k, _encode(v, f"{path}[{k!r}]")] for k, v in node.items()]
+        return {"ordered_dict" if kind is not dict else "dict_items": items}
+    if kind is list:
+        return {"list": [_encode(v, f"{path}[{i}]") for i, v in enumerate(node)]}
+    if kind is tuple:
+        return {"tuple": [_encode(v, f"{path}[{i}]") for i, v in enumerate(node)]}
     if node is None:
         return {"none": True}
-    raise TypeError(f"cannot describe {type(node).__name__}")
+    if isinstance(node, tuple) and hasattr(kind, "_fields"):
+        return {
+            "namedtuple": {
+                "name": kind.__name__,
+                "module": kind.__module__,
+                "qualname": kind.__qualname__,
+                "fields": list(kind._fields),
+                "values": [
+                    _encode(v, f"{path}.{f}")
+                    for f, v in zip(kind._fields, node, strict=True)
+                ],
+            }
+        }
+    raise UndescribableTree(
+        path,
+        f"a {kind.__module__}.{kind.__qualname__} (a pytree node type that a "
+        "`.keras` file cannot describe)",
+    )
 
 
-def config_to_placeholders(config):
-    """Zero arrays (and static leaves) in the tree a config describes."""
-    if config is None:
-        return None
+def decode_tree(config, leaf: Callable[[dict], Any]):
+    """The tree `encode_tree` described, with `leaf(description)` at leaves.
+
+    A NamedTuple comes back as its class when that class is already loaded
+    in this process (nothing is imported), and otherwise as a
+    `collections.namedtuple` with the same name and fields.
+    """
     ((kind, body),) = config.items()
     if kind == "leaf":
+        return leaf(body)
+    if kind == "dict":
+        return {k: decode_tree(v, leaf) for k, v in body.items()}
+    if kind == "dict_items":
+        return {k: decode_tree(v, leaf) for k, v in body}
+    if kind == "ordered_dict":
+        return collections.OrderedDict((k, decode_tree(v, leaf)) for k, v in body)
+    if kind == "list":
+        return [decode_tree(v, leaf) for v in body]
+    if kind == "tuple":
+        return tuple(decode_tree(v, leaf) for v in body)
+    if kind == "none":
+        return None
+    if kind == "namedtuple":
+        cls = _namedtuple_class(body)
+        return cls(*[decode_tree(v, leaf) for v in body["values"]])
+    raise ValueError(f"unknown tree description {kind!r}")
+
+
+def _namedtuple_class(body):
+    fields = tuple(body["fields"])
+    module = sys.modules.get(body.get("module") or "")
+    cls = module
+    for part in (body.get("qualname") or "").split("."):
+        cls = getattr(cls, part, None)
+    if isinstance(cls, type) and issubclass(cls, tuple):
+        if tuple(getattr(cls, "_fields", ())) == fields:
+            return cls
+    return collections.namedtuple(body["name"], fields)
+
+
+def config_to_placeholders(config, flat=None):
+    """Zero arrays (and static leaves) in the tree a config describes.
+
+    Args:
+        config: what `spec_to_config` returned.
+        flat: for a `FLAT` description, the variables as `(name, shape,
+            dtype)`; the tree is then a `FlatTree` of them.
+    """
+    if config is None:
+        return None
+    if config.get("flat"):
+        if flat is None:
+            return None
+        return FlatTree(
+            (name, np.zeros(shape, dtype=dtype)) for name, shape, dtype in flat
+        )
+
+    def leaf(body):
         if "static" in body:
             return body["static"]
         return np.zeros(body["shape"], dtype=body["dtype"])
-    if kind == "dict":
-        return {k: config_to_placeholders(v) for k, v in body.items()}
-    if kind == "list":
-        return [config_to_placeholders(v) for v in body]
-    if kind == "tuple":
-        return tuple(config_to_placeholders(v) for v in body)
-    return None
+
+    return decode_tree(config, leaf)
 
 
-def values_of(spec: TreeSpec | None) -> list:
-    """The current values of the variables of `spec` (backend tensors)."""
+class FlatTree(dict):
+    """Variables by name, in order: a tree rebuilt without its structure.
+
+    A layer rebuilt from the computation saved in a `.keras` file, whose
+    `params` (or `state`) were a tree the file could not describe (a custom
+    pytree node), holds them as a `FlatTree`: a dict from each variable's
+    name (`"encoder/dense/kernel"`) to its value, flattened in insertion
+    order (not sorted, as a plain dict would be), so that its leaves are in
+    the order of the variables.
+    """
+
+
+def _flat_tree_flatten_with_keys(tree):
+    return [(jax.tree_util.DictKey(k), v) for k, v in tree.items()], tuple(tree)
+
+
+def _flat_tree_flatten(tree):
+    return list(tree.values()), tuple(tree)
+
+
+def _flat_tree_unflatten(names, children):
+    return FlatTree(zip(names, children, strict=True))
+
+
+jax.tree_util.register_pytree_with_keys(
+    FlatTree,
+    _flat_tree_flatten_with_keys,
+    _flat_tree_unflatten,
+    _flat_tree_flatten,
+)
+
+
+def variable_names(specs) -> list[tuple[str, Any]]:
+    """`(name, variable)` for the variables of `specs`, as the layer named them.
+
+    The names are the pytree paths made unique as `create_variables` made
+    them (one namespace for all `specs`), relative to the layer:
+    `"encoder/dense/kernel"`.
+    """
+    taken: set = set()
+    names = []
+    for spec in specs:
+        if spec is None:
+            continue
+        for slot, path in zip(spec.slots, spec.paths, strict=True):
+            if slot is None:
+                continue
+            parts = unique_parts(path_parts(path) or ["value"], taken)
+            names.append(("/".join(parts), spec.variables[slot]))
+    return names
+
+
+def values_of(spec: TreeSpec | None, stored: bool = False) -> list | None:
+    """The current values of the variables of `spec` (backend tensors).
+
+    Args:
+        spec: the tree's `TreeSpec` (None gives `[]`).
+        stored: the tensors as the variables store them, without the cast
+            of Keras's autocast scope (the caller casts them). None when
+            they cannot be read that way: inside a `keras.StatelessScope`
+            (whose values replace the stored ones), before a deferred
+            variable exists, or if Keras's private `Variable._value` or
+            `in_stateless_scope` is gone (see `jaxlayer._private`).
+    """
     if spec is None:
         return []
-    return [v.value for v in spec.variables]
+    if not stored:
+        return [v.value for v in spec.variables]
+    try:
+        from keras.src.backend.common.stateless_scope import in_stateless_scope
+    except ImportError:
+        return None
+    if in_stateless_scope():
+        return None
+    values = [getattr(v, "_value", None) for v in spec.variables]
+    return None if any(x is None for x in values) else values
 
 
 def numpy_tree(tree):

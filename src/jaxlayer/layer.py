@@ -12,7 +12,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from jaxlayer import _private, _signature, bridges
+from jaxlayer import _private, _signature, bridges, saving
 from jaxlayer import _variables as V
 from jaxlayer._pure import PureFunction
 
@@ -61,18 +61,18 @@ class JaxLayer(keras.layers.Layer):
             a TensorFlow graph; None serves CPU and GPU.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
-    Example:
+    Examples:
 
-    >>> import jax, jax.numpy as jnp, numpy as np
-    >>> def init_fn(rng, inputs):
-    ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 3))}
-    >>> def call_fn(params, inputs):
-    ...     return jnp.tanh(inputs @ params["w"])
-    >>> layer = JaxLayer(call_fn, init_fn, seed=0, name="tiny")
-    >>> layer(np.ones((2, 4), "float32")).shape
-    (2, 3)
-    >>> [w.path for w in layer.weights]
-    ['tiny/w']
+        >>> import jax, jax.numpy as jnp, numpy as np
+        >>> def init_fn(rng, inputs):
+        ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 3))}
+        >>> def call_fn(params, inputs):
+        ...     return jnp.tanh(inputs @ params["w"])
+        >>> layer = JaxLayer(call_fn, init_fn, seed=0, name="tiny")
+        >>> layer(np.ones((2, 4), "float32")).shape
+        (2, 3)
+        >>> [w.path for w in layer.weights]
+        ['tiny/w']
     """
 
     def __init__(
@@ -340,12 +340,20 @@ class JaxLayer(keras.layers.Layer):
 
     # -- call ------------------------------------------------------------
 
+    # Until the layer has recorded the input structure of its first call
+    # (what `.keras` saving exports) and one call of known shapes, its calls
+    # go through `saving.watched_call`; then this is one attribute check.
+    _saving_watch = True
+    _input_record = None
+
     def __call__(self, *args, **kwargs):
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._input_dtypes = [
                 self._placeholder_dtype(x) for x in jax.tree_util.tree_leaves(inputs)
             ]
+        if self._saving_watch:
+            return saving.watched_call(self, super().__call__, args, kwargs)
         return super().__call__(*args, **kwargs)
 
     def _placeholder_dtype(self, x):
@@ -358,21 +366,45 @@ class JaxLayer(keras.layers.Layer):
         return dtype
 
     def call(self, inputs, training=False):
-        # The hot path: one flatten of the inputs, cached functions.
+        # The hot path: one flatten of the inputs, cached functions. A bridge
+        # may take a call over (`layer_call`, see `jaxlayer.bridges`): the
+        # torch one does while torch.compile or torch.export traces.
+        bridge = self._bridge
+        hook = getattr(bridge, "layer_call", None)
+        if hook is not None:
+            result = hook(self, inputs, training)
+            if result is not NotImplemented:
+                return result
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         for leaf in in_leaves:
             if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
                 self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
-        params = V.values_of(self._params_spec)
+        spec = self._params_spec
+        params = cast = None
+        if spec is not None and self.autocast and getattr(bridge, "casts_params", 0):
+            # Mixed precision: the bridge casts the stored parameters inside
+            # JAX, so its views of them serve every call.
+            dtype = self.compute_dtype
+            if dtype != self.variable_dtype:
+                params = V.values_of(spec, stored=True)
+                cast = None if params is None else dtype
+        if params is None:
+            params = V.values_of(spec)
         state = V.values_of(self._state_spec)
         fn = self._pure_fns.get((training, in_def, rng_def))
         if fn is None:
+            example = [self._param_struct(v) for v in _variables(spec)]
             fn = self._pure_fn(
-                training, in_def, rng_def, (params, in_leaves, state, rng_leaves)
+                training, in_def, rng_def, (example, in_leaves, state, rng_leaves)
             )
-        outputs, new_state = self._bridge(fn, params, in_leaves, state, rng_leaves)
+        if cast is None:
+            outputs, new_state = bridge(fn, params, in_leaves, state, rng_leaves)
+        else:
+            outputs, new_state = bridge(
+                fn, params, in_leaves, state, rng_leaves, cast=cast
+            )
         # The state `call_fn` returns is stored in training and in inference
         # (as Keras does); a function that must leave it alone returns it.
         if self._state_spec is not None:
@@ -440,16 +472,28 @@ class JaxLayer(keras.layers.Layer):
     def _params_trainable(self):
         return tuple(v.trainable for v in _variables(self._params_spec))
 
-    def _tree_fn(self, training, in_def, rng_def):
-        """`call_fn` on flat lists: `(outputs tree, new state leaves)`."""
+    def _tree_fn(self, training, in_def, rng_def, abstract_defs=None):
+        """`call_fn` on flat lists: `(outputs tree, new state leaves)`.
+
+        `abstract_defs`, the `(params, state)` tree structures of a layer not
+        built yet, rebuild the trees from `jax.ShapeDtypeStruct` leaves (for
+        output shapes only: the returned state is not checked).
+        """
         params_spec, state_spec = self._params_spec, self._state_spec
         call_fn, names, owner = self.call_fn, self.call_fn_arguments, self._owner
         has_state = self.call_fn_has_state
+        if abstract_defs is None:
+            rebuild_params = params_spec.rebuild if params_spec else lambda _: None
+            rebuild_state = state_spec.rebuild if state_spec else lambda _: None
+        else:
+            params_def, state_def = abstract_defs
+            rebuild_params = functools.partial(jax.tree_util.tree_unflatten, params_def)
+            rebuild_state = functools.partial(jax.tree_util.tree_unflatten, state_def)
 
         def tree_fn(params, inputs, state, rng):
             values = {
-                "params": params_spec.rebuild(params) if params_spec else None,
-                "state": state_spec.rebuild(state) if state_spec else None,
+                "params": rebuild_params(params),
+                "state": rebuild_state(state),
                 "inputs": jax.tree_util.tree_unflatten(in_def, inputs),
                 "training": training,
             }
@@ -466,36 +510,31 @@ class JaxLayer(keras.layers.Layer):
                     f"returned {_describe(result)}."
                 )
             result, returned_state = result
+            if abstract_defs is not None:
+                return result, []
             return result, _check_state(owner, state_spec, returned_state)
 
         return tree_fn
 
     def _abstract_trees(self, input_shape):
-        """Shape/dtype lists of the params and state values a call receives.
+        """`(params, state, defs)`: the shapes and dtypes a call receives.
 
-        From the variables once built; before that, from `init_fn` run
-        abstractly (`jax.eval_shape`: no variable is made, no seed drawn).
+        From the variables once built (`defs` is None); before that, from
+        `init_fn` run abstractly (`jax.eval_shape`: no variable is made, no
+        seed drawn), with `defs` the structures of the trees it returns.
         """
-        if self._needs_init:
-            if self.init_fn is None:
-                raise ValueError(f"{self._owner} has no weights and no `init_fn`.")
-            params, state = self._init_trees(
-                input_shape, self._dry_init_rng(), abstract=True
-            )
-            params = [
-                self._param_struct(x)
-                for x in jax.tree_util.tree_leaves(params)
-                if V.is_array(x)
-            ]
-            state = [
-                _struct(x.shape, x.dtype)
-                for x in jax.tree_util.tree_leaves(state)
-                if V.is_array(x)
-            ]
-            return params, state
-        params = [self._param_struct(v) for v in _variables(self._params_spec)]
-        state = [_struct(v.shape, v.dtype) for v in _variables(self._state_spec)]
-        return params, state
+        if not self._needs_init:
+            params = [self._param_struct(v) for v in _variables(self._params_spec)]
+            state = [_struct(v.shape, v.dtype) for v in _variables(self._state_spec)]
+            return params, state, None
+        params, state = self._init_trees(
+            input_shape, self._dry_init_rng(), abstract=True
+        )
+        params, params_def = jax.tree_util.tree_flatten(params)
+        state, state_def = jax.tree_util.tree_flatten(state)
+        params = [self._param_struct(x) for x in params]
+        state = [_struct(x.shape, x.dtype) for x in state]
+        return params, state, (params_def, state_def)
 
     def _param_struct(self, x):
         """The shape and dtype of a parameter as `call_fn` receives it."""
@@ -523,19 +562,19 @@ class JaxLayer(keras.layers.Layer):
         if not self.built and self._needs_init:
             # Not built yet (`compute_output_shape` before any call): the
             # shapes of the weights come from `init_fn`, run abstractly.
-            params, state = self._abstract_trees(
+            params, state, defs = self._abstract_trees(
                 jax.tree_util.tree_unflatten(in_def, shapes)
             )
             out_def, out = _eval_outputs(
                 self._owner,
-                self._tree_fn(training, in_def, rng_def),
+                self._tree_fn(training, in_def, rng_def, defs),
                 params,
                 in_leaves,
                 state,
                 rng,
             )
         else:
-            params, state = self._abstract_trees(None)
+            params, state, _ = self._abstract_trees(None)
             fn = self._pure_fn(
                 training, in_def, rng_def, (params, in_leaves, state, rng)
             )
@@ -581,32 +620,108 @@ class JaxLayer(keras.layers.Layer):
     # -- saving ----------------------------------------------------------
 
     def get_config(self):
+        """The layer's config; saving also exports its computation.
+
+        Besides the functions (by registered name), the seed and the
+        platforms, the config describes the `params` and `state` trees and
+        holds the manifest of the computation exported with `jax.export`,
+        whose artifacts `save_assets` writes next to it in a `.keras` file
+        (see `jaxlayer.saving`).
+        """
         config = super().get_config()
+        artifacts, why = saving.artifacts_for_save(self)
+        fn = self.call_fn
+        rebuilt = isinstance(fn, saving.ExportedCall)
+        trees = {}
+        for root, spec in (("params", self._params_spec), ("state", self._state_spec)):
+            try:
+                trees[root] = V.spec_to_config(spec, root)
+            except V.UndescribableTree as err:
+                if artifacts is None and self.init_fn is None:
+                    raise ValueError(
+                        f"{self._owner} cannot be saved in a `.keras` file: "
+                        f"`{err.path}` is {err.what}, and its computation "
+                        f"could not be exported ({why}). Use dicts, lists, "
+                        "tuples or NamedTuples for `params`/`state`, or give "
+                        "the layer an `init_fn` (which rebuilds the tree when "
+                        "loading); or save the weights only with "
+                        "`save_weights`."
+                    ) from None
+                trees[root] = dict(V.FLAT)
         config.update(
             {
-                "call_fn": _serialize_fn(self.call_fn),
-                "init_fn": _serialize_fn(self.init_fn),
+                "call_fn": fn.fn_config if rebuilt else _serialize_fn(fn),
+                "init_fn": fn.init_config if rebuilt else _serialize_fn(self.init_fn),
                 "seed": self.seed,
                 "native_serialization_platforms": (
                     list(self.native_serialization_platforms)
                     if self.native_serialization_platforms is not None
                     else None
                 ),
-                "params_spec": V.spec_to_config(self._params_spec),
-                "state_spec": V.spec_to_config(self._state_spec),
+                "params_spec": trees["params"],
+                "state_spec": trees["state"],
+                "exported": artifacts.manifest if artifacts is not None else None,
             }
         )
         return config
 
     @classmethod
     def from_config(cls, config):
+        """Rebuilds the layer: with its Python functions where they can be
+        located (registered, or in `custom_objects`), otherwise from the
+        computation saved in the `.keras` file (read by `load_assets`)."""
         config = dict(config)
-        params, state = _pop_saved_trees(config)
-        config["call_fn"] = _deserialize_fn(config["call_fn"], "call_fn", cls)
-        config["init_fn"] = _deserialize_fn(config.get("init_fn"), "init_fn", cls)
-        if config.get("params") is None and config.get("state") is None:
-            config["params"], config["state"] = params, state
-        return cls(**config)
+        owner = f"{cls.__name__} '{config.get('name')}'"
+        exported = config.get("exported")
+        call_fn, reason = _locate_fn(config.get("call_fn"), "call_fn", owner)
+        init_fn, init_reason = _locate_fn(config.get("init_fn"), "init_fn", owner)
+        flat = any(
+            isinstance(config.get(k), dict) and config[k].get("flat")
+            for k in ("params_spec", "state_spec")
+        )
+        if call_fn is not None and (init_fn is not None or not flat):
+            config.pop("exported", None)
+            params, state = _pop_saved_trees(config)
+            if params is None and state is None and config.get("init_fn"):
+                if init_fn is None:
+                    raise ValueError(
+                        f"{owner}: cannot load `init_fn`: {init_reason}, and "
+                        "the file describes no `params`/`state` to rebuild "
+                        f"the layer without it. {_fix(config['init_fn'])}"
+                    )
+            config["call_fn"] = call_fn
+            config["init_fn"] = init_fn
+            if config.get("params") is None and config.get("state") is None:
+                config["params"], config["state"] = params, state
+            return cls(**config)
+        if exported:
+            if call_fn is not None:
+                reason = (
+                    "its `params`/`state` tree is of a type the file does not "
+                    "describe, and it has no `init_fn` to rebuild it"
+                )
+            if not _is_lambda(config.get("call_fn")) or call_fn is not None:
+                saving.warn_rebuilt(owner, reason)
+            return saving.from_artifacts(cls, config)
+        raise ValueError(
+            f"{owner}: cannot load `call_fn`: {reason}, and the file holds no "
+            "exported computation to run instead (it was saved by jaxlayer "
+            f"0.1, or its computation could not be exported). "
+            f"{_fix(config.get('call_fn'))}"
+        )
+
+    def save_assets(self, dir_path: str) -> None:
+        """Writes the exported computation to the layer's asset folder.
+
+        Called by Keras when saving a `.keras` file, after `get_config` (which
+        made the artifacts and put their manifest in the config).
+        """
+        saving.save_assets(self, dir_path)
+
+    def load_assets(self, dir_path: str | None) -> None:
+        """Reads and checks the exported computation of a layer rebuilt
+        without its Python code (does nothing for a layer that has it)."""
+        saving.load_assets(self, dir_path)
 
 
 def _pop_saved_trees(config):
@@ -614,6 +729,8 @@ def _pop_saved_trees(config):
 
     The placeholders (zeros of the saved shapes and dtypes, or None where no
     tree was described) rebuild the variables; the weights file fills them.
+    A tree kept by name only (`{"flat": true}`, a custom pytree) gives None:
+    `init_fn` rebuilds it.
     """
     return (
         V.config_to_placeholders(config.pop("params_spec", None)),
@@ -849,38 +966,105 @@ def _seed_generator(seed):
 
 
 def _serialize_fn(fn):
+    """A function's config: by registered name, with the module it came from.
+
+    A lambda is saved as a marker, never as its bytecode (Keras would store
+    it as base64 code that loading refuses to run under `safe_mode`): a
+    layer whose `call_fn` is a lambda reloads from its exported computation.
+    """
     if fn is None:
         return None
-    try:
-        return keras.saving.serialize_keras_object(fn)
-    except Exception:  # noqa: BLE001 - saving must not crash on it
+    name = getattr(fn, "__name__", None)
+    module = getattr(fn, "__module__", None)
+    qualname = getattr(fn, "__qualname__", name)
+    if name == "<lambda>":
         return {
             "class_name": "function",
-            "config": getattr(fn, "__name__", repr(fn)),
-            "module": getattr(fn, "__module__", None),
+            "config": "<lambda>",
+            "module": module,
+            "registered_name": None,
+            "lambda": True,
+            "defined_in": module,
+        }
+    try:
+        config = dict(keras.saving.serialize_keras_object(fn))
+    except Exception:  # noqa: BLE001 - saving must not crash on it
+        config = {
+            "class_name": "function",
+            "config": name or repr(fn),
+            "module": module,
             "registered_name": None,
         }
+    if module is not None:
+        config["defined_in"] = f"{module}.{qualname}"
+    return config
+
+
+def _is_lambda(config) -> bool:
+    if not isinstance(config, dict):
+        return False
+    return bool(config.get("lambda")) or config.get("class_name") == "__lambda__"
+
+
+def _fn_label(config) -> str:
+    """`name` (defined in `module.qualname`) of a function's config."""
+    if not isinstance(config, dict):
+        return f"`{config}`"
+    name = config.get("config")
+    where = config.get("defined_in")
+    if where:
+        return f"`{name}` (defined in `{where}`)"
+    return f"`{name}`"
+
+
+def _fix(config) -> str:
+    """What to do when a saved function cannot be located."""
+    if _is_lambda(config):
+        return (
+            "A lambda cannot be reloaded under Keras's safe_mode: define the "
+            "function with `def`, register it with "
+            "`@keras.saving.register_keras_serializable()` and save again (or "
+            "load with `safe_mode=False` if you trust the file)."
+        )
+    name = config.get("config") if isinstance(config, dict) else config
+    return (
+        "Decorate it with `@keras.saving.register_keras_serializable()` where "
+        "it is defined and import that module before loading, or pass it in "
+        f"`custom_objects={{'{name}': {name}}}` to `load_model`."
+    )
+
+
+def _locate_fn(config, fn_name, owner):
+    """`(function, None)` for a saved function config, or `(None, why)`.
+
+    Keras's registry and `custom_objects` are searched as Keras does; a
+    lambda saved as a marker is never found, and one saved as bytecode (by
+    jaxlayer 0.1) is run only when `safe_mode` is off.
+    """
+    if config is None:
+        return None, None
+    if isinstance(config, dict) and config.get("lambda"):
+        return None, "it is a lambda, saved without its code"
+    try:
+        fn = keras.saving.deserialize_keras_object(config)
+    except Exception as err:  # noqa: BLE001 - reported by the caller
+        if _is_lambda(config):
+            return None, (
+                "it is a lambda saved as Python bytecode, which Keras does not "
+                "run under safe_mode"
+            )
+        del err
+        fn = None
+    if callable(fn):
+        return fn, None
+    return None, f"{_fn_label(config)} is not registered in this process"
 
 
 def _deserialize_fn(config, fn_name, cls):
-    if config is None:
-        return None
-    try:
-        fn = keras.saving.deserialize_keras_object(config)
-    except Exception as err:  # noqa: BLE001 - re-raised with the fix
-        fn = None
-        cause = err
-    else:
-        cause = None
-    if not callable(fn):
-        name = config.get("config") if isinstance(config, dict) else config
-        module = config.get("module") if isinstance(config, dict) else None
-        raise TypeError(
-            f"{cls.__name__}: cannot load `{fn_name}` `{name}` (from module "
-            f"{module!r}). Decorate it with "
-            "`@keras.saving.register_keras_serializable()` where it is "
-            "defined and import that module before loading, or pass it in "
-            f"`custom_objects={{'{name}': {name}}}` to `load_model`."
-            + (f" ({cause})" if cause else "")
-        ) from cause
+    """The function a saved config names; raises a one-line error if none."""
+    fn, reason = _locate_fn(config, fn_name, cls.__name__)
+    if config is not None and fn is None:
+        raise ValueError(
+            f"{cls.__name__}: cannot load `{fn_name}`: {reason}. {_fix(config)}"
+        )
     return fn

@@ -7,9 +7,10 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import keras
 import numpy as np
 
-from jaxlayer import _deps
+from jaxlayer import _deps, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module
 from jaxlayer.layer import JaxLayer
@@ -17,6 +18,7 @@ from jaxlayer.layer import JaxLayer
 _FEATURE = "EquinoxLayer"
 
 
+@keras.saving.register_keras_serializable(package="jaxlayer")
 class EquinoxLayer(JaxLayer):
     """A Keras layer that runs an `equinox.Module`, on every Keras backend.
 
@@ -54,9 +56,11 @@ class EquinoxLayer(JaxLayer):
     After training, `to_module()` returns the module (and its state, when it
     has one) with the trained values.
 
-    Saving: `save_weights`/`load_weights` work; an Equinox module cannot be
-    written to a config, so `get_config` raises: save the weights, and
-    rebuild the layer from the same module code to load them.
+    Saving: `model.save("m.keras")` stores the layer's computation, exported
+    with `jax.export`, with its weights; the file reloads anywhere jaxlayer
+    is installed (predict and fit work), without the module's code (an
+    Equinox module cannot be written to a config). `to_module()` on such a
+    reloaded layer raises. `save_weights`/`load_weights` work too.
 
     Args:
         module: an `equinox.Module` instance.
@@ -75,17 +79,17 @@ class EquinoxLayer(JaxLayer):
             an `eqx.nn.State`.
         ValueError: `state` does not match the module.
 
-    Example:
+    Examples:
 
-    >>> import equinox as eqx, jax, numpy as np
-    >>> mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
-    >>> layer = EquinoxLayer(mlp, name="mlp")
-    >>> layer(np.ones((3, 4), "float32")).shape
-    (3, 2)
-    >>> [w.path for w in layer.trainable_weights][:2]
-    ['mlp/layers/0/weight', 'mlp/layers/0/bias']
-    >>> type(layer.to_module()).__name__
-    'MLP'
+        >>> import equinox as eqx, jax, numpy as np
+        >>> mlp = eqx.nn.MLP(4, 2, width_size=8, depth=1, key=jax.random.key(0))
+        >>> layer = EquinoxLayer(mlp, name="mlp")
+        >>> layer(np.ones((3, 4), "float32")).shape
+        (3, 2)
+        >>> [w.path for w in layer.trainable_weights][:2]
+        ['mlp/layers/0/weight', 'mlp/layers/0/bias']
+        >>> type(layer.to_module()).__name__
+        'MLP'
     """
 
     def __init__(
@@ -175,7 +179,13 @@ class EquinoxLayer(JaxLayer):
         Returns:
             The `equinox.Module`; for a stateful module, the tuple
             `(module, state)` with the current `eqx.nn.State`.
+
+        Raises:
+            ValueError: the layer was loaded from a `.keras` file, without the
+                module's class (it runs the saved computation).
         """
+        if saving.rebuilt(self):
+            raise saving.module_error(self._owner, self.call_fn.module_class)
         eqx = _deps.require("equinox", _FEATURE)
         as_jax = lambda tree: jax.tree_util.tree_map(
             lambda x: jax.numpy.asarray(np.asarray(x)), V.numpy_tree(tree)
@@ -187,13 +197,67 @@ class EquinoxLayer(JaxLayer):
         return module, state
 
     def get_config(self):
-        raise NotImplementedError(
-            f"{self._owner}: an Equinox module cannot be written to a config, "
-            "so this layer cannot be saved in a `.keras` file or cloned. Save "
-            "the weights with `model.save_weights(path)`, then rebuild the "
-            "model with a new `EquinoxLayer(module, state)` and call "
-            "`model.load_weights(path)`."
+        """The layer's config, with its computation exported (no module).
+
+        An Equinox module cannot be written to a config: a `.keras` file
+        holds the layer's exported computation instead, from which it reloads
+        (predict and fit work; `to_module()` needs the module's code).
+
+        Raises:
+            ValueError: the computation could not be exported (say, the layer
+                was never called); save the weights with `save_weights`.
+        """
+        config = super().get_config()
+        if config.get("exported") is None:
+            raise ValueError(
+                f"{self._owner} cannot be saved in a `.keras` file: an Equinox "
+                "module cannot be written to a config, so the file must hold "
+                "the layer's exported computation, which could not be made "
+                f"({saving.export_failure(self)}). Call the layer (or fit the "
+                "model) before saving, or save the weights with "
+                "`model.save_weights(path)` and rebuild the model with a new "
+                "`EquinoxLayer(module, state)` to load them."
+            )
+        if saving.rebuilt(self):
+            module_class = self.call_fn.module_class
+        else:
+            cls = type(self._static)  # the static half: the module's class
+            module_class = f"{cls.__module__}.{cls.__qualname__}"
+        config.update(
+            {
+                "call_fn": None,
+                "init_fn": None,
+                "axis_name": self.axis_name,
+                "vmap": self.vmap,
+                "key_mode": self._key_mode,
+                "module_class": module_class,
+            }
         )
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer, running the computation saved in its `.keras` file."""
+        config = dict(config)
+        module_class = config.pop("module_class", None)
+        extra = {k: config.pop(k, None) for k in ("axis_name", "vmap", "key_mode")}
+        if not config.get("exported"):
+            raise ValueError(
+                f"{cls.__name__} '{config.get('name')}': the config holds no "
+                "exported computation, and an Equinox module cannot be "
+                "rebuilt from a config; load the model from its `.keras` file."
+            )
+        layer = saving.from_artifacts(cls, config, module_class=module_class)
+        layer.axis_name = extra["axis_name"] or "batch"
+        layer.vmap = True if extra["vmap"] is None else bool(extra["vmap"])
+        for name, value in (
+            ("_static", None),
+            ("_template", None),
+            ("_indices", None),
+            ("_key_mode", extra["key_mode"]),
+        ):
+            object.__setattr__(layer, name, value)
+        return layer
 
 
 def _is_index(eqx, x):

@@ -8,7 +8,7 @@ from typing import Any
 
 import keras
 
-from jaxlayer import _deps
+from jaxlayer import _deps, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.layer import (
@@ -57,20 +57,20 @@ class FlaxLayer(JaxLayer):
             mapping.
         ValueError: `method` names no method of the module.
 
-    Example:
+    Examples:
 
-    >>> import flax.linen as nn, numpy as np
-    >>> class MLP(nn.Module):
-    ...     @nn.compact
-    ...     def __call__(self, x, training=False):
-    ...         x = nn.Dense(8)(x)
-    ...         x = nn.Dropout(0.5, deterministic=not training)(x)
-    ...         return nn.Dense(2)(x)
-    >>> layer = FlaxLayer(MLP(), seed=0, name="mlp")
-    >>> layer(np.ones((3, 4), "float32")).shape
-    (3, 2)
-    >>> [w.path for w in layer.trainable_weights][:2]
-    ['mlp/params/Dense_0/bias', 'mlp/params/Dense_0/kernel']
+        >>> import flax.linen as nn, numpy as np
+        >>> class MLP(nn.Module):
+        ...     @nn.compact
+        ...     def __call__(self, x, training=False):
+        ...         x = nn.Dense(8)(x)
+        ...         x = nn.Dropout(0.5, deterministic=not training)(x)
+        ...         return nn.Dense(2)(x)
+        >>> layer = FlaxLayer(MLP(), seed=0, name="mlp")
+        >>> layer(np.ones((3, 4), "float32")).shape
+        (3, 2)
+        >>> [w.path for w in layer.trainable_weights][:2]
+        ['mlp/params/Dense_0/bias', 'mlp/params/Dense_0/kernel']
     """
 
     def __init__(
@@ -157,6 +157,11 @@ class FlaxLayer(JaxLayer):
         config = super().get_config()
         config.pop("call_fn", None)
         config.pop("init_fn", None)
+        if saving.rebuilt(self):
+            # Rebuilt from its exported computation: the module's config as
+            # it was saved, for a process that has the module's class.
+            config.update(self.call_fn.kept)
+            return config
         if not hasattr(self.module, "get_config"):
             raise TypeError(
                 f"{self._owner}: the Flax module {type(self.module).__name__} "
@@ -180,15 +185,44 @@ class FlaxLayer(JaxLayer):
 
     @classmethod
     def from_config(cls, config):
+        """Rebuilds the layer with its module where the module's class can be
+        located (registered), otherwise from the computation saved in the
+        `.keras` file."""
         config = dict(config)
+        owner = f"{cls.__name__} '{config.get('name')}'"
+        module_config = config.get("module")
+        try:
+            module = keras.saving.deserialize_keras_object(module_config)
+            method = config.get("method")
+            if isinstance(method, dict):
+                method = _deserialize_fn(method, "method", cls)
+        except Exception as err:  # noqa: BLE001 - rebuilt from artifacts below
+            if not config.get("exported"):
+                raise
+            label = _class_label(module_config)
+            saving.warn_rebuilt(
+                owner, f"the Flax module's class {label} is not registered here"
+            )
+            layer = saving.from_artifacts(
+                cls, config, keep=("module", "method"), module_class=label
+            )
+            layer.module = None
+            layer.method = None
+            del err
+            return layer
+        config["module"] = module
+        config["method"] = method
+        config.pop("exported", None)
         params, state = _pop_saved_trees(config)
-        config["module"] = keras.saving.deserialize_keras_object(config["module"])
-        method = config.get("method")
-        if isinstance(method, dict):
-            config["method"] = _deserialize_fn(method, "method", cls)
         if config.get("variables") is None and params is not None:
             config["variables"] = _merge(params, state)
         return cls(**config)
+
+
+def _class_label(config) -> str:
+    if isinstance(config, dict):
+        return f"`{config.get('module')}.{config.get('class_name')}`"
+    return "(unknown)"
 
 
 def _resolve_method(module, method, layer_name):

@@ -5,9 +5,10 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import keras
 import numpy as np
 
-from jaxlayer import _deps
+from jaxlayer import _deps, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.layer import JaxLayer
@@ -15,6 +16,7 @@ from jaxlayer.layer import JaxLayer
 _FEATURE = "NNXLayer"
 
 
+@keras.saving.register_keras_serializable(package="jaxlayer")
 class NNXLayer(JaxLayer):
     """A Keras layer that runs a live `flax.nnx.Module`, on every backend.
 
@@ -41,9 +43,11 @@ class NNXLayer(JaxLayer):
     After training, `to_module()` returns an `nnx.Module` holding the trained
     values.
 
-    Saving: `save_weights`/`load_weights` work; a `.keras` file cannot hold
-    an NNX module (a live Python object), so `get_config` raises: save the
-    weights, and rebuild the layer from the same module code to load them.
+    Saving: `model.save("m.keras")` stores the layer's computation, exported
+    with `jax.export`, with its weights; the file reloads anywhere jaxlayer
+    is installed (predict and fit work), without the module's code, which an
+    NNX module (a live Python object) cannot be saved as. `to_module()` on
+    such a reloaded layer raises. `save_weights`/`load_weights` work too.
 
     Args:
         module: a `flax.nnx.Module` instance, with its variables initialised.
@@ -53,24 +57,24 @@ class NNXLayer(JaxLayer):
     Raises:
         TypeError: `module` is not an NNX module instance.
 
-    Example:
+    Examples:
 
-    >>> from flax import nnx
-    >>> import numpy as np
-    >>> class MLP(nnx.Module):
-    ...     def __init__(self, rngs):
-    ...         self.dense = nnx.Linear(4, 8, rngs=rngs)
-    ...         self.drop = nnx.Dropout(0.5, rngs=rngs)
-    ...         self.out = nnx.Linear(8, 2, rngs=rngs)
-    ...     def __call__(self, x):
-    ...         return self.out(self.drop(self.dense(x)))
-    >>> layer = NNXLayer(MLP(nnx.Rngs(0)), seed=0, name="mlp")
-    >>> layer(np.ones((3, 4), "float32")).shape
-    (3, 2)
-    >>> [w.path for w in layer.trainable_weights][:2]
-    ['mlp/dense/bias', 'mlp/dense/kernel']
-    >>> type(layer.to_module()).__name__
-    'MLP'
+        >>> from flax import nnx
+        >>> import numpy as np
+        >>> class MLP(nnx.Module):
+        ...     def __init__(self, rngs):
+        ...         self.dense = nnx.Linear(4, 8, rngs=rngs)
+        ...         self.drop = nnx.Dropout(0.5, rngs=rngs)
+        ...         self.out = nnx.Linear(8, 2, rngs=rngs)
+        ...     def __call__(self, x):
+        ...         return self.out(self.drop(self.dense(x)))
+        >>> layer = NNXLayer(MLP(nnx.Rngs(0)), seed=0, name="mlp")
+        >>> layer(np.ones((3, 4), "float32")).shape
+        (3, 2)
+        >>> [w.path for w in layer.trainable_weights][:2]
+        ['mlp/dense/bias', 'mlp/dense/kernel']
+        >>> type(layer.to_module()).__name__
+        'MLP'
     """
 
     def __init__(self, module: Any, **kwargs):
@@ -111,6 +115,7 @@ class NNXLayer(JaxLayer):
         )
         object.__setattr__(self, "_merge", merge)
         object.__setattr__(self, "_rng_data", rng_data)
+        object.__setattr__(self, "_module_class", _class_name(module))
 
     def to_module(self) -> Any:
         """Returns the module with the layer's current weights.
@@ -121,20 +126,71 @@ class NNXLayer(JaxLayer):
 
         Returns:
             A `flax.nnx.Module` of the type given to the layer.
+
+        Raises:
+            ValueError: the layer was loaded from a `.keras` file, without the
+                module's class (it runs the saved computation).
         """
+        if saving.rebuilt(self):
+            raise saving.module_error(self._owner, self.call_fn.module_class)
         params = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.params))
         state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
         to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)
         return self._merge(to_jax(params), to_jax(state), self._rng_data)
 
     def get_config(self):
-        raise NotImplementedError(
-            f"{self._owner}: an NNX module is a live Python object that "
-            "cannot be written to a config, so this layer cannot be saved in "
-            "a `.keras` file or cloned. Save the weights with "
-            "`model.save_weights(path)`, then rebuild the model with a new "
-            "`NNXLayer(MyModule(...))` and call `model.load_weights(path)`."
-        )
+        """The layer's config, with its computation exported (no module).
+
+        An NNX module is a live Python object, not a config: a `.keras` file
+        holds the layer's exported computation instead, from which it reloads
+        (predict and fit work; `to_module()` needs the module's code).
+
+        Raises:
+            ValueError: the computation could not be exported (say, the layer
+                was never called); save the weights with `save_weights`.
+        """
+        config = super().get_config()
+        if config.get("exported") is None:
+            raise ValueError(
+                f"{self._owner} cannot be saved in a `.keras` file: an NNX "
+                "module is a live Python object, so the file must hold the "
+                "layer's exported computation, which could not be made "
+                f"({saving.export_failure(self)}). Call the layer (or fit the "
+                "model) before saving, or save the weights with "
+                "`model.save_weights(path)` and rebuild the model with a new "
+                "`NNXLayer(MyModule(...))` to load them."
+            )
+        config["call_fn"] = None
+        config["init_fn"] = None
+        config["module_class"] = _module_class(self)
+        return config
+
+    @classmethod
+    def from_config(cls, config):
+        """The layer, running the computation saved in its `.keras` file."""
+        config = dict(config)
+        module_class = config.pop("module_class", None)
+        if not config.get("exported"):
+            raise ValueError(
+                f"{cls.__name__} '{config.get('name')}': the config holds no "
+                "exported computation, and an NNX module cannot be rebuilt "
+                "from a config; load the model from its `.keras` file."
+            )
+        layer = saving.from_artifacts(cls, config, module_class=module_class)
+        object.__setattr__(layer, "_merge", None)
+        object.__setattr__(layer, "_rng_data", None)
+        return layer
+
+
+def _class_name(module) -> str:
+    cls = type(module)
+    return f"{cls.__module__}.{cls.__qualname__}"
+
+
+def _module_class(layer) -> str:
+    if saving.rebuilt(layer):
+        return layer.call_fn.module_class
+    return layer._module_class
 
 
 def _filled(nnx, template, pure):
