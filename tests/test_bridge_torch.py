@@ -376,3 +376,80 @@ def test_plain_pytorch_loop_matches_optax():
         params, opt_state, ref_loss = ref_step(params, opt_state, xb, yb)
         np.testing.assert_allclose(loss.item(), ref_loss, **TOL)
         assert_trees_close(jax_params(layer), params)
+
+
+# -- bounded caches -------------------------------------------------------------
+
+
+def test_compiled_signatures_are_bounded_per_function():
+    # A stream of new input shapes compiles one signature per shape and keeps
+    # the `MAX_SIGNATURES` most recently used.
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    layer(torch.ones(1, 5))
+    before = bridge.counters["evictions"]
+    with torch.no_grad():
+        for n in range(2, bridge.MAX_SIGNATURES + 6):
+            out = layer(torch.ones(n, 5))
+            want = mlp_call(jax_params(layer), jnp.ones((n, 5)))
+            np.testing.assert_allclose(out.numpy(), want, **TOL)
+    entries = [fn.slots().get("torch") for fn in layer._pure_fns.values()]
+    entries = [e for e in entries if e is not None]
+    assert entries
+    assert all(len(e.signatures) <= bridge.MAX_SIGNATURES for e in entries)
+    assert bridge.counters["evictions"] - before >= 5
+
+
+def test_mixed_precision_reuses_the_parameter_views():
+    # `mixed_bfloat16`: parameters are stored in float32 and cast inside the
+    # JAX function, so the views made at the first call serve every call.
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    x, y = data(32)
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    model = keras.Sequential([keras.Input((5,)), layer])
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    model.fit(x, y, batch_size=16, epochs=1, verbose=0)
+    views = bridge.counters["views"]
+    history = model.fit(x, y, batch_size=16, epochs=3, verbose=0)
+    model.predict(x, verbose=0)
+    assert bridge.counters["views"] == views
+    assert np.isfinite(history.history["loss"]).all()
+    assert all(v.dtype == "float32" for v in layer.trainable_weights)
+
+
+# -- torch.compile ----------------------------------------------------------------
+
+
+def test_torch_compile_trains_and_predicts_like_eager(monkeypatch):
+    # Keras's `jit_compile=True` on torch is `torch.compile` of each step.
+    # Inductor's C++ code generation takes minutes on a small CPU; the
+    # "aot_eager" backend runs the same capture (TorchDynamo, the operator's
+    # fake implementation, AOTAutograd with its registered gradient) and
+    # executes the captured graph as it is.
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}),
+    )
+    torch._dynamo.reset()
+    x, y = data(32)
+    results = []
+    for jit in (False, True):
+        keras.utils.set_random_seed(0)
+        layer = JaxLayer(stateful_call, stateful_init, seed=0)
+        model = keras.Sequential([keras.Input((5,)), layer])
+        model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit)
+        calls = bridge.counters["op_calls"]
+        fallbacks = bridge.counters["eager_fallbacks"]
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        out = model.predict(x, verbose=0)
+        state = keras.ops.convert_to_numpy(layer.state["count"])
+        results.append((history.history["loss"], out, jax_params(layer), state))
+        if jit:
+            assert bridge.counters["op_calls"] > calls  # captured as one operator
+            assert bridge.counters["eager_fallbacks"] == fallbacks
+    (eager_loss, eager_out, eager_params, eager_count), compiled = results
+    np.testing.assert_allclose(compiled[0], eager_loss, **TOL)
+    np.testing.assert_allclose(compiled[1], eager_out, **TOL)
+    assert_trees_close(compiled[2], eager_params)
+    assert int(compiled[3]) == int(eager_count) == 4

@@ -1,35 +1,109 @@
 """The PyTorch backend: a zero-copy DLPack bridge with a torch autograd rule.
 
-Torch tensors cross to JAX and back through DLPack without copying. Per pure
-function `fn` (one per layer, training flag and input structure) the bridge
-keeps:
+Torch tensors cross to JAX and back through DLPack without copying, and a
+`torch.autograd.Function` ties the JAX forward and backward to torch's
+autograd. Importing this module imports torch: the layer imports it only on
+the torch backend.
 
-- one jitted forward, used when no gradient is needed (`torch.no_grad`,
-  inference, nothing requires grad);
-- per signature (which tensors are differentiated, input shapes and dtypes)
-  a jitted forward that returns the outputs, the new state and the VJP
-  residuals as a flat list, and a jitted backward that applies them to the
-  output cotangents; a `torch.autograd.Function` ties the two to autograd;
+What the bridge keeps, per pure function `fn` (in `fn.slot("torch")`, so it
+goes when the layer drops the function or the layer itself goes):
+
 - the JAX views of the parameter and state tensors, made once through DLPack
-  and re-made when a tensor's storage changes. Optimizers update parameters
-  in place, so a view keeps seeing the current values.
+  and re-made only when a tensor's storage changes. Keras's and torch's
+  optimizers update parameters in place, so a view keeps seeing the current
+  values: the parameters exist once, in torch's memory (no second copy).
+- per call signature (a call without gradient, or one with gradient and
+  which tensors it differentiates; the input shapes and dtypes; the dtypes
+  of the parameters), the compiled forward and backward, in a
+  least-recently-used cache of `MAX_SIGNATURES` (16) signatures per pure
+  function. A stream of new input shapes compiles one signature per shape
+  (as `jax.jit` would) but keeps at most 16: the oldest is dropped with its
+  executables.
 
-Ordering under asynchronous dispatch: every JAX result handed to torch is
-ready before the bridge returns (so no JAX computation still reads a torch
-buffer when torch updates it in place), and a result that aliases a buffer
-the bridge passed in is cloned, so no tensor handed out shares memory with a
-tensor that torch may change. The torch tensors a gradient depends on are
-saved for backward, so torch's own version check reports an in-place change
-between the forward and the backward pass.
+One training step crosses twice. The forward is one JAX call that returns
+the outputs, the new state and the VJP residuals; the residuals stay JAX
+arrays in the autograd node (they never become torch tensors), and those
+that are the call's own parameters, inputs or seeds are not returned at all:
+the backward reads them again from the views (torch's version counter, on
+the tensors saved for backward, reports an in-place change in between). The
+backward is one JAX call for all gradients (parameters and inputs).
 
-Importing this module imports torch: the layer imports it only on the torch
-backend.
+Mixed precision (`mixed_bfloat16`, `mixed_float16`): the layer hands the
+bridge the parameters as stored (float32) with `cast=<compute dtype>`, and
+the cast happens inside the compiled JAX function; the cached views serve
+every call, and the gradients come back in float32 (what torch's autograd
+would give through Keras's own cast).
+
+Ordering: on the CPU, JAX's DLPack export waits until the array is ready, so
+every tensor handed to torch is complete, and since every JAX call hands at
+least one result to torch before returning, no JAX computation still reads
+a torch buffer when torch next changes one in place. A result that shares a
+buffer with another result is cloned. There is no `block_until_ready` on the
+hot path; one is left only for a call with no result at all.
+
+Threads (CPU): torch's OpenMP pool and XLA's thread pool share the cores. At
+import, before JAX has made its CPU client, the bridge turns JAX's CPU
+asynchronous dispatch off (`jax_cpu_enable_async_dispatch=False`, unless the
+environment sets `JAX_CPU_ENABLE_ASYNC_DISPATCH`): the bridge waits for every
+result anyway, so running a computation on the calling thread saves a
+hand-over to XLA's dispatch thread and back on every call. If JAX's client
+already exists when the bridge is imported (a JAX array was made first),
+that setting can no longer apply; import `jaxlayer` before making JAX arrays
+to get it. Nothing of torch's is changed. What a user can set beyond that,
+in the environment before starting Python:
+
+- `GOMP_SPINCOUNT=1000` (or `OMP_WAIT_POLICY=PASSIVE`): torch's OpenMP
+  threads (libgomp) spin for a while after each parallel torch op, holding
+  the cores XLA's threads then need; a short spin gives them back sooner.
+  Measured on a busy 2-core machine it helped small models and cost nothing
+  measurable on larger ones, but it changes every OpenMP program in the
+  process, so the bridge does not set it.
+- `torch.set_num_threads(n)` and XLA's own thread count
+  (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` runs XLA's matrix
+  products on one thread): on few cores, fewer threads fight less.
+
+GPU (CUDA; planned on paper, not run here): tensors cross without a host
+synchronisation. Into JAX, `jax.dlpack.from_dlpack(tensor)` calls
+`tensor.__dlpack__(stream=<JAX's stream for external ready events>)`, so torch
+makes JAX's stream wait for its current stream (an event, not a host wait).
+Back to torch, `torch.from_dlpack(array)` calls
+`array.__dlpack__(stream=<torch's current stream>)`, so JAX makes torch's
+current stream wait for the array's ready event. Torch runs a backward on the
+stream of its forward, so the cotangents and gradients follow the same
+order. Each JAX call hands a result to torch's stream before torch can run
+the optimizer, so an in-place update is ordered after JAX's reads of that
+buffer; a torch tensor viewed by JAX stays alive (the DLPack capsule holds
+it) until JAX releases the buffer, after its last use. So there is no
+`block_until_ready` on CUDA at all (it would serialise every call with the
+host); the CPU export path above is the only place that waits, because a CPU
+tensor is read by torch at once.
+
+torch.compile and torch.export (Keras's `jit_compile=True` on the torch
+backend): while torch traces, the layer call goes to `layer_call` (the
+layer's hook), which captures it as one opaque operator,
+`torch.ops.jaxlayer.call`, a `torch.library.custom_op` whose fake
+implementation takes its shapes from `jax.eval_shape` (a symbolic batch
+dimension maps to torch's symbolic size), with its gradient registered
+(`register_autograd`) as a second operator, `torch.ops.jaxlayer.call_vjp`,
+that recomputes the forward inside one JAX call. Operators take only
+tensors and integers, so each call site (layer, training flag, input and
+rng structure) is registered under an integer, in an index of weak
+references: the site belongs to its layer and goes with it. No graph break
+inside the layer. What cannot be captured (an input or rng structure other
+than tensors in tuples, lists, dicts and NamedTuples, a device JAX does not
+serve) runs eagerly with one warning, a graph break at the layer.
+
+Module-level state: the `counters`, the probed DLPack functions and the weak
+index of call sites; everything else is in the layer's pure functions.
 """
 
 from __future__ import annotations
 
 import collections
+import itertools
+import os
 import warnings
+import weakref
 from collections.abc import Callable, Sequence
 
 import jax
@@ -37,11 +111,17 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _torch_dlpack
 
-#: Counts of traces and of jitted functions created, for tests and debugging:
-#: `forward_traces` (the no-gradient forward), `vjp_traces` (the forward that
-#: returns residuals), `backward_traces`, `jit_functions`, `views` (JAX views
-#: of parameters and state made through DLPack).
+#: Counts, for tests and debugging: `forward_traces` (the no-gradient
+#: forward), `vjp_traces` (the forward that returns residuals),
+#: `backward_traces`, `jit_functions` (compiled functions made), `views`
+#: (JAX views of parameters and state made through DLPack), `evictions`
+#: (signatures dropped by the LRU), `forwarded_residuals` (residuals read
+#: again from the call's arguments), `op_calls`/`op_vjp_calls` (runs of the
+#: torch.compile operators), `eager_fallbacks`.
 counters: collections.Counter = collections.Counter()
+
+#: Compiled signatures kept per pure function (least recently used dropped).
+MAX_SIGNATURES = 16
 
 # With 64-bit types disabled, JAX would turn these into their 32-bit kinds.
 _NARROW = {
@@ -50,6 +130,28 @@ _NARROW = {
     torch.complex128: torch.complex64,
 }
 _FLOATING = frozenset({torch.float16, torch.bfloat16, torch.float32, torch.float64})
+_SEED_DTYPES = frozenset({torch.int32, torch.uint32})
+
+
+# -- JAX's CPU client -------------------------------------------------------
+
+
+def _configure_cpu_client() -> None:
+    """Turns JAX's CPU async dispatch off if JAX has no CPU client yet.
+
+    Read by JAX when it makes its CPU client (the first array or device
+    query); after that it changes nothing, so it is set only if the user did
+    not choose (`JAX_CPU_ENABLE_ASYNC_DISPATCH` unset).
+    """
+    if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:
+        return
+    try:
+        jax.config.update("jax_cpu_enable_async_dispatch", False)
+    except Exception:  # noqa: BLE001 - an older or newer JAX without it
+        pass
+
+
+_configure_cpu_client()
 
 
 # -- DLPack -----------------------------------------------------------------
@@ -99,7 +201,11 @@ def _cpu_importer() -> Callable[[torch.Tensor], jax.Array]:
 
 
 def _cpu_exporter() -> Callable[[jax.Array], torch.Tensor]:
-    """A JAX CPU array -> torch tensor function, zero-copy."""
+    """A JAX CPU array -> torch tensor function, zero-copy.
+
+    Both paths wait until the array is ready (DLPack export on the CPU has
+    no stream to order on).
+    """
 
     def public(a):
         return torch.from_dlpack(a)
@@ -167,33 +273,40 @@ def _to_jax(t: torch.Tensor, device_type: str) -> jax.Array:
     t = _prepare(t)
     if device_type == "cpu":
         return _import_cpu(t)
+    # CUDA: JAX asks torch (`__dlpack__(stream=...)`) to order its stream
+    # after torch's current one; no host synchronisation.
     return jax.dlpack.from_dlpack(t)
 
 
 def _to_torch(a: jax.Array, device_type: str) -> torch.Tensor:
-    a.block_until_ready()
     if device_type == "cpu":
-        return _export_cpu(a)
+        return _export_cpu(a)  # waits until `a` is ready
+    # CUDA: torch passes its current stream to `a.__dlpack__`, which makes
+    # that stream wait for `a`; no host synchronisation.
     return torch.from_dlpack(a)
 
 
-def _export(arrays, device_type, taken):
-    """JAX results as torch tensors, cloning any that alias a buffer in `taken`.
+def _export(arrays, device_type: str) -> list[torch.Tensor]:
+    """JAX results as torch tensors; a result sharing a buffer is cloned.
 
-    `taken` holds the addresses of the buffers passed in (and of the results
-    exported so far), so no tensor handed out shares memory with one that
-    torch may change or that another result uses.
+    The compiled functions never return a buffer of their arguments (no
+    donation), but two results may share one.
     """
     tensors = []
+    seen = set()
     for a in arrays:
         t = _to_torch(a, device_type)
         ptr = t.data_ptr()
-        if ptr in taken and t.numel():
+        if ptr in seen and t.numel():
             t = t.clone()
         else:
-            taken.add(ptr)
+            seen.add(ptr)
         tensors.append(t)
     return tensors
+
+
+def _torch_dtype(dtype) -> torch.dtype:
+    return getattr(torch, np.dtype(dtype).name)
 
 
 # -- devices ----------------------------------------------------------------
@@ -213,7 +326,7 @@ def _jax_serves(device_type: str) -> bool:
     return served
 
 
-def _placement(fn, tensors):
+def _placement(fn, entry, tensors):
     """(device type JAX reads from, torch device to move results to or None).
 
     Tensors on a device JAX does not serve (CUDA with a CPU-only jaxlib) go
@@ -232,14 +345,13 @@ def _placement(fn, tensors):
         )
     if _jax_serves(device.type):
         return device.type, None
-    entry = _entry(fn)
     if not entry.warned_device:
         warnings.warn(
             f"{fn.owner}: the torch tensors are on {device} but JAX has no "
             f"{device.type} device; they are copied to the CPU and back on "
             "every call. Install a jaxlib for that device (for example "
             "`pip install jax[cuda12]`) to run zero-copy.",
-            stacklevel=3,
+            stacklevel=4,
         )
         entry.warned_device = True
     return "cpu", device
@@ -249,23 +361,34 @@ def _placement(fn, tensors):
 
 
 class _Entry:
-    """What the bridge keeps per pure function: jitted code and views."""
+    """What the bridge keeps per pure function: compiled code and views."""
 
-    __slots__ = ("forward", "signatures", "views", "warned_device")
+    __slots__ = ("fn", "signatures", "views", "param_dtypes", "warned_device")
 
     def __init__(self, fn):
-        def forward(params, inputs, state, rng):
-            counters["forward_traces"] += 1
-            return fn(params, inputs, state, rng)
-
-        counters["jit_functions"] += 1
-        self.forward = jax.jit(forward)
-        self.signatures: dict = {}
+        self.fn = fn
+        # key -> _Signature, least recently used first.
+        self.signatures: collections.OrderedDict = collections.OrderedDict()
         # Per position of params + state: (tensor, data_ptr, shape, view).
         self.views: list = []
+        # The JAX dtypes of the parameter views (part of every signature).
+        self.param_dtypes: tuple = ()
         self.warned_device = False
 
-    def cached_views(self, tensors, offset, device_type, taken):
+    def signature(self, key, make):
+        """The signature for `key`, made with `make()` on a miss (LRU)."""
+        signatures = self.signatures
+        sig = signatures.get(key)
+        if sig is None:
+            sig = signatures[key] = make()
+            if len(signatures) > MAX_SIGNATURES:
+                signatures.popitem(last=False)
+                counters["evictions"] += 1
+        elif len(signatures) > 1:
+            signatures.move_to_end(key)
+        return sig
+
+    def cached_views(self, tensors, offset, device_type):
         """JAX views of long-lived tensors (parameters, state), cached."""
         views = self.views
         need = offset + len(tensors)
@@ -273,108 +396,190 @@ class _Entry:
             views.extend([None] * (need - len(views)))
         out = []
         for i, t in enumerate(tensors, offset):
-            ptr = t.data_ptr()
             cached = views[i]
             if (
                 cached is not None
                 and cached[0] is t
-                and cached[1] == ptr
+                and cached[1] == t.data_ptr()
                 and cached[2] == t.shape
             ):
-                view = cached[3]
-            else:
-                view = _to_jax(t, device_type)
-                counters["views"] += 1
-                if view.unsafe_buffer_pointer() != ptr and _realign(t):
-                    ptr = t.data_ptr()
-                    view = _to_jax(t, device_type)
-                # Only a view that shares the tensor's buffer is kept: a copy
-                # made on the way would go stale when torch updates in place.
-                if view.unsafe_buffer_pointer() == ptr or not t.numel():
-                    views[i] = (t, ptr, t.shape, view)
-                else:
-                    views[i] = None
-            taken.add(ptr)
-            out.append(view)
+                out.append(cached[3])
+                continue
+            out.append(self._new_view(i, t, device_type))
         return out
 
+    def _new_view(self, i, t, device_type):
+        ptr = t.data_ptr()
+        view = _to_jax(t, device_type)
+        counters["views"] += 1
+        if view.unsafe_buffer_pointer() != ptr and _realign(t):
+            ptr = t.data_ptr()
+            view = _to_jax(t, device_type)
+        # Only a view that shares the tensor's buffer is kept: a copy made
+        # on the way would go stale when torch updates in place.
+        if view.unsafe_buffer_pointer() == ptr or not t.numel():
+            self.views[i] = (t, ptr, t.shape, view)
+        else:
+            self.views[i] = None
+        return view
 
-class _Signature:
-    """The forward-with-residuals and the backward of one call signature."""
 
-    __slots__ = ("forward", "backward", "treedef", "float_outputs", "owner")
+def _cast_params(params, cast):
+    """Floating parameters cast to `cast` (inside JAX), others as they are."""
+    if cast is None:
+        return list(params)
+    dtype = jax.dtypes.canonicalize_dtype(cast)
+    return [
+        p.astype(dtype)
+        if jax.numpy.issubdtype(p.dtype, jax.numpy.floating) and p.dtype != dtype
+        else p
+        for p in params
+    ]
 
-    def __init__(self, fn, diff_params, diff_inputs):
-        self.treedef = None
-        self.float_outputs = None
-        self.owner = fn.owner
+
+def _split(flat, counts):
+    out, start = [], 0
+    for n in counts:
+        out.append(list(flat[start : start + n]))
+        start += n
+    return out
+
+
+class _Plain:
+    """The compiled forward of one signature, without gradient."""
+
+    __slots__ = ("forward",)
+
+    def __init__(self, fn, cast, counts, example):
+        def forward(*flat):
+            counters["forward_traces"] += 1
+            params, inputs, state, rng = _split(flat, counts)
+            return fn(_cast_params(params, cast), inputs, state, rng)
+
+        counters["jit_functions"] += 1
+        self.forward = _compile(forward, example)
+
+
+class _Grad:
+    """The forward-with-residuals and the backward of one signature.
+
+    The forward returns `(outputs, new_state, residuals)`. A residual that is
+    one of the call's parameters, inputs or seeds is not returned: `refs`
+    lists, per residual, `(True, index into the call's flat arguments)` or
+    `(False, index into the returned residuals)`, and the backward is given
+    the arguments it reads (`args`) again. State is never read again that
+    way: the layer assigns the new state in place right after the call.
+    """
+
+    __slots__ = ("forward", "backward", "refs", "args", "float_outputs", "treedef")
+
+    def __init__(self, fn, cast, counts, diff, example):
+        self.refs = self.args = self.float_outputs = self.treedef = None
+        n_params, n_inputs, n_state, _ = counts
+        no_forward = range(n_params + n_inputs, n_params + n_inputs + n_state)
         sig = self
 
-        def forward(params, inputs, state, rng):
+        def forward(*flat):
             counters["vjp_traces"] += 1
+            flat = list(flat)
 
-            def differentiable(diff):
-                p, x = list(params), list(inputs)
-                for k, i in enumerate(diff_params):
-                    p[i] = diff[k]
-                for k, i in enumerate(diff_inputs, len(diff_params)):
-                    x[i] = diff[k]
-                return fn(p, x, state, rng)
+            def differentiable(values):
+                full = list(flat)
+                for i, v in zip(diff, values, strict=True):
+                    full[i] = v
+                params, inputs, state, rng = _split(full, counts)
+                return fn(_cast_params(params, cast), inputs, state, rng)
 
-            diff = [params[i] for i in diff_params] + [inputs[i] for i in diff_inputs]
-            outputs, vjp_fn, new_state = jax.vjp(differentiable, diff, has_aux=True)
-            residuals, sig.treedef = jax.tree_util.tree_flatten(vjp_fn)
+            outputs, vjp_fn, new_state = jax.vjp(
+                differentiable, [flat[i] for i in diff], has_aux=True
+            )
+            leaves, sig.treedef = jax.tree_util.tree_flatten(vjp_fn)
+            where = {id(x): i for i, x in enumerate(flat) if i not in no_forward}
+            refs, residuals, args = [], [], []
+            for leaf in leaves:
+                i = where.get(id(leaf))
+                if i is not None and flat[i] is leaf:
+                    refs.append((True, i))
+                    if i not in args:
+                        args.append(i)
+                    counters["forwarded_residuals"] += 1
+                else:
+                    refs.append((False, len(residuals)))
+                    residuals.append(leaf)
+            sig.refs, sig.args = refs, args
             sig.float_outputs = [
                 (jax.numpy.issubdtype(o.dtype, jax.numpy.inexact), o.shape)
                 for o in outputs
             ]
             return outputs, new_state, residuals
 
-        def backward(residuals, cotangents):
+        counters["jit_functions"] += 2
+        self.forward = _compile(forward, example)
+        positions = {i: k for k, i in enumerate(self.args)}
+        float_outputs = self.float_outputs
+
+        def backward(args, residuals, cotangents):
             counters["backward_traces"] += 1
-            vjp_fn = jax.tree_util.tree_unflatten(sig.treedef, residuals)
+            leaves = [
+                args[positions[i]] if is_arg else residuals[i] for is_arg, i in sig.refs
+            ]
+            vjp_fn = jax.tree_util.tree_unflatten(sig.treedef, leaves)
             cts = iter(cotangents)
             full = [
                 next(cts) if floating else np.zeros(shape, jax.dtypes.float0)
-                for floating, shape in sig.float_outputs
+                for floating, shape in float_outputs
             ]
             (grads,) = vjp_fn(full)
             return grads
 
-        counters["jit_functions"] += 2
-        self.forward = jax.jit(forward)
         self.backward = jax.jit(backward)
+
+
+def _compile(f, example):
+    """`f` compiled for the arguments `example` (ahead of time, bounded)."""
+    return jax.jit(f).lower(*example).compile()
 
 
 class _Call:
     """One differentiable call, carried from the forward to the backward."""
 
-    __slots__ = ("sig", "args", "device_type", "taken", "new_state", "residuals")
+    __slots__ = (
+        "sig",
+        "flat",
+        "device_type",
+        "owner",
+        "new_state",
+        "args",
+        "residuals",
+    )
 
-    def __init__(self, sig, args, device_type, taken):
+    def __init__(self, sig, flat, device_type, owner):
         self.sig = sig
-        self.args = args
+        self.flat = flat
         self.device_type = device_type
-        self.taken = taken
-        self.new_state = None
-        self.residuals = None
+        self.owner = owner
+        self.new_state = self.args = self.residuals = None
 
 
 class _JaxFunction(torch.autograd.Function):
-    """Autograd rule: the jitted forward saves residuals, the backward uses them."""
+    """Autograd rule: the compiled forward keeps residuals, the backward
+    applies them to the output cotangents (one JAX call for all gradients)."""
 
     @staticmethod
-    def forward(ctx, call: _Call, *diff_tensors):
+    def forward(ctx, call: _Call, saved, *diff_tensors):
         sig = call.sig
-        outputs, new_state, residuals = sig.forward(*call.args)
-        call.args = None
-        taken = call.taken
-        outs = _export(outputs, call.device_type, taken)
-        call.new_state = _export(new_state, call.device_type, taken)
+        outputs, new_state, residuals = sig.forward(*call.flat)
+        flat = call.flat
+        call.args = [flat[i] for i in sig.args]
+        call.flat = None
+        device_type = call.device_type
+        outs = _export(outputs, device_type)
+        call.new_state = _export(new_state, device_type)
+        if not outs and not call.new_state:
+            jax.block_until_ready(residuals)
         call.residuals = residuals
-        call.taken = None
         ctx.call = call
-        ctx.save_for_backward(*diff_tensors)
+        ctx.save_for_backward(*saved)
         non_diff = [
             t
             for t, (floating, _) in zip(outs, sig.float_outputs, strict=True)
@@ -388,35 +593,51 @@ class _JaxFunction(torch.autograd.Function):
     @torch.autograd.function.once_differentiable
     def backward(ctx, *grad_outputs):
         call = ctx.call
-        diff_tensors = ctx.saved_tensors  # raises if changed in place since
+        saved = ctx.saved_tensors  # raises if changed in place since
         if call.residuals is None:
             raise RuntimeError(
-                f"{call.sig.owner}: backward through the JAX function a second "
+                f"{call.owner}: backward through the JAX function a second "
                 "time; pass `retain_graph=True` to the first backward."
             )
         sig = call.sig
         device_type = call.device_type
-        cotangents = []
-        taken: set = set()
-        for g, (floating, _) in zip(grad_outputs, sig.float_outputs, strict=True):
-            if floating:
-                taken.add(g.data_ptr())
-                cotangents.append(_to_jax(g, device_type))
-        grads = sig.backward(call.residuals, cotangents)
-        result = _export(grads, device_type, taken)
+        cotangents = [
+            _to_jax(g, device_type)
+            for g, (floating, _) in zip(grad_outputs, sig.float_outputs, strict=True)
+            if floating
+        ]
+        grads = sig.backward(call.args, call.residuals, cotangents)
+        result = _export(grads, device_type)
+        diff_tensors = saved[: len(result)]
         for i, t in enumerate(diff_tensors):
             if result[i].dtype != t.dtype:
                 result[i] = result[i].to(t.dtype)
-        return (None, *result)
+        return (None, None, *result)
 
 
-def _entry(fn) -> _Entry:
-    # Kept in the pure function's slot: it goes with the layer.
-    return fn.slot("torch", lambda: _Entry(fn))
+def _device_type(fn, entry, params, inputs):
+    """The device type JAX reads from, or None to go through CPU copies."""
+    first = inputs[0] if inputs else (params[0] if params else None)
+    if first is None or first.is_cpu:
+        return "cpu"
+    device_type, target = _placement(fn, entry, (first,))
+    return None if target is not None else device_type
 
 
-def _requires_grad(t: torch.Tensor) -> bool:
-    return t.requires_grad and t.dtype in _FLOATING
+def _arguments(entry, params, inputs, state, rng, device_type):
+    """The flat JAX arguments `params + inputs + state + rng` and their key."""
+    j_params = entry.cached_views(params, 0, device_type)
+    j_state = entry.cached_views(state, len(params), device_type)
+    flat = (
+        *j_params,
+        *[_to_jax(t, device_type) for t in inputs],
+        *j_state,
+        *[_to_jax(t, device_type) for t in rng],
+    )
+    # Shapes and dtypes of everything (the compiled functions take exactly
+    # these); the JAX dtypes, after any narrowing of 64-bit types.
+    key = tuple((v.shape, v.dtype) for v in flat)
+    return flat, key
 
 
 def run(
@@ -425,16 +646,20 @@ def run(
     inputs: Sequence[torch.Tensor],
     state: Sequence[torch.Tensor],
     rng: Sequence[torch.Tensor],
+    cast: str | None = None,
 ) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
     """Runs the pure JAX function `fn` on torch tensors, with autograd.
 
     Args:
         fn: the layer's pure function `fn(params, inputs, state, rng) ->
             (outputs, new_state)` on lists of JAX arrays.
-        params: the parameter tensors (Keras variable values).
+        params: the parameter tensors (Keras variable values, or the stored
+            tensors when `cast` is given).
         inputs: the input tensors.
         state: the state tensors.
         rng: the seed tensors (int32, shape [2]) or an empty list.
+        cast: the dtype the floating `params` are cast to inside JAX before
+            `fn` sees them (mixed precision), or None.
 
     Returns:
         `(outputs, new_state)`: lists of torch tensors on the device of the
@@ -442,48 +667,578 @@ def run(
         `params` and `inputs` that require grad; `new_state` carries no
         gradient.
     """
-    entry = _entry(fn)
-    device_type, target = _placement(fn, (*inputs, *params))
-    if target is not None:
-        return _run_through_cpu(fn, params, inputs, state, rng, target)
-    taken: set = set()
-    j_params = entry.cached_views(params, 0, device_type, taken)
-    j_state = entry.cached_views(state, len(params), device_type, taken)
-    j_rng = [_to_jax(t, device_type) for t in rng]
-    j_inputs = []
-    for t in inputs:
-        taken.add(t.data_ptr())
-        j_inputs.append(_to_jax(t, device_type))
-
-    diff_params = diff_inputs = ()
+    entry = fn.slot("torch", lambda: _Entry(fn))
+    device_type = _device_type(fn, entry, params, inputs)
+    if device_type is None:
+        return _run_through_cpu(fn, params, inputs, state, rng, cast)
+    flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
+    counts = (len(params), len(inputs), len(state), len(rng))
+    diff = ()
     if torch.is_grad_enabled():
-        diff_params = tuple(i for i, t in enumerate(params) if _requires_grad(t))
-        diff_inputs = tuple(i for i, t in enumerate(inputs) if _requires_grad(t))
-    if not diff_params and not diff_inputs:
-        outputs, new_state = entry.forward(j_params, j_inputs, j_state, j_rng)
-        return (
-            _export(outputs, device_type, taken),
-            _export(new_state, device_type, taken),
+        diff = tuple(
+            i
+            for i, t in enumerate(itertools.chain(params, inputs))
+            if t.requires_grad and t.dtype in _FLOATING
         )
+    key = (diff, shapes, counts, cast)
+    if not diff:
+        sig = entry.signature(key, lambda: _Plain(fn, cast, counts, flat))
+        outputs, new_state = sig.forward(*flat)
+        return _export(outputs, device_type), _export(new_state, device_type)
 
-    key = (
-        diff_params,
-        diff_inputs,
-        tuple(t.shape for t in inputs),
-        tuple(v.dtype for v in j_inputs),
-        tuple(v.dtype for v in j_params),
-    )
-    sig = entry.signatures.get(key)
-    if sig is None:
-        sig = entry.signatures[key] = _Signature(fn, diff_params, diff_inputs)
-    diff_tensors = [params[i] for i in diff_params] + [inputs[i] for i in diff_inputs]
-    call = _Call(sig, (j_params, j_inputs, j_state, j_rng), device_type, taken)
-    outputs = _JaxFunction.apply(call, *diff_tensors)
+    sig = entry.signature(key, lambda: _Grad(fn, cast, counts, diff, flat))
+    tensors = (*params, *inputs)
+    diff_tensors = [tensors[i] for i in diff]
+    # Saved for backward (torch's in-place check): the differentiated
+    # tensors, then every other tensor the backward reads through a view.
+    saved = diff_tensors + [
+        tensors[i] for i in sig.args if i < len(tensors) and i not in diff
+    ]
+    call = _Call(sig, flat, device_type, fn.owner)
+    outputs = _JaxFunction.apply(call, saved, *diff_tensors)
     return list(outputs), call.new_state
 
 
-def _run_through_cpu(fn, params, inputs, state, rng, target):
+def _run_through_cpu(fn, params, inputs, state, rng, cast):
     """`run` for tensors on a device JAX lacks: through CPU copies."""
+    target = (inputs[0] if inputs else params[0]).device
     cpu = [[t.to("cpu") for t in group] for group in (params, inputs, state, rng)]
-    outputs, new_state = run(fn, *cpu)
+    outputs, new_state = run(fn, *cpu, cast=cast)
     return [t.to(target) for t in outputs], [t.to(target) for t in new_state]
+
+
+# -- torch.compile and torch.export ------------------------------------------
+#
+# While torch traces, a layer call becomes `torch.ops.jaxlayer.call(site,
+# params, inputs, state, rng)`. `site` is an integer naming the call site (the
+# layer, training flag, input and rng structures, parameter cast) in a weak
+# index; the site belongs to its layer. The operator's real implementation
+# runs the layer's current pure function for that site (the same compiled
+# functions and views as the eager path); its fake implementation computes
+# the output shapes with `jax.eval_shape`.
+
+# Call sites by integer, weakly: each is owned by its layer.
+_SITES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
+_SITE_IDS = itertools.count(1)
+_SITES_ATTR = "_jaxlayer_torch_sites"
+
+
+class _Meta:
+    """A shape (None for a symbolic dimension) and a dtype name."""
+
+    __slots__ = ("shape", "dtype")
+
+    def __init__(self, shape, dtype):
+        self.shape = shape
+        self.dtype = dtype
+
+
+def _jax_dtype(dtype: torch.dtype):
+    return jax.dtypes.canonicalize_dtype(
+        jax.numpy.dtype(str(dtype).removeprefix("torch."))
+    )
+
+
+def _py_flatten(tree, leaves):
+    """Python-only flatten that torch.compile can trace, in JAX's leaf order.
+
+    Appends the tensors of `tree` to `leaves` and returns a hashable key of
+    its structure, or None for a structure it does not know (anything but
+    tensors in tuples, lists, dicts, NamedTuples and None).
+    """
+    if isinstance(tree, torch.Tensor):
+        leaves.append(tree)
+        return "L"
+    if tree is None:
+        return "N"
+    kind = type(tree)
+    if kind is tuple or kind is list:
+        children = tuple(_py_flatten(x, leaves) for x in tree)
+        tag = "T" if kind is tuple else "l"
+    elif kind is dict:
+        keys = tuple(sorted(tree))
+        children = tuple(_py_flatten(tree[k], leaves) for k in keys)
+        tag = ("D", keys)
+    elif isinstance(tree, tuple) and hasattr(kind, "_fields"):
+        children = tuple(_py_flatten(x, leaves) for x in tree)
+        tag = ("NT", kind)
+    else:
+        return None
+    if None in children:
+        return None
+    return (tag, children)
+
+
+def _placeholder(key):
+    """A tree of the structure `key` (from `_py_flatten`) with 0 leaves."""
+    if key == "L":
+        return 0
+    if key == "N":
+        return None
+    tag, children = key
+    values = [_placeholder(c) for c in children]
+    if tag == "T":
+        return tuple(values)
+    if tag == "l":
+        return values
+    if tag[0] == "D":
+        return dict(zip(tag[1], values, strict=True))
+    return tag[1](*values)
+
+
+def _out_spec(treedef):
+    """The structure of `treedef` as a Python constant for `_py_build`, or
+    None for node types other than tuples, lists, dicts, NamedTuples."""
+    tree = jax.tree_util.tree_unflatten(treedef, list(range(treedef.num_leaves)))
+
+    def spec(node):
+        kind = type(node)
+        if kind is int:
+            return node
+        if node is None:
+            return "N"
+        if kind is tuple or kind is list:
+            children = tuple(spec(x) for x in node)
+            tag = "T" if kind is tuple else "l"
+        elif kind is dict:
+            children = tuple(spec(x) for x in node.values())
+            tag = ("D", tuple(node))
+        elif isinstance(node, tuple) and hasattr(kind, "_fields"):
+            children = tuple(spec(x) for x in node)
+            tag = ("NT", kind)
+        else:
+            raise TypeError(kind)
+        return (tag, children)
+
+    try:
+        return spec(tree)
+    except TypeError:
+        return None
+
+
+def _py_build(spec, leaves):
+    """The tree `spec` (from `_out_spec`) with `leaves`; traceable."""
+    # `isinstance`, not `type(...) is int`: TorchDynamo cannot guard on the
+    # builtin `int` looked up from this module.
+    if isinstance(spec, int):
+        return leaves[spec]
+    if spec == "N":
+        return None
+    tag, children = spec
+    values = [_py_build(c, leaves) for c in children]
+    if tag == "T":
+        return tuple(values)
+    if tag == "l":
+        return values
+    if tag[0] == "D":
+        return dict(zip(tag[1], values, strict=True))
+    return tag[1](*values)
+
+
+class _Site:
+    """One call site: a layer, a training flag, input and rng structures."""
+
+    __slots__ = (
+        "__weakref__",
+        "id",
+        "layer",
+        "owner",
+        "training",
+        "in_def",
+        "rng_def",
+        "cast",
+        "out_def",
+        "out",
+    )
+
+    def __init__(self, layer, training, in_key, rng_key, cast):
+        self.id = next(_SITE_IDS)
+        self.layer = weakref.ref(layer)
+        self.owner = layer._owner
+        self.training = training
+        self.in_def = jax.tree_util.tree_structure(_placeholder(in_key))
+        self.rng_def = jax.tree_util.tree_structure(_placeholder(rng_key))
+        self.cast = cast
+        self.out_def = None
+        # (number of outputs, output structure for `_py_build` or None).
+        self.out = None
+
+    def pure_fn(self, params, inputs, state, rng):
+        """The layer's current pure function for this site."""
+        layer = self.layer()
+        if layer is None:
+            raise RuntimeError(
+                f"{self.owner} was deleted; a function torch.compile traced "
+                "through it cannot run any more."
+            )
+        key = (self.training, self.in_def, self.rng_def)
+        fn = layer._pure_fns.get(key)
+        if fn is None:
+            fn = layer._pure_fn(*key, self.example(params, inputs, state, rng))
+        if self.out_def is None:
+            self.out_def = fn.out_treedef
+            self.out = (fn.out_treedef.num_leaves, _out_spec(fn.out_treedef))
+        elif fn.out_treedef != self.out_def:
+            raise RuntimeError(
+                f"{self.owner}: the structure of `call_fn`'s outputs changed "
+                f"({self.out_def} -> {fn.out_treedef}) after torch.compile "
+                "traced the layer; call `torch._dynamo.reset()` (or compile "
+                "the model again) after changing `call_fn`."
+            )
+        return fn
+
+    def example(self, params, inputs, state, rng):
+        """Shapes and dtypes as `fn` takes them (None: symbolic size)."""
+
+        def meta(t, dtype=None):
+            shape = tuple(d if isinstance(d, int) else None for d in t.shape)
+            return _Meta(shape, dtype or _jax_dtype(t.dtype).name)
+
+        cast = self.cast
+        return (
+            [meta(p, cast if cast and p.dtype in _FLOATING else None) for p in params],
+            [meta(x) for x in inputs],
+            [meta(x) for x in state],
+            [meta(x) for x in rng],
+        )
+
+    def fake(self, params, inputs, state, rng):
+        """Fake outputs: shapes from `jax.eval_shape`, symbolic sizes kept."""
+        fn = self.pure_fn(params, inputs, state, rng)
+        p, x, s, r = self.example(params, inputs, state, rng)
+        concrete = [
+            [jax.ShapeDtypeStruct(m.shape, m.dtype) for m in group]
+            for group in (p, s, r)
+        ]
+        sizes = {}  # symbol name -> torch.SymInt
+        try:
+            scope = jax.export.SymbolicScope()
+            structs = []
+            for t, m in zip(inputs, x, strict=True):
+                dims = []
+                for d, known in zip(t.shape, m.shape, strict=True):
+                    if known is not None:
+                        dims.append(str(known))
+                        continue
+                    name = str(d)
+                    if not name.isidentifier():
+                        raise ValueError(name)
+                    sizes[name] = d
+                    dims.append(name)
+                shape = jax.export.symbolic_shape(",".join(dims), scope=scope)
+                structs.append(jax.ShapeDtypeStruct(shape, m.dtype))
+            out = jax.eval_shape(fn, concrete[0], structs, concrete[1], concrete[2])
+            shapes = [
+                tuple(d if isinstance(d, int) else sizes[str(d)] for d in o.shape)
+                for o in (*out[0], *out[1])
+            ]
+            dtypes = [o.dtype for o in (*out[0], *out[1])]
+        except Exception:  # noqa: BLE001 - specialise the sizes instead
+            structs = [
+                jax.ShapeDtypeStruct(tuple(int(d) for d in t.shape), m.dtype)
+                for t, m in zip(inputs, x, strict=True)
+            ]
+            out = jax.eval_shape(fn, concrete[0], structs, concrete[1], concrete[2])
+            shapes = [o.shape for o in (*out[0], *out[1])]
+            dtypes = [o.dtype for o in (*out[0], *out[1])]
+        anchor = next(iter((*inputs, *params, *state, *rng)), None)
+        device = anchor.device if anchor is not None else torch.device("cpu")
+        return [
+            torch.empty(shape, dtype=_torch_dtype(dtype), device=device)
+            for shape, dtype in zip(shapes, dtypes, strict=True)
+        ]
+
+
+def _site(site_id: int) -> _Site:
+    site = _SITES.get(site_id)
+    if site is None:
+        raise RuntimeError(
+            f"jaxlayer: the layer of call site {site_id} was deleted; a "
+            "function torch.compile traced through it cannot run any more."
+        )
+    return site
+
+
+@torch.compiler.assume_constant_result
+def _site_id(layer, training, in_key, rng_key, cast) -> int:
+    """The integer naming a call site, made on first use (run while torch
+    traces, its result baked into the graph)."""
+    sites = layer.__dict__.get(_SITES_ATTR)
+    if sites is None:
+        sites = {}
+        object.__setattr__(layer, _SITES_ATTR, sites)
+    key = (training, in_key, rng_key, cast)
+    site = sites.get(key)
+    if site is None:
+        site = sites[key] = _Site(layer, training, in_key, rng_key, cast)
+        _SITES[site.id] = site
+    return site.id
+
+
+@torch.compiler.assume_constant_result
+def _site_out(site_id: int):
+    """`(number of outputs, output structure or None)`, known once the fake
+    implementation of the site's operator has run."""
+    return _site(site_id).out
+
+
+def _plain_run(site, params, inputs, state, rng):
+    """The operator's real implementation: the plain forward, flat."""
+    fn = site.pure_fn(params, inputs, state, rng)
+    entry = fn.slot("torch", lambda: _Entry(fn))
+    device_type = _device_type(fn, entry, params, inputs)
+    if device_type is None:
+        raise RuntimeError(f"{fn.owner}: unreachable device")  # pragma: no cover
+    flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
+    counts = (len(params), len(inputs), len(state), len(rng))
+    cast = site.cast
+    key = ((), shapes, counts, cast)
+    sig = entry.signature(key, lambda: _Plain(fn, cast, counts, flat))
+    outputs, new_state = sig.forward(*flat)
+    return _export((*outputs, *new_state), device_type)
+
+
+class _Recompute:
+    """The VJP of one signature, recomputing the forward (one JAX call)."""
+
+    __slots__ = ("vjp",)
+
+    def __init__(self, fn, cast, counts, diff, example, cotangents):
+        def vjp(flat, cts):
+            counters["backward_traces"] += 1
+            flat = list(flat)
+
+            def outputs_of(values):
+                full = list(flat)
+                for i, v in zip(diff, values, strict=True):
+                    full[i] = v
+                params, inputs, state, rng = _split(full, counts)
+                return fn(_cast_params(params, cast), inputs, state, rng)[0]
+
+            outputs, vjp_fn = jax.vjp(outputs_of, [flat[i] for i in diff])
+            cts = iter(cts)
+            full = [
+                next(cts)
+                if jax.numpy.issubdtype(o.dtype, jax.numpy.inexact)
+                else np.zeros(o.shape, jax.dtypes.float0)
+                for o in outputs
+            ]
+            (grads,) = vjp_fn(full)
+            return grads
+
+        counters["jit_functions"] += 1
+        self.vjp = _compile(vjp, (example, cotangents))
+
+
+def _vjp_run(site, params, inputs, state, rng, cotangents, diff):
+    fn = site.pure_fn(params, inputs, state, rng)
+    entry = fn.slot("torch", lambda: _Entry(fn))
+    device_type = _device_type(fn, entry, params, inputs)
+    flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
+    cts = [_to_jax(g, device_type) for g in cotangents]
+    counts = (len(params), len(inputs), len(state), len(rng))
+    cast = site.cast
+    key = (
+        ("vjp", tuple(diff)),
+        shapes,
+        tuple((c.shape, c.dtype) for c in cts),
+        counts,
+        cast,
+    )
+    sig = entry.signature(
+        key, lambda: _Recompute(fn, cast, counts, tuple(diff), flat, cts)
+    )
+    grads = _export(sig.vjp(flat, cts), device_type)
+    tensors = (*params, *inputs)
+    return [
+        g if g.dtype == tensors[i].dtype else g.to(tensors[i].dtype)
+        for g, i in zip(grads, diff, strict=True)
+    ]
+
+
+def _define_operators():
+    """`torch.ops.jaxlayer.call` and `call_vjp` (once per process)."""
+
+    # Explicit schemas: this module's annotations are strings.
+    @torch.library.custom_op(
+        "jaxlayer::call",
+        mutates_args=(),
+        schema="(int site, Tensor[] params, Tensor[] inputs, Tensor[] state, "
+        "Tensor[] rng) -> Tensor[]",
+    )
+    def call_op(site, params, inputs, state, rng):
+        counters["op_calls"] += 1
+        return _plain_run(_site(site), params, inputs, state, rng)
+
+    @call_op.register_fake
+    def _(site, params, inputs, state, rng):
+        return _site(site).fake(params, inputs, state, rng)
+
+    @torch.library.custom_op(
+        "jaxlayer::call_vjp",
+        mutates_args=(),
+        schema="(int site, Tensor[] params, Tensor[] inputs, Tensor[] state, "
+        "Tensor[] rng, Tensor[] cotangents, int[] diff) -> Tensor[]",
+    )
+    def vjp_op(site, params, inputs, state, rng, cotangents, diff):
+        counters["op_vjp_calls"] += 1
+        return _vjp_run(_site(site), params, inputs, state, rng, cotangents, diff)
+
+    @vjp_op.register_fake
+    def _(site, params, inputs, state, rng, cotangents, diff):
+        tensors = (*params, *inputs)
+        return [tensors[i].new_empty(tensors[i].shape) for i in diff]
+
+    def setup_context(ctx, inputs, output):
+        site, params, x, state, rng = inputs
+        tensors = (*params, *x)
+        ctx.site = site
+        ctx.diff = [
+            i for i, t in enumerate(tensors) if t.requires_grad and t.dtype in _FLOATING
+        ]
+        ctx.counts = (len(params), len(x), len(state), len(rng))
+        n_out = _site(site).out[0]
+        ctx.outputs = [(o.shape, o.dtype, o.device) for o in output[:n_out]]
+        # State and seeds as they were: the layer assigns the new state in
+        # place right after the call.
+        ctx.save_for_backward(
+            *params, *x, *[t.clone() for t in state], *[t.clone() for t in rng]
+        )
+
+    def backward(ctx, grads):
+        params, x, state, rng = _split(ctx.saved_tensors, ctx.counts)
+        cotangents = [
+            (g if g is not None else torch.zeros(shape, dtype=dtype, device=device))
+            for g, (shape, dtype, device) in zip(grads, ctx.outputs, strict=False)
+            if dtype in _FLOATING
+        ]
+        diff = ctx.diff
+        result = vjp_op(ctx.site, params, x, state, rng, cotangents, diff)
+        n_params = len(params)
+        g_params = [None] * n_params
+        g_inputs = [None] * len(x)
+        for i, g in zip(diff, result, strict=True):
+            if i < n_params:
+                g_params[i] = g
+            else:
+                g_inputs[i - n_params] = g
+        # One entry per input of the operator, lists as lists.
+        return (
+            None,
+            g_params,
+            g_inputs,
+            [None] * len(state),
+            [None] * len(rng),
+        )
+
+    call_op.register_autograd(backward, setup_context=setup_context)
+    return call_op
+
+
+_call_op = _define_operators()
+
+
+def _cast_of(layer):
+    """The dtype the layer's floating parameters are cast to, or None."""
+    if layer._params_spec is None or not layer.autocast:
+        return None
+    dtype = layer.compute_dtype
+    return dtype if dtype != layer.variable_dtype else None
+
+
+def layer_call(layer, inputs, training):
+    """`JaxLayer.call`'s hook: the call as one operator while torch traces.
+
+    Returns NotImplemented outside torch.compile and torch.export (the layer
+    then runs its eager path, which calls `run`).
+    """
+    if not torch.compiler.is_compiling():
+        return NotImplemented
+    from jaxlayer import _variables as V
+
+    training = bool(training)
+    leaves: list = []
+    in_key = _py_flatten(inputs, leaves)
+    if in_key is None:
+        return _eager_call(
+            layer,
+            inputs,
+            training,
+            "its inputs are not tensors in tuples, lists, dicts or NamedTuples",
+        )
+    for t in leaves:
+        if not (t.is_cpu or (t.is_cuda and _jax_serves("cuda"))):
+            return _eager_call(
+                layer, inputs, training, f"JAX has no device for {t.device}"
+            )
+    rng: list = []
+    rng_key = "N"
+    if layer.call_fn_has_rng:
+        rng_key = _py_flatten(layer._get_call_rng(training), rng)
+        if rng_key is None:
+            return _eager_call(
+                layer, inputs, training, "`_get_call_rng` returns non-tensors"
+            )
+        rng = [r if r.dtype in _SEED_DTYPES else r.to(torch.int32) for r in rng]
+    cast = _cast_of(layer)
+    params = None
+    if cast is not None:
+        params = V.values_of(layer._params_spec, stored=True)
+        if params is None:
+            cast = None
+    if params is None:
+        params = V.values_of(layer._params_spec)
+    state_spec = layer._state_spec
+    state = V.values_of(state_spec)
+    site = _site_id(layer, training, in_key, rng_key, cast)
+    flat = _call_op(site, params, leaves, state, rng)
+    n_out, spec = _site_out(site)
+    if state_spec is not None:
+        for variable, value in zip(state_spec.variables, flat[n_out:], strict=True):
+            variable.assign(value)
+    outputs = flat[:n_out]
+    if spec is None:
+        return _eager_unflatten(site, outputs)
+    return _py_build(spec, outputs)
+
+
+@torch.compiler.disable
+def _eager_call(layer, inputs, training, reason):
+    """A layer call torch cannot capture: run eagerly (a graph break)."""
+    counters["eager_fallbacks"] += 1
+    sites = layer.__dict__.get(_SITES_ATTR)
+    if sites is None:
+        sites = {}
+        object.__setattr__(layer, _SITES_ATTR, sites)
+    if not sites.get("warned"):
+        sites["warned"] = True
+        warnings.warn(
+            f"{layer._owner}: torch.compile cannot capture this call ({reason}); "
+            "it runs eagerly, with a graph break at the layer.",
+            stacklevel=3,
+        )
+    return layer.call(inputs, training=training)
+
+
+@torch.compiler.disable
+def _eager_unflatten(site_id, outputs):
+    """Outputs of a structure torch cannot build while tracing (a custom
+    pytree node): unflattened eagerly, a graph break after the operator."""
+    site = _site(site_id)
+    layer = site.layer()
+    sites = layer.__dict__.get(_SITES_ATTR, {}) if layer is not None else {}
+    if not sites.get("warned_outputs"):
+        sites["warned_outputs"] = True
+        warnings.warn(
+            f"{site.owner}: torch.compile cannot build `call_fn`'s outputs "
+            f"({site.out_def}) while tracing; they are assembled eagerly, with "
+            "a graph break after the layer's operator.",
+            stacklevel=3,
+        )
+    return jax.tree_util.tree_unflatten(site.out_def, list(outputs))
+
+
+#: `JaxLayer.call` passes the stored parameters and `cast=` to `run`.
+run.casts_params = True
+#: `JaxLayer.call` calls it first (see `layer_call`).
+run.layer_call = layer_call
