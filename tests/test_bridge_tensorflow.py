@@ -8,6 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -198,6 +199,7 @@ def test_thirty_inputs_each_with_an_unknown_dimension():
     layer = JaxLayer(call, params={"w": w})
     inputs = {f"x{i}": keras.Input(shape=(None, 2), name=f"x{i}") for i in range(n)}
     model = keras.Model(inputs, layer(inputs))
+    start = tf_bridge().conversion_count()
     counts = []
     for batch, seq in ((2, 5), (3, 7), (4, 2), (1, 9)):
         rng = np.random.default_rng(batch)
@@ -210,8 +212,10 @@ def test_thirty_inputs_each_with_an_unknown_dimension():
         )
         counts.append(tf_bridge().conversion_count())
     # Keras traces `predict` with the first shapes (a known sequence length),
-    # then once with unknown dims: that second conversion serves every size.
-    assert counts[1] == counts[2] == counts[3]
+    # then once with unknown dims: the first export, with every input dim
+    # symbolic, serves both traces and every size.
+    assert counts[0] - start == 1
+    assert counts[0] == counts[1] == counts[2] == counts[3]
 
 
 @TF_ONLY
@@ -323,21 +327,140 @@ def test_shape_dependent_code_falls_back_to_concrete_shapes():
     np.testing.assert_allclose(layer(x6), x6[:4] * 3.0, **TOL)
 
 
+def tf_conversions(layer, training=None):
+    """The bridge's conversions of the pure functions of `layer`."""
+    out = []
+    for fn in layer._pure_fns.values():
+        if training is not None and fn.training != training:
+            continue
+        slot = fn.slots().get("tensorflow")
+        if slot is not None:
+            out.extend(dict.fromkeys(slot.conversions.values()))
+    return out
+
+
 @TF_ONLY
 def test_platforms_are_honoured():
     layer = JaxLayer(mlp_call, mlp_init, seed=0, native_serialization_platforms=["cpu"])
     x = np.ones((2, 4), "float32")
     np.testing.assert_allclose(layer(x), mlp_call(numpy_tree(layer.params), x), **TOL)
-    conversion = next(
-        iter(tf_bridge()._CACHE[next(iter(layer._pure_fns.values()))].values())
-    )
-    assert conversion._exports["forward"].platforms == ("cpu",)
+    (conversion,) = tf_conversions(layer)
+    assert conversion.forward().exported.platforms == ("cpu",)
     default = JaxLayer(mlp_call, mlp_init, seed=0)
     default(x)
-    conversion = next(
-        iter(tf_bridge()._CACHE[next(iter(default._pure_fns.values()))].values())
+    (conversion,) = tf_conversions(default)
+    assert conversion.forward().exported.platforms == ("cpu", "cuda")
+
+
+@TF_ONLY
+def test_a_function_exported_per_batch_size_trains_with_a_partial_batch():
+    """An Equinox BatchNorm (`pmean` over the vmapped batch) cannot be exported
+    with a symbolic batch: it is exported per shape, the partial last batch
+    of `fit` included, with one warning."""
+    eqx = pytest.importorskip("equinox")
+    from jaxlayer.adapters import EquinoxLayer
+
+    class Net(eqx.Module):
+        linear: eqx.nn.Linear
+        bn: eqx.nn.BatchNorm
+
+        def __init__(self, key):
+            self.linear = eqx.nn.Linear(3, 2, key=key)
+            self.bn = eqx.nn.BatchNorm(2, axis_name="batch", mode="batch")
+
+        def __call__(self, x, state):
+            return self.bn(self.linear(x), state)
+
+    module, state = eqx.nn.make_with_state(Net)(jax.random.key(0))
+    layer = EquinoxLayer(module, state)
+    model = keras.Sequential([keras.Input((3,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    rng = np.random.default_rng(0)
+    x = rng.normal(size=(10, 3)).astype("float32")
+    y = rng.normal(size=(10, 2)).astype("float32")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.fit(x, y, batch_size=4, epochs=2, shuffle=False, verbose=0)
+        got = model.predict(x[:3], verbose=0)  # another batch size
+    ours = [w for w in caught if "symbolic batch" in str(w.message)]
+    assert len(ours) == 1, [str(w.message) for w in caught]
+    # The reference: Equinox's own batched call (in inference mode, with the
+    # running statistics) on the trained module and state.
+    trained, trained_state = layer.to_module()
+    batched = jax.vmap(
+        eqx.nn.inference_mode(trained),
+        in_axes=(0, None),
+        out_axes=(0, None),
+        axis_name="batch",
     )
-    assert conversion._exports["forward"].platforms == ("cpu", "cuda")
+    want, _ = batched(x[:3], trained_state)
+    np.testing.assert_allclose(got, want, **TOL)
+    assert np.all(np.isfinite(got))
+    assert not np.allclose(trained.linear.weight, module.linear.weight)
+
+
+@TF_ONLY
+def test_frozen_parameters_get_no_gradient_export_work():
+    x = np.random.default_rng(0).normal(size=(8, 4)).astype("float32")
+    y = np.random.default_rng(1).normal(size=(8, 3)).astype("float32")
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    model = keras.Sequential([keras.Input((4,)), layer])
+    model.compile(keras.optimizers.SGD(0.1), "mse")
+    frozen = layer.params["hidden"]["w"]
+    frozen.trainable = False
+    model.compile(keras.optimizers.SGD(0.1), "mse")  # Keras reads `trainable`
+    before = numpy_tree(layer.params)
+    model.fit(x, y, batch_size=4, epochs=1, verbose=0)
+    after = numpy_tree(layer.params)
+    np.testing.assert_array_equal(after["hidden"]["w"], before["hidden"]["w"])
+    assert not np.allclose(after["out"]["w"], before["out"]["w"])
+    # The training exports compute gradients for the trainable arguments only
+    # (one fewer than the floating parameters and inputs).
+    (conversion,) = tf_conversions(layer, training=True)
+    n_float = len(conversion.diff(None))
+    (train,) = conversion._train.values()
+    assert len(train.backward.out_avals) == n_float - 1
+    # The trained layer still equals the JAX reference.
+    np.testing.assert_allclose(model.predict(x, verbose=0), mlp_call(after, x), **TOL)
+
+
+@TF_ONLY
+def test_gradient_export_failures_name_the_layer():
+    import tensorflow as tf
+
+    @jax.custom_vjp
+    def odd(x):
+        return x * 2
+
+    def odd_fwd(x):
+        return x * 2, None
+
+    def odd_bwd(_, ct):
+        raise NotImplementedError("no backward for odd")
+
+    odd.defvjp(odd_fwd, odd_bwd)
+
+    def call(params, inputs):
+        return odd(inputs * params["w"])
+
+    def looping(params, inputs):
+        # Reverse-mode differentiation of a while loop is not supported.
+        return jax.lax.while_loop(
+            lambda c: c[1] < 3, lambda c: (c[0] * params["w"], c[1] + 1), (inputs, 0)
+        )[0]
+
+    x = tf.constant(np.ones((2, 3), "float32"))
+    for fn, traced_first in ((call, False), (call, True), (looping, False)):
+        layer = JaxLayer(fn, params={"w": np.full(3, 2.0, "float32")}, name="odd")
+        forward = layer
+        if traced_first:
+            # Traced without a tape, differentiated later: the VJP export.
+            forward = tf.function(lambda x, layer=layer: layer(x))
+            forward(x)
+        with tf.GradientTape() as tape:
+            y = forward(x)  # the forward pass works
+        with pytest.raises(ValueError, match=r"JaxLayer 'odd'.*gradient of `call_fn`"):
+            tape.gradient(y, layer.trainable_variables)
 
 
 # -- SavedModel ---------------------------------------------------------------------

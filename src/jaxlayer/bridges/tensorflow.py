@@ -7,17 +7,31 @@ op `jax2tf` uses: it runs eagerly, inside `tf.function` (with or without
 
 Gradients are attached with `tf.custom_gradient`. Where a gradient tape may
 record (a train step), one op computes the outputs and the VJP residuals and
-one op the VJP from them, so the forward is not computed twice. Traced
+one op the gradients of every differentiable argument from them, so the
+forward is not computed twice. Residuals that are arguments or outputs are
+not returned twice, and parameters that are frozen at trace time
+(`variable.trainable = False`) get no gradient and no residuals. Traced
 without a tape (predict, SavedModel), the op is the plain forward, with a
 gradient that recomputes it should the graph be differentiated later. Eager
 calls outside any tape use the plain forward alone.
 
-One export serves every batch size: the first dimension of every input (one
-shared symbol when the inputs' first dims agree) and every dimension unknown
-in a tensor's static shape are symbolic; a function that cannot be exported
-so is exported per concrete shape, with a warning. Exports are made lazily,
-cached per (function, input structure, variable shapes and dtypes), and
-counted by `conversion_count()`.
+Shapes: one export serves every batch size. The first export of an input
+structure makes every input dimension symbolic (one shared batch symbol when
+the inputs' first dims agree), so that one export also serves the other
+sequence lengths or image sizes Keras may trace later; where the function
+needs some of them concrete, only the batch and the dims unknown in the
+traced shapes are symbolic. A function that cannot be exported with a
+symbolic batch (an Equinox `BatchNorm`: `pmean` over a vmapped axis) is
+exported for each concrete input shape, with one warning per layer; where
+TensorFlow traces with an unknown batch (the partial last batch of `fit`
+or `predict`), the call runs eagerly through `tf.py_function` and exports
+for each batch size it meets. A graph with such a call cannot be compiled
+with `jit_compile` nor served from a SavedModel without Python: give a fixed
+batch size there. Exports are made lazily, kept in the layer's pure function
+(`fn.slot("tensorflow")`, dropped with the layer or whenever its function
+changes) and counted by `conversion_count()`.
+
+Speed, and when to turn on `jit_compile`: TODO (measured numbers).
 """
 
 from __future__ import annotations
@@ -31,8 +45,11 @@ from typing import Any
 import jax
 import numpy as np
 import tensorflow as tf
-from tensorflow.compiler.tf2xla.python import xla as _tfxla
-from tensorflow.python.eager import record as _record
+
+from jaxlayer import _private
+
+_call_module = _private.tf_call_module()
+_could_possibly_record = _private.tf_could_possibly_record()
 
 # Platforms the export serves when the layer names none: TensorFlow may place
 # the op on a CPU or on an NVIDIA GPU.
@@ -45,17 +62,17 @@ def conversion_count() -> int:
     """How many JAX functions this bridge has exported (forward and VJP).
 
     Calling a layer again with inputs of the same structure (any batch size)
-    reuses the cached export, so the count does not change.
+    reuses the export, so the count does not change.
 
     Returns:
         The number of `jax.export` conversions made in this process.
 
-    Example:
+    Examples:
 
-    >>> from jaxlayer.bridges import tensorflow as tf_bridge
-    >>> before = tf_bridge.conversion_count()
-    >>> tf_bridge.conversion_count() - before
-    0
+        >>> from jaxlayer.bridges import tensorflow as tf_bridge
+        >>> before = tf_bridge.conversion_count()
+        >>> tf_bridge.conversion_count() - before
+        0
     """
     return _count
 
@@ -70,8 +87,9 @@ def run(
     """Runs the pure JAX `fn` on TensorFlow tensors as compiled XLA.
 
     Args:
-        fn: the layer's pure function, `fn(params, inputs, state, rng) ->
-            (outputs, new_state)` on lists of JAX arrays.
+        fn: the layer's pure function (`jaxlayer._pure.PureFunction`),
+            `fn(params, inputs, state, rng) -> (outputs, new_state)` on lists
+            of JAX arrays.
         params: the values of the parameter variables.
         inputs: the input tensors (any static shape, unknown dims included).
         state: the values of the state variables.
@@ -79,50 +97,20 @@ def run(
 
     Returns:
         `(outputs, new_state)`, lists of TensorFlow tensors. `outputs` are
-        differentiable with respect to the floating `params` and `inputs`;
-        `new_state` carries no gradient.
+        differentiable with respect to the floating `params` that are
+        trainable and the floating `inputs`; `new_state` carries no gradient.
     """
-    args = [tf.convert_to_tensor(x) for x in (*params, *inputs, *state, *rng)]
+    args = [
+        x if isinstance(x, tf.Tensor) else tf.convert_to_tensor(x)
+        for x in (*params, *inputs, *state, *rng)
+    ]
     counts = (len(params), len(inputs), len(state))
-    # {structure key -> _Conversion}, kept in the pure function's slot: it
-    # goes with the layer.
-    per_fn = fn.slot("tensorflow", dict)
-    key = _symbolic_key(args, counts)
-    conversion = per_fn.get(key)
-    if conversion is None:
-        conversion = per_fn[key] = _Conversion(fn, _symbolic_specs(key), counts)
+    slot = fn.slot("tensorflow", _Slot)
     mode = _mode()
-    symbolic = conversion
-    if symbolic.symbolic_failed is None:
-        try:
-            return symbolic(args, mode)
-        except _ExportError as err:
-            _symbolic_failure(fn, symbolic, args, counts, err.__cause__)
-    concrete_key = ("concrete", tuple(_shape_of(a) for a in args), key)
-    conversion = per_fn.get(concrete_key)
-    if conversion is None:
-        conversion = per_fn[concrete_key] = _Conversion(
-            fn, _concrete_specs(args), counts
-        )
-    try:
-        result = conversion(args, mode)
-    except _ExportError as err:
-        # It fails with concrete shapes too: the error is the function's own
-        # (or the layer's contract), not the symbolic shapes'. Raise it as it
-        # is, and try symbolic shapes again next time.
-        symbolic.symbolic_failed = None
-        del per_fn[concrete_key]
-        raise err.__cause__ from None
-    if not symbolic.warned:
-        symbolic.warned = True
-        warnings.warn(
-            f"{fn.owner}: `call_fn` could not be exported with a symbolic "
-            "batch dimension, so it is exported for the concrete input "
-            "shapes, again for each new shape. Cause: "
-            f"{symbolic.symbolic_failed}",
-            stacklevel=2,
-        )
-    return result
+    conversion = _conversion(fn, slot, args, counts)
+    if conversion is not None:
+        return conversion(args, mode, _diff_mask(fn, conversion))
+    return _concrete(fn, slot, args, counts, mode)
 
 
 def outside_graph(fn: Callable[[], Any]) -> Any:
@@ -141,6 +129,169 @@ def outside_graph(fn: Callable[[], Any]) -> Any:
         return fn()
 
 
+# -- what the bridge keeps for one pure function --------------------------------
+
+
+class _Slot:
+    """The bridge's state for one pure function (its "tensorflow" slot).
+
+    Attributes:
+        conversions: structure key -> `_Conversion` (several keys may share
+            one conversion: the general one serves them all).
+        failed: structure keys whose symbolic export failed -> the error.
+        warned: whether the concrete-shapes warning was given (once per
+            function).
+        run_time_specs: structure key -> output `(dtype, shape)`s of a call
+            exported at run time (unknown dims traced, concrete fallback).
+    """
+
+    __slots__ = ("conversions", "failed", "warned", "run_time_specs")
+
+    def __init__(self):
+        self.conversions: dict = {}
+        self.failed: dict = {}
+        self.warned = False
+        self.run_time_specs: dict = {}
+
+
+def _conversion(fn, slot, args, counts):
+    """The conversion serving `args` with symbolic dims, or None.
+
+    Tries, once per structure: every input dim symbolic (the general key),
+    then the batch and the unknown dims only (the structure key).
+    """
+    key = _symbolic_key(args, counts)
+    conversion = slot.conversions.get(key)
+    if conversion is not None or key in slot.failed:
+        return conversion
+    for candidate in dict.fromkeys((_general_key(key, counts), key)):
+        conversion = slot.conversions.get(candidate)
+        if conversion is None and candidate not in slot.failed:
+            conversion = _Conversion(fn, _symbolic_specs(candidate), counts)
+            try:
+                conversion.forward()
+            except _ExportError as err:
+                slot.failed[candidate] = err.__cause__
+                conversion = None
+            else:
+                slot.conversions[candidate] = conversion
+        if conversion is not None:
+            slot.conversions[key] = conversion
+            return conversion
+    return None
+
+
+def _concrete(fn, slot, args, counts, mode):
+    """Runs `fn` exported for the concrete shapes (the symbolic export failed).
+
+    Shapes known here: one export per shape. Unknown dims (a graph traced
+    with an unknown batch): the call runs eagerly at run time, inside
+    `tf.py_function`, and exports for the shapes it meets.
+    """
+    key = _symbolic_key(args, counts)
+    cause = slot.failed.get(key)
+    if any(None in x.shape.as_list() for x in args):
+        own = _error_with_concrete_shapes(fn, args, counts)
+        if own is not None:
+            # The function fails whatever the shapes: its own error.
+            del slot.failed[key]
+            raise own
+        _warn_concrete(fn, slot, cause)
+        return _at_run_time(fn, slot, args, counts, key)
+    concrete_key = ("concrete", tuple(_shape_of(a) for a in args), key)
+    conversion = slot.conversions.get(concrete_key)
+    if conversion is None:
+        conversion = _Conversion(fn, _concrete_specs(args), counts)
+        try:
+            conversion.forward()
+        except _ExportError as err:
+            # It fails with concrete shapes too: the error is the function's
+            # own (or the layer's contract), not the symbolic shapes'. Raise
+            # it as it is, and try symbolic shapes again next time.
+            slot.failed.pop(key, None)
+            raise err.__cause__ from None
+        slot.conversions[concrete_key] = conversion
+    _warn_concrete(fn, slot, cause)
+    return conversion(args, mode, _diff_mask(fn, conversion))
+
+
+def _warn_concrete(fn, slot, cause):
+    if slot.warned:
+        return
+    slot.warned = True
+    warnings.warn(
+        f"{fn.owner}: `call_fn` could not be exported with a symbolic batch "
+        "dimension, so it is exported for the concrete input shapes, once "
+        "for each new shape (a partial last batch runs through "
+        "`tf.py_function`, which `jit_compile` and a SavedModel served "
+        f"without Python cannot run). Cause: {cause}",
+        stacklevel=4,
+    )
+
+
+def _at_run_time(fn, slot, args, counts, key):
+    """Calls `fn` eagerly when the graph runs, for the shapes it then has.
+
+    `tf.py_function` records the eager call on a tape, so gradients flow
+    through it as through the graph op.
+    """
+    specs = slot.run_time_specs.get(key)
+    if specs is None:
+        specs = slot.run_time_specs[key] = _run_time_specs(fn, args, counts)
+    n_params, n_inputs, n_state = counts
+    fn_ref = weakref.ref(fn)
+
+    def eager(*values):
+        live = fn_ref()
+        if live is None:
+            raise RuntimeError(f"{specs.owner}: the layer's function was deleted.")
+        a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
+        outputs, new_state = run(live, values[:a], values[a:b], values[b:c], values[c:])
+        return [*outputs, *new_state]
+
+    results = tf.py_function(eager, args, Tout=[dtype for dtype, _ in specs.outs])
+    for x, (_, shape) in zip(results, specs.outs, strict=True):
+        x.set_shape(shape)
+    n_outputs = len(specs.outs) - n_state
+    return list(results[:n_outputs]), [tf.stop_gradient(x) for x in results[n_outputs:]]
+
+
+class _RunTimeSpecs:
+    __slots__ = ("owner", "outs")
+
+    def __init__(self, owner, outs):
+        self.owner = owner
+        self.outs = outs
+
+
+def _run_time_specs(fn, args, counts):
+    """Output dtypes and static shapes: `fn` evaluated at two sizes for the
+    unknown dims; a dim that differs is unknown."""
+    n_params, n_inputs, n_state = counts
+    a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
+    results = []
+    for size in (2, 3):
+        specs = [
+            jax.ShapeDtypeStruct(
+                tuple(size if d is None else d for d in x.shape.as_list()),
+                _jax_dtype(x.dtype),
+            )
+            for x in args
+        ]
+        outputs, new_state = jax.eval_shape(
+            fn, specs[:a], specs[a:b], specs[b:c], specs[c:]
+        )
+        results.append([*outputs, *new_state])
+    outs = [
+        (
+            tf.as_dtype(x.dtype),
+            [p if p == q else None for p, q in zip(x.shape, y.shape, strict=True)],
+        )
+        for x, y in zip(*results, strict=True)
+    ]
+    return _RunTimeSpecs(fn.owner, outs)
+
+
 # -- structure keys and export specs ----------------------------------------
 
 
@@ -153,11 +304,12 @@ def _symbolic_key(args, counts):
 
     Variables are keyed by shape and dtype; inputs by dtype, rank, their
     known non-batch dims and how their first (batch) dims group: inputs whose
-    first dims agree (or are all unknown) share one batch symbol.
+    first dims agree (or are all unknown) share one batch symbol. A None dim
+    is symbolic.
     """
     n_params, n_inputs, _ = counts
-    firsts = [x.shape[0] for x in args[n_params : n_params + n_inputs] if x.shape.rank]
-    shared = len(set(firsts)) <= 1
+    firsts = {x.shape[0] for x in args[n_params : n_params + n_inputs] if x.shape.rank}
+    shared = len(firsts) <= 1
     parts = []
     for i, x in enumerate(args):
         shape = _shape_of(x)
@@ -174,6 +326,17 @@ def _symbolic_key(args, counts):
                 group = ("b", shape[0])
             shape = (group, *shape[1:])
         parts.append((x.dtype, shape))
+    return ("symbolic", tuple(parts))
+
+
+def _general_key(key, counts):
+    """`key` with every non-batch input dim symbolic."""
+    n_params, n_inputs, _ = counts
+    parts = list(key[1])
+    for i in range(n_params, n_params + n_inputs):
+        dtype, shape = parts[i]
+        if len(shape) > 1:
+            parts[i] = (dtype, (shape[0], *[None] * (len(shape) - 1)))
     return ("symbolic", tuple(parts))
 
 
@@ -226,27 +389,20 @@ def _mode():
     (predict, SavedModel): a plain forward, with a gradient that recomputes
     the forward, in case the function is differentiated later.
     """
-    if _record.could_possibly_record():
+    if _could_possibly_record():
         return "train"
     return "plain" if tf.executing_eagerly() else "graph"
 
 
-def _symbolic_failure(fn, conversion, args, counts, err):
-    conversion.symbolic_failed = err
-    if any(None in x.shape.as_list() for x in args):
-        own = _error_with_concrete_shapes(fn, args, counts)
-        if own is not None:
-            # The function fails whatever the shapes: its own error.
-            conversion.symbolic_failed = None
-            raise own
-        raise ValueError(
-            f"{fn.owner}: `call_fn` could not be exported with symbolic "
-            "dimensions (the batch dimension and unknown dimensions), and the "
-            "inputs have unknown dimensions here, so it cannot be exported "
-            "with concrete ones either. Make `call_fn` work for any batch "
-            "size (no Python code depending on `inputs.shape[0]`), or give "
-            f"the inputs static shapes. Cause: {err}"
-        ) from err
+def _diff_mask(fn, conversion):
+    """Which floating params are differentiated: the trainable ones."""
+    trainable = fn.trainable()
+    if trainable is None:
+        return None
+    n_params = conversion.counts[0]
+    if len(trainable) != n_params:
+        return None
+    return tuple(bool(t) for t in trainable)
 
 
 def _error_with_concrete_shapes(fn, args, counts):
@@ -254,7 +410,7 @@ def _error_with_concrete_shapes(fn, args, counts):
     specs = [
         jax.ShapeDtypeStruct(
             tuple(2 if d is None else d for d in x.shape.as_list()),
-            jax.dtypes.canonicalize_dtype(x.dtype.as_numpy_dtype),
+            _jax_dtype(x.dtype),
         )
         for x in args
     ]
@@ -296,25 +452,92 @@ def _is_float(dtype) -> bool:
     return bool(jax.numpy.issubdtype(dtype, jax.numpy.floating))
 
 
+class _Call:
+    """One export and how to call it as an `XlaCallModule` op.
+
+    The op's attributes are built once, from the export's public fields.
+    """
+
+    __slots__ = ("exported", "attrs", "kept", "in_avals", "out_avals")
+
+    def __init__(self, exported):
+        self.exported = exported
+        self.in_avals = exported.in_avals
+        self.out_avals = exported.out_avals
+        self.attrs = {
+            "version": exported.calling_convention_version,
+            "module": exported.mlir_module_serialized,
+            "Tout": [tf.as_dtype(a.dtype) for a in exported.out_avals],
+            "Sout": [
+                [d if isinstance(d, int) else None for d in a.shape]
+                for a in exported.out_avals
+            ],
+            "platforms": [p.upper() for p in exported.platforms],
+            "disabled_checks": [str(c) for c in exported.disabled_safety_checks],
+            "has_token_input_output": False,
+            "function_list": [],
+            "use_shardy_partitioner": bool(jax.config.jax_use_shardy_partitioner),
+        }
+        kept = sorted(exported.module_kept_var_idx)
+        self.kept = None if kept == list(range(len(exported.in_avals))) else kept
+
+    def __call__(self, args) -> list[Any]:
+        """Runs the export on `args` (TensorFlow tensors)."""
+        kept = self.kept
+        results = list(
+            _call_module(
+                args if kept is None else [args[i] for i in kept], **self.attrs
+            )
+        )
+        if not tf.executing_eagerly():
+            # Static output dims where a symbol's size is static in this graph.
+            sizes = {}
+            for aval, x in zip(self.in_avals, args, strict=True):
+                for d, size in zip(aval.shape, x.shape, strict=True):
+                    if not isinstance(d, int) and size is not None:
+                        sizes.setdefault(str(d), size)
+            for aval, x in zip(self.out_avals, results, strict=True):
+                x.set_shape(
+                    [d if isinstance(d, int) else sizes.get(str(d)) for d in aval.shape]
+                )
+        return results
+
+
+class _Train:
+    """The training pair of one conversion for one set of differentiated
+    arguments: the forward with residuals, and the backward (made lazily)."""
+
+    __slots__ = ("forward", "sources", "res_specs", "treedef", "backward")
+
+    def __init__(self, forward, sources, res_specs, treedef):
+        self.forward = forward
+        self.sources = sources
+        self.res_specs = res_specs
+        self.treedef = treedef
+        self.backward = None
+
+
 class _Conversion:
     """The exports of one function for one input structure, made lazily.
 
-    Attributes:
-        symbolic_failed: the export error, when symbolic shapes failed.
+    `forward()` exports the plain forward (and raises `_ExportError` when it
+    cannot be exported); the training exports are made per set of
+    differentiated arguments (the floating inputs, and the floating params
+    trainable when traced).
     """
 
     def __init__(self, fn, specs, counts):
-        self.symbolic_failed = None
-        self.warned = False
         self._fn = weakref.ref(fn)
-        self._owner = fn.owner
-        self._specs = specs
-        self._counts = counts
+        self.owner = fn.owner
+        self.specs = specs
+        self.counts = counts
         self._platforms = _platform_choices(fn)
-        self._exports = {}
-        self._attrs = {}
+        self._forward = None
+        self._train = {}
+        self._vjp = {}
+        self._train_failed = {}
         n_params, n_inputs, _ = counts
-        self._diff = [
+        self._float = [
             i for i, s in enumerate(specs[: n_params + n_inputs]) if _is_float(s.dtype)
         ]
 
@@ -324,56 +547,73 @@ class _Conversion:
         fn = self._fn()
         if fn is None:
             raise RuntimeError(
-                f"{self._owner}: the layer's function was deleted; it can no "
+                f"{self.owner}: the layer's function was deleted; it can no "
                 "longer be exported."
             )
         return fn
 
     def _split(self, flat):
-        n_params, n_inputs, n_state = self._counts
+        n_params, n_inputs, n_state = self.counts
         a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
         return list(flat[:a]), list(flat[a:b]), list(flat[b:c]), list(flat[c:])
 
-    def _export_kind(self, kind):
-        exported = self._exports.get(kind)
-        if exported is None:
-            exported = self._exports[kind] = getattr(self, f"_export_{kind}")()
-        return exported
+    def diff(self, mask):
+        """The differentiated argument indices for a trainable mask."""
+        n_params = self.counts[0]
+        if mask is None:
+            return tuple(self._float)
+        return tuple(i for i in self._float if i >= n_params or mask[i])
 
-    def _export_forward(self):
-        fn = self._live_fn()
+    # -- exports --
 
-        def forward(*flat):
-            outputs, new_state = fn(*self._split(flat))
-            return [*outputs, *new_state]
+    def forward(self):
+        """The plain forward's call (exported on first use)."""
+        if self._forward is None:
+            fn = self._live_fn()
 
-        exported = _export(forward, self._specs, self._platforms)
-        n_state = self._counts[2]
-        self._n_outputs = len(exported.out_avals) - n_state
-        self._float_outs = [
-            j
-            for j, a in enumerate(exported.out_avals[: self._n_outputs])
-            if _is_float(a.dtype)
-        ]
-        return exported
+            def forward(*flat):
+                outputs, new_state = fn(*self._split(flat))
+                return [*outputs, *new_state]
 
-    def _export_train(self):
-        """Outputs, new state and the VJP residuals not already at hand."""
-        self._export_kind("forward")
-        fn, diff, specs = self._live_fn(), self._diff, self._specs
-        float_outs = self._float_outs
+            call = _Call(_export(forward, self.specs, self._platforms))
+            n_outputs = len(call.out_avals) - self.counts[2]
+            self._float_outs = [
+                j
+                for j, a in enumerate(call.out_avals[:n_outputs])
+                if _is_float(a.dtype)
+            ]
+            self._n_outputs = n_outputs
+            self._forward = call
+        return self._forward
+
+    def _of_diff(self, fn, flat, diff, float_outs):
+        """`f(*diff_values) -> (float outputs, (outputs, new_state))`."""
+
+        def of_diff(*diff_values):
+            full = list(flat)
+            for i, v in zip(diff, diff_values, strict=True):
+                full[i] = v
+            outputs, new_state = fn(*self._split(full))
+            return [outputs[j] for j in float_outs], (outputs, new_state)
+
+        return of_diff
+
+    def train(self, diff):
+        """The forward with VJP residuals for `diff` (exported on first use)."""
+        train = self._train.get(diff)
+        if train is not None:
+            return train
+        if diff in self._train_failed:
+            raise self._train_failed[diff]
+        self.forward()
+        fn, specs, float_outs = self._live_fn(), self.specs, self._float_outs
         box = {}
 
-        def train(*flat):
-            def of_diff(*diff_values):
-                full = list(flat)
-                for i, v in zip(diff, diff_values, strict=True):
-                    full[i] = v
-                outputs, new_state = fn(*self._split(full))
-                return [outputs[j] for j in float_outs], (outputs, new_state)
-
+        def train_fn(*flat):
             _, pullback, (outputs, new_state) = jax.vjp(
-                of_diff, *[flat[i] for i in diff], has_aux=True
+                self._of_diff(fn, flat, diff, float_outs),
+                *[flat[i] for i in diff],
+                has_aux=True,
             )
             leaves, box["treedef"] = jax.tree_util.tree_flatten(pullback)
             known = {id(x): ("arg", i) for i, x in enumerate(flat)}
@@ -388,75 +628,98 @@ class _Conversion:
             box["sources"] = sources
             return [*outputs, *new_state, *residuals]
 
-        exported = _export(train, specs, self._platforms)
-        n_out_state = self._n_outputs + self._counts[2]
-        res_avals = exported.out_avals[n_out_state:]
-        out_avals = exported.out_avals
-        self._res_sources = box["sources"]
-        self._res_specs = [
-            _struct(
-                specs[i]
-                if kind == "arg"
-                else out_avals[i]
-                if kind == "out"
-                else res_avals[i]
-            )
+        try:
+            call = _Call(_export(train_fn, specs, self._platforms))
+        except _ExportError as err:
+            error = self._gradient_error("the forward pass with its VJP", err)
+            self._train_failed[diff] = error
+            raise error from None
+        n_out_state = self._n_outputs + self.counts[2]
+        out_avals = call.out_avals
+        sources = [
+            ("res", n_out_state + i) if kind == "res" else (kind, i)
             for kind, i in box["sources"]
         ]
-        self._res_treedef = box["treedef"]
-        return exported
+        res_specs = [
+            _struct(specs[i] if kind == "arg" else out_avals[i]) for kind, i in sources
+        ]
+        train = self._train[diff] = _Train(call, sources, res_specs, box["treedef"])
+        return train
 
-    def _ct_specs(self):
-        avals = self._export_kind("forward").out_avals
-        return [_struct(avals[j]) for j in self._float_outs]
+    def backward(self, train):
+        """The gradients from the residuals and cotangents of `train`."""
+        if train.backward is None:
+            treedef, n_res = train.treedef, len(train.res_specs)
 
-    def _export_backward(self):
-        """Gradients of the differentiable args from residuals and cotangents."""
-        self._export_kind("train")
-        treedef, n_res = self._res_treedef, len(self._res_specs)
+            def backward(*flat):
+                pullback = jax.tree_util.tree_unflatten(treedef, list(flat[:n_res]))
+                return list(pullback(list(flat[n_res:])))
 
-        def backward(*flat):
-            pullback = jax.tree_util.tree_unflatten(treedef, list(flat[:n_res]))
-            return list(pullback(list(flat[n_res:])))
+            try:
+                exported = _export(
+                    backward, [*train.res_specs, *self._ct_specs()], self._platforms
+                )
+            except _ExportError as err:
+                raise self._gradient_error("the VJP (backward pass)", err) from None
+            train.backward = _Call(exported)
+        return train.backward
 
-        return _export(backward, [*self._res_specs, *self._ct_specs()], self._platforms)
-
-    def _export_vjp(self):
-        """Gradients from the args and cotangents (recomputes the forward)."""
-        self._export_kind("forward")
-        fn, diff, n_args = self._live_fn(), self._diff, len(self._specs)
-        float_outs = self._float_outs
+    def vjp(self, diff):
+        """The gradients from the args and cotangents (recomputes the forward)."""
+        call = self._vjp.get(diff)
+        if call is not None:
+            return call
+        self.forward()
+        fn, n_args, float_outs = self._live_fn(), len(self.specs), self._float_outs
 
         def vjp(*flat):
             primals = list(flat[:n_args])
-
-            def of_diff(*diff_values):
-                full = list(primals)
-                for i, v in zip(diff, diff_values, strict=True):
-                    full[i] = v
-                outputs, _ = fn(*self._split(full))
-                return [outputs[j] for j in float_outs]
-
-            _, pullback = jax.vjp(of_diff, *[primals[i] for i in diff])
+            _, pullback, _ = jax.vjp(
+                self._of_diff(fn, primals, diff, float_outs),
+                *[primals[i] for i in diff],
+                has_aux=True,
+            )
             return list(pullback(list(flat[n_args:])))
 
-        return _export(vjp, [*self._specs, *self._ct_specs()], self._platforms)
+        try:
+            exported = _export(vjp, [*self.specs, *self._ct_specs()], self._platforms)
+        except _ExportError as err:
+            raise self._gradient_error("the VJP", err) from None
+        call = self._vjp[diff] = _Call(exported)
+        return call
+
+    def _ct_specs(self):
+        avals = self.forward().out_avals
+        return [_struct(avals[j]) for j in self._float_outs]
+
+    def _gradient_error(self, what, err):
+        cause = err.__cause__
+        return ValueError(
+            f"{self.owner}: the gradient of `call_fn` cannot be computed: "
+            f"exporting {what} with `jax.export` failed ({type(cause).__name__}: "
+            f"{cause}). Check that `jax.vjp` works on `call_fn` (no "
+            "non-differentiable operations on the trainable parameters or "
+            "floating inputs), or freeze the parameters that cannot be "
+            "differentiated (`variable.trainable = False`)."
+        )
 
     # -- calls --
 
-    def __call__(self, args, mode):
-        args = _cast_args(args, self._specs)
-        forward = self._export_kind("forward")
-        n_outputs = self._n_outputs
-        if mode == "plain" or not self._diff or not self._float_outs:
-            results = _call_exported(forward, args, self._attrs)
+    def __call__(self, args, mode, mask):
+        args = _cast_args(args, self.specs)
+        forward = self.forward()
+        n_outputs, n_state = self._n_outputs, self.counts[2]
+        diff = self.diff(mask) if self._float_outs else ()
+        if mode == "plain" or not diff:
+            results = forward(args)
             return results[:n_outputs], results[n_outputs:]
         n_args, float_outs = len(args), self._float_outs
-        diff, diff_set = self._diff, set(self._diff)
+        position = {i: k for k, i in enumerate(diff)}
 
         def full_grads(grads):
-            by_index = dict(zip(diff, grads, strict=True))
-            return [by_index.get(i) if i in diff_set else None for i in range(n_args)]
+            return [
+                grads[position[i]] if i in position else None for i in range(n_args)
+            ]
 
         def cotangents(cts, results):
             return [
@@ -464,30 +727,28 @@ class _Conversion:
                 for j in float_outs
             ]
 
+        train = None
         if mode == "train":
-            train = self._export_kind("train")
-            n_out_state = n_outputs + self._counts[2]
+            try:
+                train = self.train(diff)
+            except ValueError as err:
+                # Not differentiable: the plain forward, and this error should
+                # a gradient be asked for.
+                error = err
+        if train is not None:
+            n_out_state = n_outputs + n_state
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(train, args, self._attrs)
+                results = train.forward(args)
                 residuals = [
-                    args[i]
-                    if kind == "arg"
-                    else results[i]
-                    if kind == "out"
-                    else results[n_out_state + i]
-                    for kind, i in self._res_sources
+                    args[i] if kind == "arg" else results[i]
+                    for kind, i in train.sources
                 ]
 
                 def grad(*cts):
-                    backward = self._export_kind("backward")
-                    grads = _call_exported(
-                        backward,
-                        [*residuals, *cotangents(cts, results)],
-                        self._attrs,
-                    )
-                    return full_grads(grads)
+                    backward = self.backward(train)
+                    return full_grads(backward([*residuals, *cotangents(cts, results)]))
 
                 return results[:n_out_state], grad
 
@@ -495,14 +756,13 @@ class _Conversion:
 
             @tf.custom_gradient
             def differentiable(*args):
-                results = _call_exported(forward, args, self._attrs)
+                results = forward(args)
 
                 def grad(*cts):
-                    vjp = self._export_kind("vjp")
-                    grads = _call_exported(
-                        vjp, [*args, *cotangents(cts, results)], self._attrs
-                    )
-                    return full_grads(grads)
+                    if mode == "train":
+                        raise error
+                    vjp = self.vjp(diff)
+                    return full_grads(vjp([*args, *cotangents(cts, results)]))
 
                 return results, grad
 
@@ -523,48 +783,3 @@ def _cast_args(args, specs):
             x = tf.cast(x, tf.as_dtype(spec.dtype))
         out.append(x)
     return out
-
-
-def _call_attrs(exported, cache):
-    """The `XlaCallModule` attributes of `exported`, built once per export.
-
-    `cache` (id(exported) -> (exported, attributes, kept argument indices))
-    belongs to the conversion that made the export, so it goes with it.
-    """
-    entry = cache.get(id(exported))
-    if entry is None or entry[0] is not exported:
-        attrs = {
-            "version": exported.calling_convention_version,
-            "module": exported.mlir_module_serialized,
-            "Tout": [tf.as_dtype(a.dtype) for a in exported.out_avals],
-            "Sout": [
-                [d if isinstance(d, int) else None for d in a.shape]
-                for a in exported.out_avals
-            ],
-            "platforms": [p.upper() for p in exported.platforms],
-            "disabled_checks": [str(c) for c in exported.disabled_safety_checks],
-            "has_token_input_output": False,
-            "function_list": [],
-            "use_shardy_partitioner": bool(jax.config.jax_use_shardy_partitioner),
-        }
-        kept = sorted(exported.module_kept_var_idx)
-        entry = cache[id(exported)] = (exported, attrs, kept)
-    return entry[1], entry[2]
-
-
-def _call_exported(exported, args, cache) -> list[Any]:
-    """Runs one `jax.export.Exported` as an `XlaCallModule` op."""
-    attrs, kept = _call_attrs(exported, cache)
-    results = list(_tfxla.call_module([args[i] for i in kept], **attrs))
-    if not tf.executing_eagerly():
-        # Static output dims where a symbol's size is static in this graph.
-        sizes = {}
-        for aval, x in zip(exported.in_avals, args, strict=True):
-            for d, size in zip(aval.shape, x.shape, strict=True):
-                if not isinstance(d, int) and size is not None:
-                    sizes.setdefault(str(d), size)
-        for aval, x in zip(exported.out_avals, results, strict=True):
-            x.set_shape(
-                [d if isinstance(d, int) else sizes.get(str(d)) for d in aval.shape]
-            )
-    return results
