@@ -49,3 +49,21 @@ def test_importing_jaxlayer_imports_no_optional_library():
     )
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_require_names_an_explicit_extra(monkeypatch):
+    # A feature needing several libraries names the extra with all of them.
+    monkeypatch.setitem(sys.modules, "haiku", None)
+    with pytest.raises(_deps.MissingExtraError) as info:
+        _deps.require("haiku", "the demo", extra="demo")
+    message = str(info.value)
+    assert "pip install 'jaxlayer[demo]'" in message
+    assert "jaxlayer[haiku]" not in message
+    assert isinstance(info.value, ImportError)
+
+
+def test_demo_model_names_the_demo_extra(monkeypatch):
+    monkeypatch.setitem(sys.modules, "haiku", None)
+    monkeypatch.delitem(sys.modules, "jaxlayer._demo_model", raising=False)
+    with pytest.raises(ImportError, match=r"pip install 'jaxlayer\[demo\]'"):
+        import jaxlayer._demo_model  # noqa: F401

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import textwrap
@@ -308,17 +309,27 @@ def test_fresh_clone_runs_the_demo_on_jax(tmp_path):
         [str(Path(sys.executable).parent), env.get("PATH", "")]
     )
     start = time.perf_counter()
-    result = subprocess.run(
-        ["bash", "scripts/demo.sh", "--epochs", "2"],
-        cwd=clone,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=1500,
-    )
+    # Output to files, so that a failure (or a time-out) shows how far it got.
+    out, err = tmp_path / "stdout.txt", tmp_path / "stderr.txt"
+    with out.open("w") as stdout, err.open("w") as stderr:
+        process = subprocess.Popen(
+            ["bash", "scripts/demo.sh", "--epochs", "2"],
+            cwd=clone,
+            env=env,
+            stdout=stdout,
+            stderr=stderr,
+            start_new_session=True,
+        )
+        try:
+            code = process.wait(timeout=3600)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)  # bash, pip, python
+            process.wait()
+            code = "timed out after 3600 s"
     seconds = time.perf_counter() - start
+    result = subprocess.CompletedProcess([], code, out.read_text(), err.read_text())
     output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-5000:]
+    assert result.returncode == 0, (code, output[-5000:])
     assert (clone / ".venv" / ".jaxlayer-demo").exists()
     freeze = subprocess.run(
         [str(clone / ".venv/bin/python"), "-m", "pip", "list"],

@@ -52,7 +52,7 @@ def demo(epochs: int = DEFAULT_EPOCHS, seed: int = 0) -> float:
         ImportError: when Haiku or scikit-learn is missing (the message names
             the `demo` extra).
 
-    Example:
+    Examples:
         >>> accuracy = demo(epochs=2)  # doctest: +SKIP
     """
     import keras

@@ -42,7 +42,7 @@ def require(
         MissingExtraError: (an `ImportError`) when the module cannot be
             imported.
 
-    Example:
+    Examples:
         >>> hk = require("haiku", "the demo", extra="demo")  # doctest: +SKIP
     """
     try:

@@ -50,11 +50,11 @@ def get(backend: str) -> Callable:
     Raises:
         NotImplementedError: no bridge exists for this backend.
 
-    Example:
+    Examples:
 
-    >>> from jaxlayer import bridges
-    >>> bridges.get("jax").__module__
-    'jaxlayer.bridges.jax'
+        >>> from jaxlayer import bridges
+        >>> bridges.get("jax").__module__
+        'jaxlayer.bridges.jax'
     """
     if backend not in _MODULES:
         raise NotImplementedError(
