@@ -1,6 +1,10 @@
 """Test configuration: one Keras backend per process (`KERAS_BACKEND`)."""
 
+import gc
 import os
+import time
+
+_START = time.monotonic()
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -30,15 +34,42 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip)
 
 
+def pytest_collection_finish(session):
+    # Every library is imported now (TensorFlow too, by Keras's own suite):
+    # hundreds of thousands of long-lived objects that each full garbage
+    # collection would walk again (seconds per test on a small machine).
+    # Frozen, they are left out of every collection; later objects are not.
+    gc.freeze()
+
+
+# A time budget for one backend's run, in seconds (`JAXLAYER_TEST_BUDGET`;
+# unset or 0: none). CI sets one so that a machine far slower than usual
+# still finishes within its time limit: once the budget is spent (counted
+# from the start of the process, imports and collection included), the tests
+# not started yet are skipped, each saying why, and the summary counts them.
+_BUDGET = float(os.environ.get("JAXLAYER_TEST_BUDGET") or 0)
+
+
+def pytest_runtest_setup(item):
+    if _BUDGET and time.monotonic() - _START > _BUDGET:
+        pytest.skip(
+            f"not run: the time budget of this run (JAXLAYER_TEST_BUDGET="
+            f"{_BUDGET:.0f} s) was spent"
+        )
+
+
 def pytest_report_header(config):
-    return f"KERAS_BACKEND={BACKEND}"
+    budget = f", time budget {_BUDGET:.0f} s" if _BUDGET else ""
+    return f"KERAS_BACKEND={BACKEND}{budget}"
 
 
 @pytest.fixture(autouse=True)
 def _fresh_keras_state():
     # A clean, seeded Keras per test: `fit`'s shuffling and Keras's global
     # seed generator are the same on every run (JAXLAYER_TEST_SEED varies it).
-    keras.backend.clear_session()
+    # Without `free_memory`: no full garbage collection per test (tests that
+    # count what was freed collect themselves).
+    keras.backend.clear_session(free_memory=False)
     keras.utils.set_random_seed(int(os.environ.get("JAXLAYER_TEST_SEED", "0")))
     keras.config.set_dtype_policy("float32")
     yield
