@@ -861,7 +861,12 @@ def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
     params = [_struct(x.shape, x.dtype) for x in params]
     state = [_struct(x.shape, x.dtype) for x in state]
     rng = [_struct(x.shape, x.dtype) for x in rng]
-    shapes = [tuple(None if d is None else int(d) for d in x.shape) for x in inputs]
+    # Unknown and symbolic dims (a jax2tf or `jax.export` trace: `batch`)
+    # are None here.
+    shapes = [
+        tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in x.shape)
+        for x in inputs
+    ]
     dtypes = [keras.backend.standardize_dtype(x.dtype) for x in inputs]
 
     def outputs_of(inputs, params, state, rng):
