@@ -38,6 +38,12 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
   export JAX_COMPILATION_CACHE_DIR="$cache"
 fi
 
+# A time budget for the whole run (CI sets one; see tests/conftest.py): one
+# deadline shared by every backend's process.
+if [ -n "${JAXLAYER_TEST_BUDGET:-}" ] && [ -z "${JAXLAYER_TEST_DEADLINE:-}" ]; then
+  export JAXLAYER_TEST_DEADLINE=$(($(date +%s) + ${JAXLAYER_TEST_BUDGET%.*}))
+fi
+
 failed=""
 check() {
   # 5: no test collected for this backend (after -k filtering, say).
