@@ -54,6 +54,11 @@ _DEADLINE = float(os.environ.get("JAXLAYER_TEST_DEADLINE") or 0) or (
 )
 
 
+def time_left() -> float | None:
+    """Seconds until the run's deadline, or None when it has none."""
+    return _DEADLINE - time.time() if _DEADLINE else None
+
+
 def pytest_runtest_setup(item):
     if _DEADLINE and time.time() > _DEADLINE:
         pytest.skip(
