@@ -885,6 +885,57 @@ def warn_rebuilt(owner: str, what: str) -> None:
     )
 
 
+def module_layer_config(
+    layer, config: dict, module: str, rebuild: str, module_class: str
+) -> dict:
+    """The config of a layer whose module cannot be written to a config.
+
+    `NNXLayer` and `EquinoxLayer`: the `.keras` file holds the layer's
+    exported computation instead of its module, so saving needs it.
+
+    Args:
+        layer: the layer.
+        config: its config from `JaxLayer.get_config`.
+        module: what the module is, for the message ("an NNX module").
+        rebuild: how to rebuild the layer with its code, for the message.
+        module_class: the module's class (`module.Class`), kept for messages.
+
+    Raises:
+        ValueError: the computation could not be exported.
+    """
+    if config.get("exported") is None:
+        raise ValueError(
+            f"{layer._owner} cannot be saved in a `.keras` file: {module} "
+            "cannot be written to a config, so the file must hold the layer's "
+            "exported computation, which could not be made "
+            f"({export_failure(layer)}). Call the layer (or fit the model) "
+            "before saving, or save the weights with `model.save_weights(path)` "
+            f"and rebuild the model with a new `{rebuild}` to load them."
+        )
+    config.update(call_fn=None, init_fn=None, module_class=module_class)
+    return config
+
+
+def module_layer_from_config(cls, config: dict, module: str):
+    """`from_config` of a layer saved by `module_layer_config`.
+
+    Returns:
+        The layer, running the computation saved in its `.keras` file.
+
+    Raises:
+        ValueError: the config holds no exported computation.
+    """
+    config = dict(config)
+    module_class = config.pop("module_class", None)
+    if not config.get("exported"):
+        raise ValueError(
+            f"{cls.__name__} '{config.get('name')}': the config holds no "
+            f"exported computation, and {module} cannot be rebuilt from a "
+            "config; load the model from its `.keras` file."
+        )
+    return from_artifacts(cls, config, module_class=module_class)
+
+
 def module_error(owner: str, module_class: str | None) -> ValueError:
     """`to_module()`'s error on a layer rebuilt from its artifacts."""
     return ValueError(

@@ -207,30 +207,23 @@ class EquinoxLayer(JaxLayer):
             ValueError: the computation could not be exported (say, the layer
                 was never called); save the weights with `save_weights`.
         """
-        config = super().get_config()
-        if config.get("exported") is None:
-            raise ValueError(
-                f"{self._owner} cannot be saved in a `.keras` file: an Equinox "
-                "module cannot be written to a config, so the file must hold "
-                "the layer's exported computation, which could not be made "
-                f"({saving.export_failure(self)}). Call the layer (or fit the "
-                "model) before saving, or save the weights with "
-                "`model.save_weights(path)` and rebuild the model with a new "
-                "`EquinoxLayer(module, state)` to load them."
-            )
         if saving.rebuilt(self):
             module_class = self.call_fn.module_class
         else:
             cls = type(self._static)  # the static half: the module's class
             module_class = f"{cls.__module__}.{cls.__qualname__}"
+        config = saving.module_layer_config(
+            self,
+            super().get_config(),
+            "an Equinox module",
+            "EquinoxLayer(module, state)",
+            module_class,
+        )
         config.update(
             {
-                "call_fn": None,
-                "init_fn": None,
                 "axis_name": self.axis_name,
                 "vmap": self.vmap,
                 "key_mode": self._key_mode,
-                "module_class": module_class,
             }
         )
         return config
@@ -239,15 +232,8 @@ class EquinoxLayer(JaxLayer):
     def from_config(cls, config):
         """The layer, running the computation saved in its `.keras` file."""
         config = dict(config)
-        module_class = config.pop("module_class", None)
         extra = {k: config.pop(k, None) for k in ("axis_name", "vmap", "key_mode")}
-        if not config.get("exported"):
-            raise ValueError(
-                f"{cls.__name__} '{config.get('name')}': the config holds no "
-                "exported computation, and an Equinox module cannot be "
-                "rebuilt from a config; load the model from its `.keras` file."
-            )
-        layer = saving.from_artifacts(cls, config, module_class=module_class)
+        layer = saving.module_layer_from_config(cls, config, "an Equinox module")
         layer.axis_name = extra["axis_name"] or "batch"
         layer.vmap = True if extra["vmap"] is None else bool(extra["vmap"])
         for name, value in (

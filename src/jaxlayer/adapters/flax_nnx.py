@@ -149,34 +149,18 @@ class NNXLayer(JaxLayer):
             ValueError: the computation could not be exported (say, the layer
                 was never called); save the weights with `save_weights`.
         """
-        config = super().get_config()
-        if config.get("exported") is None:
-            raise ValueError(
-                f"{self._owner} cannot be saved in a `.keras` file: an NNX "
-                "module is a live Python object, so the file must hold the "
-                "layer's exported computation, which could not be made "
-                f"({saving.export_failure(self)}). Call the layer (or fit the "
-                "model) before saving, or save the weights with "
-                "`model.save_weights(path)` and rebuild the model with a new "
-                "`NNXLayer(MyModule(...))` to load them."
-            )
-        config["call_fn"] = None
-        config["init_fn"] = None
-        config["module_class"] = _module_class(self)
-        return config
+        return saving.module_layer_config(
+            self,
+            super().get_config(),
+            "an NNX module (a live Python object)",
+            "NNXLayer(MyModule(...))",
+            _module_class(self),
+        )
 
     @classmethod
     def from_config(cls, config):
         """The layer, running the computation saved in its `.keras` file."""
-        config = dict(config)
-        module_class = config.pop("module_class", None)
-        if not config.get("exported"):
-            raise ValueError(
-                f"{cls.__name__} '{config.get('name')}': the config holds no "
-                "exported computation, and an NNX module cannot be rebuilt "
-                "from a config; load the model from its `.keras` file."
-            )
-        layer = saving.from_artifacts(cls, config, module_class=module_class)
+        layer = saving.module_layer_from_config(cls, config, "an NNX module")
         object.__setattr__(layer, "_merge", None)
         object.__setattr__(layer, "_rng_data", None)
         return layer
