@@ -189,11 +189,6 @@ def test_eager_batch_of_4_then_functional_then_other_batches():
 
 
 @TF_ONLY
-@pytest.mark.xfail(
-    reason="open (#9): the export made for the first traced shapes is not yet "
-    "reused by Keras's second trace; one conversion too many",
-    strict=False,
-)
 def test_thirty_inputs_each_with_an_unknown_dimension():
     n = 30
 
@@ -217,8 +212,10 @@ def test_thirty_inputs_each_with_an_unknown_dimension():
         )
         counts.append(tf_bridge().conversion_count())
     # Keras traces `predict` with the first shapes (a known sequence length),
-    # then once with unknown dims: the first export, with every input dim
-    # symbolic, serves both traces and every size.
+    # then once with unknown dims. Every input dim symbolic cannot be
+    # exported (`* w[i]` needs the last dim to be 2), so the export has the
+    # dims the `keras.Input`s left unknown symbolic: it serves both traces
+    # and every size.
     assert counts[0] - start == 1
     assert counts[0] == counts[1] == counts[2] == counts[3]
 
@@ -358,11 +355,6 @@ def test_platforms_are_honoured():
 
 
 @TF_ONLY
-@pytest.mark.xfail(
-    reason="open (#9): the gradient of the tf.py_function fallback fails on "
-    "integer state/seed arguments (TypeError: Cannot convert 0.0 to int32)",
-    strict=False,
-)
 def test_a_function_exported_per_batch_size_trains_with_a_partial_batch():
     """An Equinox BatchNorm (`pmean` over the vmapped batch) cannot be exported
     with a symbolic batch: it is exported per shape, the partial last batch

@@ -30,7 +30,25 @@ def matmul_call(params, inputs):
     return inputs @ params["w"]
 
 
+def _release_free_memory():
+    """Hands freed heap memory back to the OS (glibc's `malloc_trim`).
+
+    glibc serves a 4 MiB allocation from the heap once a chunk that size was
+    freed (its mmap threshold adapts), and a freed heap chunk stays in RSS
+    until trimmed: without this, memory freed by a dropped layer would still
+    count as grown.
+    """
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def rss_mib() -> float:
+    gc.collect()
+    _release_free_memory()
     with open(f"/proc/{os.getpid()}/status") as status:
         for line in status:
             if line.startswith("VmRSS:"):

@@ -316,6 +316,14 @@ def test_wrong_platform_gives_a_clear_error(tmp_path):
     assert "exported for platforms tpu" in message and "runs JAX on cpu" in message
 
 
+# The TensorFlow bridge runs exported functions only: a function with a
+# Python callback (which cannot be exported) does not run there.
+NOT_ON_TF = pytest.mark.skipif(
+    BACKEND == "tensorflow", reason="a Python callback cannot run on TensorFlow"
+)
+
+
+@NOT_ON_TF
 def test_no_artifacts_and_no_function_says_where_it_was_defined(tmp_path):
     def unexportable(params, inputs):
         return jax.pure_callback(
@@ -420,6 +428,7 @@ def test_params_of_every_tree_kind_save_and_reload(tmp_path, kind):
     loaded.fit(x, expected + 1, epochs=1, verbose=0)
 
 
+@NOT_ON_TF
 def test_undescribable_tree_without_export_fails_at_save(tmp_path):
     def callback_call(params, inputs):
         y = jax.pure_callback(

@@ -43,6 +43,7 @@ class PureFunction:
         "rng_treedef",
         "out_treedef",
         "_trainable",
+        "_input_shapes",
         "__weakref__",
     )
 
@@ -57,6 +58,7 @@ class PureFunction:
         rng_treedef: Any,
         out_treedef: Any = None,
         trainable: Callable[[], tuple[bool, ...]] | None = None,
+        input_shapes: Callable[[], list[tuple] | None] | None = None,
     ):
         self._fn = fn
         self._slots: dict[str, Any] = {}
@@ -67,6 +69,7 @@ class PureFunction:
         self.rng_treedef = rng_treedef
         self.out_treedef = out_treedef
         self._trainable = trainable
+        self._input_shapes = input_shapes
 
     def __call__(self, params, inputs, state, rng):
         return self._fn(params, inputs, state, rng)
@@ -88,6 +91,16 @@ class PureFunction:
         when the layer does not say.
         """
         return None if self._trainable is None else self._trainable()
+
+    def input_shapes(self) -> list[tuple] | None:
+        """Per input leaf, the shape the layer was first called with, None
+        where a dimension is unknown (the batch, a `keras.Input`'s None).
+
+        A bridge that compiles per shape compiles once for these, symbolic
+        where None. None when the layer does not say (or the structure
+        differs).
+        """
+        return None if self._input_shapes is None else self._input_shapes()
 
     def slot(self, name: str, make: Callable[[], Any]) -> Any:
         """What the bridge `name` keeps for this function, made on first use.

@@ -466,11 +466,18 @@ class JaxLayer(keras.layers.Layer):
             rng_treedef=rng_def,
             out_treedef=out_def,
             trainable=self._params_trainable,
+            input_shapes=functools.partial(self._input_shapes, in_def),
         )
         return fn
 
     def _params_trainable(self):
         return tuple(v.trainable for v in _variables(self._params_spec))
+
+    def _input_shapes(self, in_def):
+        record = self._input_record
+        if record is None or record.treedef != in_def:
+            return None
+        return saving.input_template(record)
 
     def _tree_fn(self, training, in_def, rng_def, abstract_defs=None):
         """`call_fn` on flat lists: `(outputs tree, new state leaves)`.

@@ -366,7 +366,7 @@ def _output_spec(layer, training, record):
         record.treedef,
         [
             keras.KerasTensor(s, dtype=d)
-            for s, d in zip(_template(record), record.dtypes, strict=True)
+            for s, d in zip(input_template(record), record.dtypes, strict=True)
         ],
     )
     try:
@@ -395,7 +395,7 @@ def _output_spec(layer, training, record):
         raise _NotExported(err) from None
 
 
-def _template(record: InputRecord) -> list[tuple]:
+def input_template(record: InputRecord) -> list[tuple]:
     """Per input leaf, its shape with None where the export is symbolic.
 
     The first dimension of every input is the batch (when it was unknown,
@@ -416,7 +416,7 @@ def _symbolic_structs(record: InputRecord):
     scope = jax.export.SymbolicScope()
     names = (f"d{i}" for i in itertools.count())
     structs = []
-    for shape, dtype in zip(_template(record), record.dtypes, strict=True):
+    for shape, dtype in zip(input_template(record), record.dtypes, strict=True):
         dims = [
             ("batch" if i == 0 else next(names)) if d is None else str(d)
             for i, d in enumerate(shape)
@@ -445,16 +445,25 @@ def _lower(fn, params, inputs, state, rng, platforms):
     return None, None, error
 
 
+def _is_key_dtype(dtype) -> bool:
+    # A backend's dtype (`tf.int32`, `torch.int32`) is never a JAX key type,
+    # and `jax.dtypes.issubdtype` cannot read it.
+    try:
+        return bool(jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key))
+    except TypeError:
+        return False
+
+
 def _rng_struct(x):
     dtype = x.dtype
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if _is_key_dtype(dtype):
         return jax.ShapeDtypeStruct(tuple(x.shape), dtype)
     # Integer seeds reach `call_fn` as uint32 (whatever the backend's dtype).
     return jax.ShapeDtypeStruct(tuple(int(d) for d in x.shape), jnp.uint32)
 
 
 def _dtype_name(dtype) -> str:
-    if jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+    if _is_key_dtype(dtype):
         return str(dtype)
     return keras.backend.standardize_dtype(dtype)
 

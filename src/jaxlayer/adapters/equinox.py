@@ -122,6 +122,11 @@ class EquinoxLayer(JaxLayer):
                         return model(x, eqx_state, **kw)
                     return model(x, **kw), None
                 except Exception as err:  # noqa: BLE001 - re-raised with context
+                    if _symbolic_shape_error(err):
+                        # Not the input's fault: the module cannot be traced
+                        # with a symbolic batch (an exporting bridge then
+                        # falls back to concrete shapes); no shape hint.
+                        raise
                     raise _with_shape_context(err, owner, x, vmap, example) from err
 
             if not vmap:
@@ -366,6 +371,12 @@ def _expected_example(eqx, module):
                 "to NCHW before the layer"
             )
     return None
+
+
+def _symbolic_shape_error(err) -> bool:
+    # `jax.export`'s error for an operation on a symbolic dimension whose
+    # result depends on the dimension's value (not a public class).
+    return type(err).__name__ == "InconclusiveDimensionOperation"
 
 
 def _with_shape_context(err, owner, x, vmapped, example):

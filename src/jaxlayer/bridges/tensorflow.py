@@ -166,14 +166,22 @@ class _Slot:
 def _conversion(fn, slot, args, counts):
     """The conversion serving `args` with symbolic dims, or None.
 
-    Tries, once per structure: every input dim symbolic (the general key),
-    then the batch and the unknown dims only (the structure key).
+    Tries, once per structure: every input dim symbolic (the general key);
+    the dims unknown when the layer was first called (a `keras.Input`'s
+    None) symbolic, so that Keras's traces with and without a known
+    sequence length share one export (the declared key); then the batch and
+    the dims unknown in this trace only (the structure key).
     """
     key = _symbolic_key(args, counts)
     conversion = slot.conversions.get(key)
     if conversion is not None or key in slot.failed:
         return conversion
-    for candidate in dict.fromkeys((_general_key(key, counts), key)):
+    candidates = (
+        _general_key(key, counts),
+        _declared_key(key, counts, fn.input_shapes()),
+        key,
+    )
+    for candidate in dict.fromkeys(c for c in candidates if c is not None):
         conversion = slot.conversions.get(candidate)
         if conversion is None and candidate not in slot.failed:
             conversion = _Conversion(fn, _symbolic_specs(candidate), counts)
@@ -241,27 +249,69 @@ def _warn_concrete(fn, slot, cause):
 def _at_run_time(fn, slot, args, counts, key):
     """Calls `fn` eagerly when the graph runs, for the shapes it then has.
 
-    `tf.py_function` records the eager call on a tape, so gradients flow
-    through it as through the graph op.
+    The forward and its VJP are each one `tf.py_function`; the gradient is
+    computed by the eager call's own (exported) VJP, for the floating
+    arguments only: integer state and seeds get none.
     """
     specs = slot.run_time_specs.get(key)
     if specs is None:
         specs = slot.run_time_specs[key] = _run_time_specs(fn, args, counts)
     n_params, n_inputs, n_state = counts
+    n_args = len(args)
     fn_ref = weakref.ref(fn)
+    n_outputs = len(specs.outs) - n_state
+    floats = [i for i, x in enumerate(args) if x.dtype.is_floating]
+    float_outs = [j for j in range(n_outputs) if specs.outs[j][0].is_floating]
 
-    def eager(*values):
+    def eager_run(values):
         live = fn_ref()
         if live is None:
             raise RuntimeError(f"{specs.owner}: the layer's function was deleted.")
         a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
-        outputs, new_state = run(live, values[:a], values[a:b], values[b:c], values[c:])
+        return run(live, values[:a], values[a:b], values[b:c], values[c:])
+
+    def eager(*values):
+        outputs, new_state = eager_run(values)
         return [*outputs, *new_state]
 
-    results = tf.py_function(eager, args, Tout=[dtype for dtype, _ in specs.outs])
-    for x, (_, shape) in zip(results, specs.outs, strict=True):
-        x.set_shape(shape)
-    n_outputs = len(specs.outs) - n_state
+    def eager_vjp(*values):
+        primals, cts = list(values[:n_args]), values[n_args:]
+        with tf.GradientTape() as tape:
+            for i in floats:
+                tape.watch(primals[i])
+            outputs, _ = eager_run(primals)
+        return tape.gradient(
+            [outputs[j] for j in float_outs],
+            [primals[i] for i in floats],
+            output_gradients=list(cts),
+            unconnected_gradients=tf.UnconnectedGradients.ZERO,
+        )
+
+    @tf.custom_gradient
+    def differentiable(*values):
+        results = tf.py_function(eager, values, Tout=[d for d, _ in specs.outs])
+        for x, (_, shape) in zip(results, specs.outs, strict=True):
+            x.set_shape(shape)
+
+        def grad(*cts):
+            if not floats or not float_outs:
+                return [None] * n_args
+            cts = [
+                tf.zeros_like(results[j]) if cts[j] is None else cts[j]
+                for j in float_outs
+            ]
+            grads = tf.py_function(
+                eager_vjp, [*values, *cts], Tout=[values[i].dtype for i in floats]
+            )
+            full = [None] * n_args
+            for i, g in zip(floats, grads, strict=True):
+                g.set_shape(values[i].shape)
+                full[i] = g
+            return full
+
+        return list(results), grad
+
+    results = differentiable(*args)
     return list(results[:n_outputs]), [tf.stop_gradient(x) for x in results[n_outputs:]]
 
 
@@ -346,6 +396,26 @@ def _general_key(key, counts):
         dtype, shape = parts[i]
         if len(shape) > 1:
             parts[i] = (dtype, (shape[0], *[None] * (len(shape) - 1)))
+    return ("symbolic", tuple(parts))
+
+
+def _declared_key(key, counts, declared):
+    """`key` with the input dims unknown in `declared` symbolic (or None)."""
+    n_params, n_inputs, _ = counts
+    if declared is None or len(declared) != n_inputs:
+        return None
+    parts = list(key[1])
+    for i, template in zip(range(n_params, n_params + n_inputs), declared, strict=True):
+        dtype, shape = parts[i]
+        if len(template) != len(shape):
+            return None
+        parts[i] = (
+            dtype,
+            tuple(
+                d if j == 0 or t is not None else None
+                for j, (d, t) in enumerate(zip(shape, template, strict=True))
+            ),
+        )
     return ("symbolic", tuple(parts))
 
 
