@@ -61,6 +61,18 @@ class JaxLayer(keras.layers.Layer):
             a TensorFlow graph; None serves CPU and GPU.
         **kwargs: base `keras.layers.Layer` arguments (`name`, `dtype`, ...).
 
+    Raises:
+        TypeError: `call_fn` or `init_fn` is not callable, `seed` is not an
+            integer, or (at call time) an input, output or state leaf is not
+            an array.
+        ValueError: `call_fn`/`init_fn` takes an argument other than the
+            exact names above, or lacks a required one; `call_fn` takes
+            `params` or `state` but neither `init_fn` nor the tree is given;
+            a tree is given that `call_fn` does not take; at build or call
+            time, `init_fn` or `call_fn` returns trees of another structure,
+            shape or dtype than the layer's (each message names the function,
+            the argument and the pytree path).
+
     Examples:
 
         >>> import jax, jax.numpy as jnp, numpy as np
@@ -216,7 +228,34 @@ class JaxLayer(keras.layers.Layer):
         )
 
     def build(self, input_shape):
-        """Creates the weights with `init_fn`, unless they were given."""
+        """Creates the weights with `init_fn`, unless they were given.
+
+        `init_fn` gets placeholder inputs of `input_shape` (None dimensions
+        set to 1) and an `rng` drawn from the seed; each array leaf of what
+        it returns becomes a variable named by its pytree path. Keras calls
+        this on the first call; it runs eagerly, also while a train step is
+        being traced.
+
+        Args:
+            input_shape: the shape of the inputs, or a pytree of shapes (as
+                the inputs are structured).
+
+        Raises:
+            ValueError: `init_fn` returns trees `call_fn` cannot take (a
+                state where `call_fn` takes none, `params` without a
+                `params` argument), or tracers (built inside a `jax.jit`).
+
+        Examples:
+
+            >>> import jax, numpy as np
+            >>> def init_fn(rng, inputs):
+            ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 2))}
+            >>> layer = JaxLayer(lambda params, inputs: inputs @ params["w"],
+            ...                  init_fn, seed=1, name="lin")
+            >>> layer.build((None, 5))
+            >>> layer.params["w"].shape
+            (5, 2)
+        """
         if self._needs_init:
             # Initialised eagerly, also when Keras builds the layer while
             # TensorFlow traces a train step.
@@ -366,6 +405,27 @@ class JaxLayer(keras.layers.Layer):
         return dtype
 
     def call(self, inputs, training=False):
+        """Runs `call_fn` on the inputs, through the backend's bridge.
+
+        Gradients flow to the trainable `params` and the floating inputs;
+        when `call_fn` takes `state`, the state it returns is stored in the
+        state variables (in training and in inference). The `rng` is drawn
+        by `_get_call_rng`.
+
+        Args:
+            inputs: an array or tensor, or a pytree of them.
+            training: passed to `call_fn` when it takes `training`.
+
+        Returns:
+            The outputs of `call_fn`: an array or tensor of the backend, or a
+            pytree of them.
+
+        Raises:
+            TypeError: an input leaf, an output or a returned state leaf is
+                not an array.
+            ValueError: the state `call_fn` returns differs in structure,
+                shape or dtype from the layer's state (the path is named).
+        """
         # The hot path: one flatten of the inputs, cached functions. A bridge
         # may take a call over (`layer_call`, see `jaxlayer.bridges`): the
         # torch one does while torch.compile or torch.export traces.
@@ -560,6 +620,27 @@ class JaxLayer(keras.layers.Layer):
             self._init_seed_count = count
 
     def compute_output_spec(self, inputs, training=False):
+        """The outputs' shapes and dtypes, from `jax.eval_shape` of `call_fn`.
+
+        Nothing is computed and no variable is made: on an unbuilt layer,
+        `init_fn` runs abstractly too.
+
+        Args:
+            inputs: a `keras.KerasTensor` (or anything with `shape` and
+                `dtype`), or a pytree of them.
+            training: the training flag to evaluate `call_fn` with.
+
+        Returns:
+            A `keras.KerasTensor`, or a pytree of them as `call_fn` returns.
+
+        Examples:
+
+            >>> import keras, numpy as np
+            >>> layer = JaxLayer(lambda params, inputs: inputs @ params["w"],
+            ...                  params={"w": np.ones((4, 2), "float32")})
+            >>> layer.compute_output_spec(keras.KerasTensor((None, 4))).shape
+            (None, 2)
+        """
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         with keras.StatelessScope():
@@ -599,6 +680,33 @@ class JaxLayer(keras.layers.Layer):
         )
 
     def compute_output_shape(self, input_shape):
+        """The outputs' shapes, from `jax.eval_shape` of `call_fn`.
+
+        Works before the layer is built (`init_fn` runs abstractly). The
+        input dtypes are those of the layer's first call when known; else
+        the compute dtype is tried, then int32 (an embedding lookup).
+
+        Args:
+            input_shape: a shape tuple (None where unknown), or a pytree of
+                them.
+
+        Returns:
+            A shape tuple, or a pytree of them as `call_fn` returns.
+
+        Raises:
+            ValueError: `call_fn` (or `init_fn`) fails on inputs of these
+                shapes; its own error, naming the layer.
+
+        Examples:
+
+            >>> import jax
+            >>> def init_fn(rng, inputs):
+            ...     return {"w": jax.random.normal(rng, (inputs.shape[-1], 3))}
+            >>> layer = JaxLayer(lambda params, inputs: inputs @ params["w"],
+            ...                  init_fn, seed=0)
+            >>> layer.compute_output_shape((None, 8))
+            (None, 3)
+        """
         shapes, shapes_def = _flatten_shapes(input_shape)
         dtypes = self._input_dtypes
         candidates = (
@@ -634,6 +742,14 @@ class JaxLayer(keras.layers.Layer):
         holds the manifest of the computation exported with `jax.export`,
         whose artifacts `save_assets` writes next to it in a `.keras` file
         (see `jaxlayer.saving`).
+
+        Returns:
+            A JSON-serializable dict.
+
+        Raises:
+            ValueError: a `params`/`state` tree the config cannot describe (a
+                custom pytree node), when the computation could not be
+                exported and no `init_fn` can rebuild the tree.
         """
         config = super().get_config()
         artifacts, why = saving.artifacts_for_save(self)
@@ -674,9 +790,26 @@ class JaxLayer(keras.layers.Layer):
 
     @classmethod
     def from_config(cls, config):
-        """Rebuilds the layer: with its Python functions where they can be
-        located (registered, or in `custom_objects`), otherwise from the
-        computation saved in the `.keras` file (read by `load_assets`)."""
+        """Rebuilds the layer from `get_config`'s dict.
+
+        With its Python functions where Keras can locate them (registered
+        with `keras.saving.register_keras_serializable`, or passed in
+        `custom_objects`); otherwise from the computation exported in the
+        `.keras` file (read by `load_assets`), with one warning line.
+
+        Args:
+            config: the dict `get_config` returned.
+
+        Returns:
+            The layer, unbuilt or built from placeholders that the weights
+            file then fills.
+
+        Raises:
+            ValueError: `call_fn` (or a needed `init_fn`) cannot be located
+                and the config holds no exported computation (a file of
+                jaxlayer 0.1.0); the message says where the function was
+                defined and how to register it.
+        """
         config = dict(config)
         owner = f"{cls.__name__} '{config.get('name')}'"
         exported = config.get("exported")

@@ -188,6 +188,15 @@ class EquinoxLayer(JaxLayer):
         Raises:
             ValueError: the layer was loaded from a `.keras` file, without the
                 module's class (it runs the saved computation).
+
+        Examples:
+
+            >>> import equinox as eqx, jax
+            >>> linear = eqx.nn.Linear(3, 2, key=jax.random.key(0))
+            >>> layer = EquinoxLayer(linear)
+            >>> _ = layer.params.weight.assign(jax.numpy.zeros((2, 3)))
+            >>> float(abs(layer.to_module().weight).sum())
+            0.0
         """
         if saving.rebuilt(self):
             raise saving.module_error(self._owner, self.call_fn.module_class)

@@ -148,6 +148,16 @@ class FlaxLayer(JaxLayer):
         Returns:
             A dict of collections (`{"params": ..., "batch_stats": ...}`)
             holding the current values, for `module.apply`.
+
+        Examples:
+
+            >>> import flax.linen as nn, numpy as np
+            >>> layer = FlaxLayer(nn.Dense(2), seed=0)
+            >>> x = np.ones((1, 3), "float32")
+            >>> y = layer(x)
+            >>> out = layer.module.apply(layer.flax_variables(), x)
+            >>> bool(np.allclose(out, y))
+            True
         """
         return _merge(V.numpy_tree(self.params), V.numpy_tree(self.state))
 

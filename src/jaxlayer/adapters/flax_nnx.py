@@ -130,6 +130,15 @@ class NNXLayer(JaxLayer):
         Raises:
             ValueError: the layer was loaded from a `.keras` file, without the
                 module's class (it runs the saved computation).
+
+        Examples:
+
+            >>> import jax
+            >>> from flax import nnx
+            >>> layer = NNXLayer(nnx.Linear(3, 2, rngs=nnx.Rngs(0)))
+            >>> _ = layer.params["kernel"].assign(jax.numpy.zeros((3, 2)))
+            >>> float(abs(layer.to_module().kernel[...]).sum())
+            0.0
         """
         if saving.rebuilt(self):
             raise saving.module_error(self._owner, self.call_fn.module_class)
