@@ -15,7 +15,12 @@ import pytest  # noqa: E402
 BACKEND = keras.backend.backend()
 
 # The NumPy backend trains nothing: only its inference tests run there.
-NUMPY_FILES = ("test_bridge_numpy.py", "test_state_inference.py", "test_lifetimes.py")
+NUMPY_FILES = (
+    "test_bridge_numpy.py",
+    "test_state_inference.py",
+    "test_lifetimes.py",
+    "test_docs.py",  # the examples that name the NumPy backend
+)
 if BACKEND == "numpy":
     collect_ignore_glob = [
         f
