@@ -152,15 +152,18 @@ class _Slot:
             function).
         run_time_specs: structure key -> output `(dtype, shape)`s of a call
             exported at run time (unknown dims traced, concrete fallback).
+        graph_grads: what the gradients of the run-time calls traced in
+            graphs need (see `_grad_fn`).
     """
 
-    __slots__ = ("conversions", "failed", "warned", "run_time_specs")
+    __slots__ = ("conversions", "failed", "warned", "run_time_specs", "graph_grads")
 
     def __init__(self):
         self.conversions: dict = {}
         self.failed: dict = {}
         self.warned = False
         self.run_time_specs: dict = {}
+        self.graph_grads: list = []
 
 
 def _conversion(fn, slot, args, counts):
@@ -293,7 +296,7 @@ def _at_run_time(fn, slot, args, counts, key):
         for x, (_, shape) in zip(results, specs.outs, strict=True):
             x.set_shape(shape)
 
-        def grad(*cts):
+        def backward(cts):
             if not floats or not float_outs:
                 return [None] * n_args
             cts = [
@@ -309,7 +312,7 @@ def _at_run_time(fn, slot, args, counts, key):
                 full[i] = g
             return full
 
-        return list(results), grad
+        return list(results), _grad_fn(backward, slot)
 
     results = differentiable(*args)
     return list(results[:n_outputs]), [tf.stop_gradient(x) for x in results[n_outputs:]]
@@ -615,6 +618,8 @@ class _Conversion:
         self._train = {}
         self._vjp = {}
         self._train_failed = {}
+        # What the gradients of the calls traced in graphs need (`_grad_fn`).
+        self.graph_grads = []
         n_params, n_inputs, _ = counts
         self._float = [
             i for i, s in enumerate(specs[: n_params + n_inputs]) if _is_float(s.dtype)
@@ -792,21 +797,7 @@ class _Conversion:
         if mode == "plain" or not diff:
             results = forward(args)
             return results[:n_outputs], results[n_outputs:]
-        n_args, float_outs = len(args), self._float_outs
-        position = {i: k for k, i in enumerate(diff)}
-
-        def full_grads(grads):
-            return [
-                grads[position[i]] if i in position else None for i in range(n_args)
-            ]
-
-        def cotangents(cts, results):
-            return [
-                tf.zeros_like(results[j]) if cts[j] is None else cts[j]
-                for j in float_outs
-            ]
-
-        train = None
+        train, error = None, None
         if mode == "train":
             try:
                 train = self.train(diff)
@@ -814,40 +805,104 @@ class _Conversion:
                 # Not differentiable: the plain forward, and this error should
                 # a gradient be asked for.
                 error = err
-        if train is not None:
-            n_out_state = n_outputs + n_state
+        n_out = n_outputs + n_state if train is not None else None
 
-            @tf.custom_gradient
-            def differentiable(*args):
+        @tf.custom_gradient
+        def differentiable(*args):
+            if train is not None:
                 results = train.forward(args)
                 residuals = [
                     args[i] if kind == "arg" else results[i]
                     for kind, i in train.sources
                 ]
-
-                def grad(*cts):
-                    backward = self.backward(train)
-                    return full_grads(backward([*residuals, *cotangents(cts, results)]))
-
-                return results[:n_out_state], grad
-
-        else:
-
-            @tf.custom_gradient
-            def differentiable(*args):
+                context = _Backward(self, diff, train, residuals, results, None)
+                results = results[:n_out]
+            else:
                 results = forward(args)
-
-                def grad(*cts):
-                    if mode == "train":
-                        raise error
-                    vjp = self.vjp(diff)
-                    return full_grads(vjp([*args, *cotangents(cts, results)]))
-
-                return results, grad
+                context = _Backward(self, diff, None, args, results, error)
+            return results, _grad_fn(context, self)
 
         results = differentiable(*args)
         new_state = [tf.stop_gradient(x) for x in results[n_outputs:]]
         return list(results[:n_outputs]), new_state
+
+
+class _Backward:
+    """What the gradient of one call needs: the conversion, the residuals
+    (or the arguments, for a VJP that recomputes the forward) and the
+    results, or the error to raise."""
+
+    __slots__ = (
+        "conversion",
+        "diff",
+        "train",
+        "saved",
+        "results",
+        "error",
+        "__weakref__",
+    )
+
+    def __init__(self, conversion, diff, train, saved, results, error):
+        self.conversion = conversion
+        self.diff = diff
+        self.train = train
+        self.saved = saved
+        self.results = results
+        self.error = error
+
+    def __call__(self, cts):
+        conversion, diff, results = self.conversion, self.diff, self.results
+        cts = [
+            tf.zeros_like(results[j]) if cts[j] is None else cts[j]
+            for j in conversion._float_outs
+        ]
+        if self.error is not None:
+            raise self.error
+        if self.train is not None:
+            grads = conversion.backward(self.train)([*self.saved, *cts])
+        else:
+            grads = conversion.vjp(diff)([*self.saved, *cts])
+        position = {i: k for k, i in enumerate(diff)}
+        return [
+            grads[position[i]] if i in position else None
+            for i in range(len(conversion.specs))
+        ]
+
+
+def _grad_fn(context, owner):
+    """The gradient function given to `tf.custom_gradient`: `context(cts)`.
+
+    In a graph, TensorFlow registers the gradient function in its gradient
+    registry for good, under a unique name. Holding the context (the
+    conversion and its exports, the graph's residual tensors), it would keep
+    them for the life of the process. So there the registered function holds
+    a weak reference, and `owner` (the conversion, or the bridge's slot for
+    the function: what lives as long as the layer) holds the context. In
+    eager mode the tape holds the function only while it records.
+
+    TensorFlow's own wrapper, registered with it, keeps the traced graph
+    itself; that is not ours to free.
+    """
+    if tf.executing_eagerly():
+
+        def grad(*cts):
+            return context(cts)
+
+        return grad
+    owner.graph_grads.append(context)
+    return _weak_grad(weakref.ref(context))
+
+
+def _weak_grad(ref):
+    def grad(*cts):
+        context = ref()
+        if context is None:
+            raise RuntimeError(
+                "jaxlayer: the gradient of a graph that no longer exists was asked for."
+            )
+        return context(cts)
+
+    return grad
 
 
 def _struct(x):
