@@ -545,3 +545,39 @@ def test_saved_model_export_from_the_jax_backend(tmp_path):
     np.testing.assert_allclose(
         serve_without_jax(tmp_path, tmp_path / "saved", x), want, **TOL
     )
+
+
+@TF_ONLY
+def test_a_traced_train_step_does_not_keep_the_exports_of_a_dropped_layer():
+    """TensorFlow registers the gradient of every `tf.custom_gradient` traced
+    in a graph for the life of the process: the bridge's gradient function
+    must not hold the conversion (its exports) from there. (TensorFlow's own
+    wrapper keeps the traced graph.)"""
+    import gc
+    import weakref
+
+    import tensorflow as tf
+
+    def train_step(layer):
+        @tf.function
+        def step(x):
+            with tf.GradientTape() as tape:
+                loss = tf.reduce_sum(layer(x, training=True) ** 2)
+            return tape.gradient(loss, layer.trainable_variables)
+
+        return step
+
+    def trained_then_dropped():
+        # Checked after this function returns: inside a running frame, the
+        # conversions stayed alive after `del layer` (most likely a snapshot
+        # of the frame's locals, taken by code recording the stack); the
+        # frame's end frees them.
+        layer = JaxLayer(mlp_call, mlp_init, seed=0)
+        grads = train_step(layer)(tf.ones((4, 4)))
+        assert all(g is not None for g in grads)
+        return [weakref.ref(c) for c in tf_conversions(layer)]
+
+    conversions = trained_then_dropped()
+    gc.collect()
+    assert conversions
+    assert all(ref() is None for ref in conversions)

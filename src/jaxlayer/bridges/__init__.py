@@ -26,6 +26,10 @@ compiles or caches (jitted functions, `jax.export` modules, DLPack views of
 parameters) in `fn.slot(name, make)`, never at module level, so a dropped
 layer takes its compiled code with it and a live layer never runs stale
 code. Module-level state is limited to counters and probed capabilities.
+TensorFlow keeps the gradient function of each graph-mode
+`tf.custom_gradient` for good: the TensorFlow bridge's holds only a weak
+reference to what it needs, which the layer's function owns, so a traced
+train or predict function does not keep a dropped layer's exports alive.
 
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """
