@@ -98,10 +98,10 @@ def dense_layer():
     not os.path.exists(f"/proc/{os.getpid()}/status"), reason="reads /proc (Linux)"
 )
 def test_dropped_layers_free_their_arrays_and_caches():
-    # Warm up both paths: Keras's, JAX's and TensorFlow's one-off allocations,
-    # and their bounded caches (of traced, lowered and compiled functions),
-    # which fill over the first tens of layers. Measured on TensorFlow, 20
-    # layers at a time: 111, 12, 10 MiB (Keras's Dense: 39, 1, 2 MiB).
+    # Warm up both paths: Keras's, JAX's and TensorFlow's one-off allocations
+    # (and, most likely, bounded caches that fill over the first tens of
+    # layers). Measured on TensorFlow, 20 layers at a time: 111, 12, 10 MiB
+    # (Keras's Dense: 39, 1, 2 MiB).
     build_call_fit_drop(dense_layer, n=20)
     build_call_fit_drop(jaxlayer_layer, n=20)
     keras.backend.clear_session()
