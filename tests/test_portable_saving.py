@@ -163,6 +163,28 @@ def test_reloads_predicts_and_fine_tunes_without_its_functions(tmp_path):
     )
 
 
+def test_a_registered_namesake_does_not_replace_the_saved_function(tmp_path):
+    # Keras resolves a function saved unregistered to any registered one
+    # whose name ends in `>call_fn`: the layer must not run that one.
+    @keras.saving.register_keras_serializable(package="unrelated_namesake")
+    def call_fn(params, inputs):  # noqa: F811 - the point of the test
+        return inputs[:, :OUT] * 0.0
+
+    try:
+        model = fitted(stateful_model())
+        path = str(tmp_path / "m.keras")
+        model.save(path)
+        loaded, said = load(path)
+        assert len(said) == 1 and "test_portable_saving.call_fn" in said[0], said
+        assert isinstance(loaded.get_layer("net").call_fn, saving.ExportedCall)
+        x, _ = data()
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0), model.predict(x, verbose=0), **TOL
+        )
+    finally:
+        keras.saving.get_custom_objects().pop("unrelated_namesake>call_fn")
+
+
 def test_manifest_describes_the_saved_computation(tmp_path):
     model = fitted(stateful_model())
     path = str(tmp_path / "m.keras")

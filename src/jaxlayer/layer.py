@@ -386,6 +386,11 @@ class JaxLayer(keras.layers.Layer):
     _input_record = None
 
     def __call__(self, *args, **kwargs):
+        tracing = getattr(self._bridge, "tracing", None)
+        if tracing is not None and tracing():
+            # torch.compile / torch.export: the bridge's `layer_call` takes
+            # the call; the input record comes from an eager or symbolic call.
+            return super().__call__(*args, **kwargs)
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._input_dtypes = [
@@ -1200,9 +1205,31 @@ def _locate_fn(config, fn_name, owner):
             )
         del err
         fn = None
-    if callable(fn):
+    if callable(fn) and _is_the_saved_fn(fn, config):
         return fn, None
     return None, f"{_fn_label(config)} is not registered in this process"
+
+
+def _is_the_saved_fn(fn, config) -> bool:
+    """Whether `fn`, found by Keras for `config`, is the function saved.
+
+    Keras resolves a function saved unregistered (`module: "builtins"`) to
+    any registered function whose name ends in `>name`, from any package:
+    an unrelated `pkg>call_fn` would silently replace the saved `call_fn`.
+    A function is taken when it is registered under exactly the saved name
+    (or passed so in `custom_objects`), or is defined where the saved one
+    was (`defined_in`).
+    """
+    if not isinstance(config, dict):
+        return True
+    name = config.get("config")
+    if isinstance(name, str) and keras.saving.get_registered_object(name) is fn:
+        return True
+    where = config.get("defined_in")
+    if where is None:
+        return True  # saved without it (jaxlayer 0.1): as Keras found it
+    here = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
+    return here == where
 
 
 def _deserialize_fn(config, fn_name, cls):
