@@ -85,7 +85,7 @@ def test_parameter_views_share_the_torch_buffers():
     x, _ = data()
     layer(torch.tensor(x))
     fn = next(iter(layer._pure_fns.values()))
-    views = bridge._ENTRIES[fn].views
+    views = fn.slots()["torch"].views
     tensors = [v.value for v in layer._params_spec.variables]
     assert len(tensors) == 3
     for (cached, _, _, view), tensor in zip(views, tensors, strict=True):
@@ -461,3 +461,49 @@ def test_torch_compile_trains_and_predicts_like_eager(monkeypatch):
     assert int(compiled[2]["count"]) == int(eager[2]["count"]) == 4
     np.testing.assert_allclose(compiled[2]["mean"], eager[2]["mean"], atol=1e-3)
     assert compiled[0][-1] < compiled[0][0]
+
+
+def test_torch_compile_of_a_layer_never_called_eagerly(monkeypatch, tmp_path):
+    # A functional model's layer is built on symbolic tensors only; its
+    # first real call is inside torch.compile (a model loaded from a file
+    # whose compile config says `jit_compile: True` does the same).
+    real_compile = torch.compile
+    monkeypatch.setattr(
+        torch,
+        "compile",
+        lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}),
+    )
+    torch._dynamo.reset()
+    x, _ = data(32)
+    inputs = keras.Input((5,))
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    model = keras.Model(inputs, layer(inputs))
+    model.compile("sgd", "mse", jit_compile=True)
+    calls = bridge.counters["op_calls"]
+    out = model.predict(x, verbose=0)
+    assert bridge.counters["op_calls"] > calls
+    want = jax.jit(mlp_call)(jax_params(layer), x)
+    np.testing.assert_allclose(out, want, **TOL)
+
+
+@pytest.mark.skipif(
+    BACKEND != "torch" or not torch.cuda.is_available(),
+    reason="needs torch with CUDA",
+)
+def test_cpu_inputs_to_a_layer_on_cuda_run_on_its_device():
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        pytest.skip("needs jax with a GPU")
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    xt = torch.tensor(x, requires_grad=True)  # on the CPU; the variables: CUDA
+    out = layer(xt)
+    assert out.device.type == "cuda"
+    params = jax_params(layer)
+    want = jax.jit(mlp_call)(params, x)
+    np.testing.assert_allclose(out.detach().cpu().numpy(), want, **TOL)
+    out.sum().backward()
+    gx = jax.grad(lambda x: mlp_call(params, x).sum())(x)
+    assert xt.grad.device.type == "cpu"  # the gradient on the input's device
+    np.testing.assert_allclose(xt.grad.numpy(), gx, **TOL)

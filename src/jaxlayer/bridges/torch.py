@@ -62,8 +62,10 @@ in the environment before starting Python:
   (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` runs XLA's matrix
   products on one thread): on few cores, fewer threads fight less.
 
-GPU (CUDA; planned on paper, not run here): tensors cross without a host
-synchronisation. Into JAX, `jax.dlpack.from_dlpack(tensor)` calls
+GPU (CUDA; checked on an H200 with torch 2.11 and jax 0.11 by
+`benchmarks/cuda_check.py`: zero copy both ways, gradients equal to
+`jax.grad`, an in-place torch update seen by the next JAX call, calls queued
+without waiting for the GPU): tensors cross without a host synchronisation. Into JAX, `jax.dlpack.from_dlpack(tensor)` calls
 `tensor.__dlpack__(stream=<JAX's stream for external ready events>)`, so torch
 makes JAX's stream wait for its current stream (an event, not a host wait).
 Back to torch, `torch.from_dlpack(array)` calls
@@ -76,7 +78,12 @@ buffer; a torch tensor viewed by JAX stays alive (the DLPack capsule holds
 it) until JAX releases the buffer, after its last use. So there is no
 `block_until_ready` on CUDA at all (it would serialise every call with the
 host); the CPU export path above is the only place that waits, because a CPU
-tensor is read by torch at once.
+tensor is read by torch at once. The cached parameter views skip DLPack's
+stream hand-over, but every call imports its inputs through DLPack first,
+which orders JAX's stream after torch's current one, so an optimizer's
+in-place update queued before the call is seen by it. Inputs on another
+device than the layer's variables (a CPU tensor given to a layer on CUDA)
+are moved to the variables' device, and their gradients moved back.
 
 torch.compile and torch.export (Keras's `jit_compile=True` on the torch
 backend): while torch traces, the layer call goes to `layer_call` (the
@@ -272,7 +279,9 @@ def _realign(t: torch.Tensor) -> bool:
 def _to_jax(t: torch.Tensor, device_type: str) -> jax.Array:
     t = _prepare(t)
     if device_type == "cpu":
-        return _import_cpu(t)
+        # The extension behind the fast path would read another device's
+        # pointer as host memory: never hand it one.
+        return _import_cpu(t if t.is_cpu else t.cpu())
     # CUDA: JAX asks torch (`__dlpack__(stream=...)`) to order its stream
     # after torch's current one; no host synchronisation.
     return jax.dlpack.from_dlpack(t)
@@ -610,14 +619,20 @@ class _JaxFunction(torch.autograd.Function):
         result = _export(grads, device_type)
         diff_tensors = saved[: len(result)]
         for i, t in enumerate(diff_tensors):
-            if result[i].dtype != t.dtype:
-                result[i] = result[i].to(t.dtype)
+            # An input moved to the parameters' device gets its gradient
+            # back on its own device.
+            if result[i].dtype != t.dtype or result[i].device != t.device:
+                result[i] = result[i].to(t.device, t.dtype)
         return (None, None, *result)
 
 
-def _device_type(fn, entry, params, inputs):
-    """The device type JAX reads from, or None to go through CPU copies."""
-    first = inputs[0] if inputs else (params[0] if params else None)
+def _device_type(fn, entry, params, inputs, state):
+    """The device type JAX reads from, or None to go through CPU copies.
+
+    The variables decide (they live on Keras's device); inputs elsewhere are
+    moved to them in `_arguments`.
+    """
+    first = next(itertools.chain(params, state, inputs), None)
     if first is None or first.is_cpu:
         return "cpu"
     device_type, target = _placement(fn, entry, (first,))
@@ -625,9 +640,19 @@ def _device_type(fn, entry, params, inputs):
 
 
 def _arguments(entry, params, inputs, state, rng, device_type):
-    """The flat JAX arguments `params + inputs + state + rng` and their key."""
+    """The flat JAX arguments `params + inputs + state + rng` and their key.
+
+    Inputs and seeds on another device than the parameters (a CPU tensor
+    given to a layer whose variables are on CUDA) are moved to theirs, as
+    Keras's `convert_to_tensor` would: one JAX call reads one device.
+    """
     j_params = entry.cached_views(params, 0, device_type)
     j_state = entry.cached_views(state, len(params), device_type)
+    anchor = params or state
+    if anchor:
+        device = anchor[0].device
+        inputs = [t if t.device == device else t.to(device) for t in inputs]
+        rng = [t if t.device == device else t.to(device) for t in rng]
     flat = (
         *j_params,
         *[_to_jax(t, device_type) for t in inputs],
@@ -668,7 +693,7 @@ def run(
         gradient.
     """
     entry = fn.slot("torch", lambda: _Entry(fn))
-    device_type = _device_type(fn, entry, params, inputs)
+    device_type = _device_type(fn, entry, params, inputs, state)
     if device_type is None:
         return _run_through_cpu(fn, params, inputs, state, rng, cast)
     flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
@@ -986,7 +1011,7 @@ def _plain_run(site, params, inputs, state, rng):
     """The operator's real implementation: the plain forward, flat."""
     fn = site.pure_fn(params, inputs, state, rng)
     entry = fn.slot("torch", lambda: _Entry(fn))
-    device_type = _device_type(fn, entry, params, inputs)
+    device_type = _device_type(fn, entry, params, inputs, state)
     if device_type is None:
         raise RuntimeError(f"{fn.owner}: unreachable device")  # pragma: no cover
     flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
@@ -1033,7 +1058,7 @@ class _Recompute:
 def _vjp_run(site, params, inputs, state, rng, cotangents, diff):
     fn = site.pure_fn(params, inputs, state, rng)
     entry = fn.slot("torch", lambda: _Entry(fn))
-    device_type = _device_type(fn, entry, params, inputs)
+    device_type = _device_type(fn, entry, params, inputs, state)
     flat, shapes = _arguments(entry, params, inputs, state, rng, device_type)
     cts = [_to_jax(g, device_type) for g in cotangents]
     counts = (len(params), len(inputs), len(state), len(rng))
@@ -1242,3 +1267,7 @@ def _eager_unflatten(site_id, outputs):
 run.casts_params = True
 #: `JaxLayer.call` calls it first (see `layer_call`).
 run.layer_call = layer_call
+# Whether the call being made is traced (torch.compile, torch.export): the
+# layer then skips its own bookkeeping in Python (JAX's tree functions
+# cannot run on traced tensors) and goes straight to `layer_call`.
+run.tracing = torch.compiler.is_compiling
