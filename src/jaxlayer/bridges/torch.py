@@ -65,7 +65,8 @@ in the environment before starting Python:
 GPU (CUDA; checked on an H200 with torch 2.11 and jax 0.11 by
 `benchmarks/cuda_check.py`: zero copy both ways, gradients equal to
 `jax.grad`, an in-place torch update seen by the next JAX call, calls queued
-without waiting for the GPU): tensors cross without a host synchronisation. Into JAX, `jax.dlpack.from_dlpack(tensor)` calls
+without waiting for the GPU): tensors cross without a host
+synchronisation. Into JAX, `jax.dlpack.from_dlpack(tensor)` calls
 `tensor.__dlpack__(stream=<JAX's stream for external ready events>)`, so torch
 makes JAX's stream wait for its current stream (an event, not a host wait).
 Back to torch, `torch.from_dlpack(array)` calls
