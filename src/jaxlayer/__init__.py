@@ -21,6 +21,6 @@ from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
 from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer
 from jaxlayer.layer import JaxLayer as JaxLayer
 
-__version__ = "0.1.0"
+__version__ = "0.2.0.dev0"
 
 __all__ = ["EquinoxLayer", "FlaxLayer", "JaxLayer", "NNXLayer"]
