@@ -176,6 +176,7 @@ def test_a_registered_namesake_does_not_replace_the_saved_function(tmp_path):
         model.save(path)
         loaded, said = load(path)
         assert len(said) == 1 and "test_portable_saving.call_fn" in said[0], said
+        assert "test_portable_saving.test_a_registered_namesake" in said[0], said
         assert isinstance(loaded.get_layer("net").call_fn, saving.ExportedCall)
         x, _ = data()
         np.testing.assert_allclose(

@@ -1207,6 +1207,12 @@ def _locate_fn(config, fn_name, owner):
         fn = None
     if callable(fn) and _is_the_saved_fn(fn, config):
         return fn, None
+    if callable(fn):
+        found = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+        return None, (
+            f"{_fn_label(config)} is not registered in this process (only a "
+            f"function of the same name defined in `{found}` is)"
+        )
     return None, f"{_fn_label(config)} is not registered in this process"
 
 
