@@ -77,6 +77,17 @@ def data(n=16, d=5, seed=0):
     return rs.randn(n, d).astype("float32"), rs.randn(n, 3).astype("float32")
 
 
+@pytest.fixture
+def cuda():
+    """Skips unless torch and JAX both have a CUDA device."""
+    if BACKEND != "torch" or not torch.cuda.is_available():
+        pytest.skip("needs torch with CUDA")
+    try:
+        jax.devices("gpu")
+    except RuntimeError:
+        pytest.skip("needs jax with a GPU")
+
+
 # -- zero copy ----------------------------------------------------------------
 
 
@@ -120,15 +131,8 @@ def test_int64_is_narrowed_like_jax():
     np.testing.assert_array_equal(np.asarray(a), np.arange(4))
 
 
-@pytest.mark.skipif(
-    BACKEND != "torch" or not torch.cuda.is_available(),
-    reason="needs torch with CUDA",
-)
+@pytest.mark.usefixtures("cuda")
 def test_cuda_views_share_the_torch_buffers():
-    try:
-        jax.devices("gpu")
-    except RuntimeError:
-        pytest.skip("needs jax with a GPU")
     t = torch.randn(64, 32, device="cuda")
     a = bridge._to_jax(t, "cuda")
     assert a.unsafe_buffer_pointer() == t.data_ptr()
@@ -486,15 +490,8 @@ def test_torch_compile_of_a_layer_never_called_eagerly(monkeypatch, tmp_path):
     np.testing.assert_allclose(out, want, **TOL)
 
 
-@pytest.mark.skipif(
-    BACKEND != "torch" or not torch.cuda.is_available(),
-    reason="needs torch with CUDA",
-)
+@pytest.mark.usefixtures("cuda")
 def test_cpu_inputs_to_a_layer_on_cuda_run_on_its_device():
-    try:
-        jax.devices("gpu")
-    except RuntimeError:
-        pytest.skip("needs jax with a GPU")
     layer = JaxLayer(mlp_call, mlp_init, seed=0)
     x, _ = data()
     xt = torch.tensor(x, requires_grad=True)  # on the CPU; the variables: CUDA
