@@ -153,3 +153,21 @@ def test_config_round_trip():
     assert again.name == "cfg" and again.call_fn is saved_call
     assert again.init_fn is saved_init
     assert again.native_serialization_platforms == ("cpu", "cuda")
+
+
+@pytest.mark.parametrize("how", ["clone_model", "deepcopy", "model_from_json"])
+def test_config_only_copies_with_registered_functions(how):
+    import copy
+
+    inputs = keras.Input((IN,))
+    layer = JaxLayer(saved_call, saved_init, seed=5, name="ref")
+    model = keras.Model(inputs, layer(inputs))
+    x = train(model)
+    copies = {
+        "clone_model": keras.models.clone_model,
+        "deepcopy": copy.deepcopy,
+        "model_from_json": lambda m: keras.models.model_from_json(m.to_json()),
+    }
+    clone = copies[how](model)
+    clone.set_weights(model.get_weights())
+    check_same(model, clone, x, same_names=False)
