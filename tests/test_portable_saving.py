@@ -176,7 +176,9 @@ def test_a_registered_namesake_does_not_replace_the_saved_function(tmp_path):
         model.save(path)
         loaded, said = load(path)
         assert len(said) == 1 and "test_portable_saving.call_fn" in said[0], said
-        assert "test_portable_saving.test_a_registered_namesake" in said[0], said
+        # (Keras takes the first `>call_fn` it finds: other tests' may come
+        # first in a full run.)
+        assert "only a function of the same name defined in" in said[0], said
         assert isinstance(loaded.get_layer("net").call_fn, saving.ExportedCall)
         x, _ = data()
         np.testing.assert_allclose(
