@@ -171,3 +171,25 @@ def test_config_only_copies_with_registered_functions(how):
     clone = copies[how](model)
     clone.set_weights(model.get_weights())
     check_same(model, clone, x, same_names=False)
+
+
+def test_copies_of_an_unregistered_function():
+    import copy
+
+    inputs = keras.Input((IN,))
+    w = np.ones((IN, 3), "float32")
+    layer = JaxLayer(unregistered_call, params={"w": w}, name="plain")
+    model = keras.Model(inputs, layer(inputs))
+    x = np.ones((2, IN), "float32")
+    # deepcopy (and pickle) go through a `.keras` archive in memory, which
+    # holds the exported computation.
+    with pytest.warns(UserWarning, match="unregistered_call"):
+        copied = copy.deepcopy(model)
+    np.testing.assert_allclose(
+        copied.predict(x, verbose=0), model.predict(x, verbose=0), **TOL
+    )
+    # A config alone does not: the call says what to do.
+    with pytest.warns(UserWarning, match="unregistered_call"):
+        clone = keras.models.clone_model(model)
+    with pytest.raises(ValueError, match=r"JaxLayer 'plain'.*clone_model.*register"):
+        clone.predict(x, verbose=0)

@@ -793,10 +793,12 @@ class ExportedCall:
             )
         return ValueError(
             f"{self.owner}: its Python code was not found when it was rebuilt "
-            "from a config, and the computation saved in the `.keras` file "
-            "has not been loaded: load the model from its `.keras` file with "
-            "`keras.saving.load_model` (a config alone does not hold the "
-            "computation), or make the code importable."
+            "from a config alone (`keras.models.clone_model`, "
+            "`model_from_json`), which does not hold the computation a "
+            "`.keras` file saves: register `call_fn` and `init_fn` with "
+            "`@keras.saving.register_keras_serializable()` where they are "
+            "defined, or load the model from its `.keras` file with "
+            "`keras.saving.load_model`."
         )
 
     def __repr__(self) -> str:
