@@ -424,12 +424,16 @@ def test_mixed_precision_reuses_the_parameter_views():
 # -- torch.compile ----------------------------------------------------------------
 
 
-def test_torch_compile_trains_and_predicts_like_eager(monkeypatch):
-    # Keras's `jit_compile=True` on torch is `torch.compile` of each step.
-    # Inductor's C++ code generation takes minutes on a small CPU; the
-    # "aot_eager" backend runs the same capture (TorchDynamo, the operator's
-    # fake implementation, AOTAutograd with its registered gradient) and
-    # executes the captured graph as it is.
+@pytest.fixture
+def aot_eager(monkeypatch):
+    """`torch.compile` with the "aot_eager" backend, from a reset Dynamo.
+
+    Keras's `jit_compile=True` on torch is `torch.compile` of each step.
+    Inductor's C++ code generation takes minutes on a small CPU; "aot_eager"
+    runs the same capture (TorchDynamo, the operator's fake implementation,
+    AOTAutograd with its registered gradient) and executes the captured
+    graph as it is.
+    """
     real_compile = torch.compile
     monkeypatch.setattr(
         torch,
@@ -437,6 +441,10 @@ def test_torch_compile_trains_and_predicts_like_eager(monkeypatch):
         lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}),
     )
     torch._dynamo.reset()
+
+
+@pytest.mark.usefixtures("aot_eager")
+def test_torch_compile_trains_and_predicts_like_eager():
     x, y = data(32)
     results = {}
     for stateful in (False, True):
@@ -467,17 +475,11 @@ def test_torch_compile_trains_and_predicts_like_eager(monkeypatch):
     assert compiled[0][-1] < compiled[0][0]
 
 
-def test_torch_compile_of_a_layer_never_called_eagerly(monkeypatch, tmp_path):
+@pytest.mark.usefixtures("aot_eager")
+def test_torch_compile_of_a_layer_never_called_eagerly():
     # A functional model's layer is built on symbolic tensors only; its
     # first real call is inside torch.compile (a model loaded from a file
     # whose compile config says `jit_compile: True` does the same).
-    real_compile = torch.compile
-    monkeypatch.setattr(
-        torch,
-        "compile",
-        lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}),
-    )
-    torch._dynamo.reset()
     x, _ = data(32)
     inputs = keras.Input((5,))
     layer = JaxLayer(mlp_call, mlp_init, seed=0)
