@@ -1126,7 +1126,6 @@ def _serialize_fn(fn):
         return None
     name = getattr(fn, "__name__", None)
     module = getattr(fn, "__module__", None)
-    qualname = getattr(fn, "__qualname__", name)
     if name == "<lambda>":
         return {
             "class_name": "function",
@@ -1145,9 +1144,19 @@ def _serialize_fn(fn):
             "module": module,
             "registered_name": None,
         }
-    if module is not None:
-        config["defined_in"] = f"{module}.{qualname}"
+    where = _defined_in(fn)
+    if where is not None:
+        config["defined_in"] = where
     return config
+
+
+def _defined_in(fn) -> str | None:
+    """`module.qualname` of a function (what a saved config records and a
+    located function is checked against), or None without a module."""
+    module = getattr(fn, "__module__", None)
+    if module is None:
+        return None
+    return f"{module}.{getattr(fn, '__qualname__', getattr(fn, '__name__', None))}"
 
 
 def _is_lambda(config) -> bool:
@@ -1208,7 +1217,7 @@ def _locate_fn(config, fn_name, owner):
     if callable(fn) and _is_the_saved_fn(fn, config):
         return fn, None
     if callable(fn):
-        found = f"{getattr(fn, '__module__', '?')}.{getattr(fn, '__qualname__', '?')}"
+        found = _defined_in(fn) or repr(fn)
         return None, (
             f"{_fn_label(config)} is not registered in this process (only a "
             f"function of the same name defined in `{found}` is)"
@@ -1234,8 +1243,7 @@ def _is_the_saved_fn(fn, config) -> bool:
     where = config.get("defined_in")
     if where is None:
         return True  # saved without it (jaxlayer 0.1): as Keras found it
-    here = f"{getattr(fn, '__module__', None)}.{getattr(fn, '__qualname__', None)}"
-    return here == where
+    return _defined_in(fn) == where
 
 
 def _deserialize_fn(config, fn_name, cls):
