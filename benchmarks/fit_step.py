@@ -7,7 +7,7 @@ plus the backends to measure):
     python -m benchmarks.fit_step --backend jax
     python -m benchmarks.fit_step --backend all      # each backend in turn
     python -m benchmarks.fit_step --quick            # a smoke run, < 1 min each
-    python -m benchmarks.fit_step --backend all --write  # the checked-in files
+    python -m benchmarks.fit_step --backend all --runs 3 --write  # checked in
 
 From any other directory: `python /path/to/jaxlayer/benchmarks/fit_step.py`
 (or `PYTHONPATH=/path/to/jaxlayer python -m benchmarks.fit_step`).
@@ -24,7 +24,10 @@ contenders do the same training on the same in-memory synthetic data:
 
 Contenders are timed in rounds, round robin (A, B, C, D, A, B, ...), so that
 a machine busy with other work slows all of them alike; min and median over
-rounds are reported, and ratios of the mins. A contender that raises is
+rounds are reported, and ratios of the mins. `--runs N` repeats the whole
+measurement N times, each backend in a fresh process each time: the tables
+then pool every run's rounds, and the targets table adds the spread of the
+per-run ratios (each measured side by side within its run). A contender that raises is
 reported as "unsupported: <reason>". On the JAX backend the live
 `jax.Array` bytes after building and one fit step are compared as well.
 
@@ -90,6 +93,15 @@ def parse_args(argv=None) -> argparse.Namespace:
     )
     parser.add_argument(
         "--rounds", type=int, default=None, help="timing rounds (default 3)."
+    )
+    parser.add_argument(
+        "--runs",
+        type=int,
+        default=1,
+        help="repeat the whole measurement this many times, each backend in "
+        "a fresh process per run; the report gives the ratio of the mins "
+        "over every run and each target's spread of per-run ratios "
+        "(default 1).",
     )
     parser.add_argument(
         "--steps",
@@ -173,6 +185,8 @@ def parse_args(argv=None) -> argparse.Namespace:
         args.chart = (
             "-" if args.output == "-" else str(Path(args.output).with_suffix(".svg"))
         )
+    if args.runs < 1:
+        parser.error("--runs must be at least 1")
     if args.rounds is None:
         args.rounds = 1 if args.quick else 3
     if args.memory is None:
@@ -340,10 +354,13 @@ def _time(res, key, runners, kind, spe):
 def run_all(args, argv) -> list[dict]:
     """Runs each installed backend in its own subprocess; returns the runs."""
     passthrough = _strip(
-        argv, ("--backend", "--output", "--json", "--note", "--chart"), ("--write",)
+        argv,
+        ("--backend", "--output", "--json", "--note", "--chart", "--runs"),
+        ("--write",),
     )
     runs = []
-    for backend in BACKENDS:
+    backends = BACKENDS if args.backend == "all" else (args.backend,)
+    for backend in backends:
         if importlib.util.find_spec(_BACKEND_MODULES[backend]) is None:
             print(f"[{backend}] not installed, skipped", file=sys.stderr)
             continue
@@ -395,13 +412,19 @@ def main(argv=None) -> list[dict]:
     """Runs the benchmark; prints and writes the report; returns the runs."""
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.backend == "all":
-        runs = run_all(args, argv)
-    else:
-        os.environ["KERAS_BACKEND"] = args.backend
-        os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        runs = [run_backend(args)]
-    from benchmarks._report import render, summary, write_chart
+    from benchmarks._report import merge, render, summary, write_chart
+
+    reps = []
+    for rep in range(args.runs):
+        if args.runs > 1:
+            print(f"run {rep + 1} of {args.runs}", file=sys.stderr, flush=True)
+        if args.backend == "all" or args.runs > 1:
+            reps.append(run_all(args, argv))
+        else:
+            os.environ["KERAS_BACKEND"] = args.backend
+            os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+            reps.append([run_backend(args)])
+    runs = merge(reps)
 
     text = render(runs, note=args.note)
     print(text)

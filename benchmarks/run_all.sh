@@ -5,7 +5,7 @@
 # arguments are passed on:
 #   bash benchmarks/run_all.sh --quick                 # a smoke run
 #   bash benchmarks/run_all.sh --rounds 7 --note "machine shared"
-#   bash benchmarks/run_all.sh --write   # update benchmarks/results.md and .svg
+#   bash benchmarks/run_all.sh --runs 3 --write   # update benchmarks/results.md and .svg
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PYTHON="${PYTHON:-python}"

@@ -7,6 +7,7 @@ decide where results go, the chart of made-up results and a run as a script
 from another directory are checked without training.
 """
 
+import copy
 import importlib.util
 import subprocess
 import sys
@@ -130,7 +131,9 @@ def _made_up_run(backend, quick=False):
     return {
         "backend": backend,
         "settings": {"spe": [1], "quick": quick},
-        "workloads": [{"name": w, "results": results} for w in ("mlp", "cnn")],
+        "workloads": [
+            {"name": w, "results": copy.deepcopy(results)} for w in ("mlp", "cnn")
+        ],
     }
 
 
@@ -176,3 +179,50 @@ def test_runs_as_a_script_from_another_directory(tmp_path):
     assert result.returncode != 0
     assert "unknown workloads ['nope']" in result.stderr, result.stderr[-2000:]
     assert not list(tmp_path.iterdir())
+
+
+def _scaled(run, factor):
+    """`run` with jaxlayer's timings multiplied by `factor`."""
+    out = copy.deepcopy(run)
+    for w in out["workloads"]:
+        res = w["results"][JAXLAYER]
+        res["fit_1"] = [t * factor for t in res["fit_1"]]
+    return out
+
+
+def test_runs_merged_with_the_spread_of_their_ratios():
+    first = [_made_up_run("jax"), _made_up_run("torch")]
+    second = [_scaled(run, 0.5) for run in first]
+    merged = _report.merge([first, second])
+    assert [run["backend"] for run in merged] == ["jax", "torch"]
+    jax_run = merged[0]
+    assert jax_run["settings"]["runs"] == 2
+    mlp = jax_run["workloads"][0]["results"]
+    # Every run's rounds pooled; the reference's too.
+    assert sorted(mlp[JAXLAYER]["fit_1"]) == [0.75, 1.5]
+    assert mlp[NATIVE]["fit_1"] == [2.0, 2.0]
+    # A single run is left as it is.
+    assert _report.merge([first]) is first
+    targets = [
+        line.split(" | ")
+        for line in _report._targets(merged)
+        if line.startswith("| jax | mlp |") or line.startswith("| torch | cnn |")
+    ]
+    rows = {(r[0][2:], r[2]): r[3:] for r in targets if len(r) == 6}
+    # jaxlayer 0.75 (min over runs) / native 2.0; per run 1.5/2 and 0.75/2.
+    native = rows["jax", f"{JAXLAYER} fit spe=1 <= 1.02x {NATIVE}"]
+    assert native == ["0.375x", "0.375-0.750x (2 runs)", "met |"]
+    # Keras's JaxLayer (3.0): below it on jax.
+    keras_layer = rows["jax", f"{JAXLAYER} fit spe=1 <= 1.02x {KERAS_JAXLAYER}"]
+    assert keras_layer[0] == "0.250x"
+    assert rows["torch", f"{JAXLAYER} fit spe=1 <= 1.00x {NATIVE}"][2] == "met |"
+    # Not met: the ratio of the mins above the limit.
+    slow = _report.merge([[_scaled(first[0], 2.0)], [_scaled(first[0], 1.5)]])
+    lines = _report._targets(slow)
+    assert not [row for row in lines if f"{JAXLAYER} fit spe=1 <= 1.00x" in row]
+    line = next(
+        row
+        for row in lines
+        if row.startswith(f"| jax | mlp | {JAXLAYER} fit spe=1 <= 1.02x {NATIVE}")
+    )
+    assert line.endswith("| 1.125x | 1.125-1.500x (2 runs) | **not met** |")
