@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _report, fit_step  # noqa: E402
+from benchmarks import _report, crossing, fit_step  # noqa: E402
 from benchmarks._names import (  # noqa: E402
     CONTENDERS,
     JAXLAYER,
@@ -226,3 +226,25 @@ def test_runs_merged_with_the_spread_of_their_ratios():
         if row.startswith(f"| jax | mlp | {JAXLAYER} fit spe=1 <= 1.02x {NATIVE}")
     )
     assert line.endswith("| 1.125x | 1.125-1.500x (2 runs) | **not met** |")
+
+
+@pytest.mark.skipif(
+    BACKEND not in crossing.BACKENDS, reason="the profile covers tensorflow and torch"
+)
+def test_crossing_profile_has_every_row():
+    args = crossing.parse_args(
+        ["--backend", BACKEND, "--workloads", "mlp", "--rounds", "1", "--seconds", "0"]
+    )
+    run = crossing.run_backend(args)
+    (workload,) = run["workloads"]
+    rows = {row: (fwd, grad) for row, fwd, grad in workload["rows"]}
+    first = next(iter(rows))
+    assert first.startswith("jax.jit on JAX arrays")
+    expected = 5 if BACKEND == "torch" else 4
+    assert len(rows) == expected, rows
+    for row, (fwd, grad) in rows.items():
+        assert fwd > 0, row
+        assert grad is None if row.startswith("empty") else grad > 0, row
+    text = crossing.render([run], args)
+    assert f"## {BACKEND} backend" in text
+    assert text.count("| mlp |") == expected
