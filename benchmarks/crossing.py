@@ -206,10 +206,10 @@ def run_backend(args) -> dict:
     from benchmarks._workloads import WORKLOADS
 
     backend = keras.backend.backend()
-    time_us = _timer(args.seconds)
     out = {"backend": backend, "workloads": []}
     for name in args.workloads:
         workload = WORKLOADS[name]
+        time_us = _timer(args.seconds)  # batch sizes fixed per workload
         print(f"[{backend}] {name}", file=sys.stderr, flush=True)
         calls = _contenders(backend, workload)
         best = {}

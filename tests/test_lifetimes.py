@@ -145,6 +145,43 @@ def test_dropped_layers_free_their_arrays_and_caches():
     assert growth <= dense_growth + 48, (growth, dense_growth)
 
 
+@pytest.mark.skipif(
+    BACKEND not in ("tensorflow", "torch"),
+    reason="on jax the variables are JAX arrays (benchmarks/ compares the bytes)",
+)
+def test_a_trained_layer_holds_its_parameters_once():
+    # After `fit` (Keras's compiled train step, Adam), the parameters exist
+    # once, in the backend's variables: the JAX arrays the layer keeps are
+    # views of the torch tensors (same buffers), and on TensorFlow none.
+    gc.collect()
+    before = {id(a) for a in jax.live_arrays()}
+    layer = jaxlayer_layer()  # a 4 MiB kernel, given as NumPy
+    model = keras.Sequential([keras.Input((WIDTH,)), layer])
+    model.compile(optimizer="adam", loss="mse")
+    x = np.random.RandomState(0).randn(16, WIDTH).astype("float32")
+    model.fit(x, x, batch_size=8, epochs=1, verbose=0)
+    model.predict(x, verbose=0)
+    gc.collect()
+    new = [a for a in jax.live_arrays() if id(a) not in before]
+    if BACKEND == "torch":
+        buffers = {v.value.data_ptr() for v in model.variables}
+        # One view per pure function (training and inference), all of the
+        # kernel's own buffer.
+        views = {
+            a.unsafe_buffer_pointer(): a.nbytes
+            for a in new
+            if a.unsafe_buffer_pointer() in buffers
+        }
+        assert sum(views.values()) == WIDTH * WIDTH * 4
+        # The last step's gradient, which torch keeps in `.grad` (as for
+        # native layers), is a JAX result handed over without a copy.
+        grads = {
+            v.value.grad.data_ptr() for v in model.variables if v.value.grad is not None
+        }
+        new = [a for a in new if a.unsafe_buffer_pointer() not in buffers | grads]
+    assert sum(a.nbytes for a in new) < 4096, [(a.shape, a.dtype) for a in new]
+
+
 def test_pure_functions_are_reset_when_the_trees_or_call_fn_change():
     layer = JaxLayer(matmul_call, params={"w": np.eye(3, dtype="float32")})
     x = np.ones((2, 3), "float32")

@@ -49,18 +49,30 @@ result anyway, so running a computation on the calling thread saves a
 hand-over to XLA's dispatch thread and back on every call. If JAX's client
 already exists when the bridge is imported (a JAX array was made first),
 that setting can no longer apply; import `jaxlayer` before making JAX arrays
-to get it. Nothing of torch's is changed. What a user can set beyond that,
-in the environment before starting Python:
+to get it. Nothing of torch's is changed.
 
-- `GOMP_SPINCOUNT=1000` (or `OMP_WAIT_POLICY=PASSIVE`): torch's OpenMP
-  threads (libgomp) spin for a while after each parallel torch op, holding
-  the cores XLA's threads then need; a short spin gives them back sooner.
-  Measured on a busy 2-core machine it helped small models and cost nothing
-  measurable on larger ones, but it changes every OpenMP program in the
-  process, so the bridge does not set it.
-- `torch.set_num_threads(n)` and XLA's own thread count
-  (`XLA_FLAGS=--xla_cpu_multi_thread_eigen=false` runs XLA's matrix
-  products on one thread): on few cores, fewer threads fight less.
+Where a CPU step still loses time is between the two pools: after a torch op
+large enough to run in parallel (an input batch converted or copied, a loss
+over a large batch), torch's idle OpenMP threads (libgomp) keep spinning for
+a while on the cores that XLA's threads then need. Measured on a 2-core CPU:
+the same JAX CNN gradient took 16-17 ms alone or after a small torch op, and
+20-24 ms right after an add over 40,000 elements or the copy of a
+50,000-element input batch; with `GOMP_SPINCOUNT=100` the difference went
+away. In `fit`, Keras's own torch ops just before the layer (the batch's
+conversion) are such ops. The bridge cannot stop that spin without changing
+torch's OpenMP runtime for the whole process, so it does not. What a user
+can set, in the environment before starting Python (measured side by side
+in `benchmarks.fit_step`, 2-core CPU):
+
+- `GOMP_SPINCOUNT=1000` (or `100`, or `OMP_WAIT_POLICY=PASSIVE`): libgomp
+  spins less. The layer's CNN step went from 27 to 19 ms, but native torch
+  layers lost speed (a transformer step 51 -> 61 ms with `100`): they gain
+  from the spin. A choice for a process whose torch work is mostly small.
+- `PJRT_NPROC=1`: XLA's CPU thread pool gets one thread (read when JAX
+  makes its CPU client). No contention, and no parallelism in XLA: the MLP
+  step went from 4.1 to 3.2 ms (1.39x -> 1.10x native), the CNN from 29 to
+  32 ms and the transformer from 73 to 106 ms. For small models only.
+- `torch.set_num_threads(n)`: fewer torch threads fight less.
 
 GPU (CUDA; checked on an H200 with torch 2.11 and jax 0.11 by
 `benchmarks/cuda_check.py`: zero copy both ways, gradients equal to
