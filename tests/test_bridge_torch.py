@@ -492,6 +492,33 @@ def test_torch_compile_of_a_layer_never_called_eagerly():
     np.testing.assert_allclose(out, want, **TOL)
 
 
+@pytest.mark.usefixtures("aot_eager")
+def test_torch_compile_giving_up_on_a_frame_runs_the_layer_eagerly(monkeypatch):
+    # Past its recompile limit (every new model recompiles Keras's layer
+    # frames; after 8, or here 1, torch gives up on them) torch.compile runs
+    # a frame as plain Python but still compiles what it calls. It then
+    # traced into JAX itself and crashed ("InternalTorchDynamoError ... from
+    # user code: jax/_src/literals.py"); the layer's eager calls must run
+    # out of its sight, with the eager model's losses.
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
+    x, y = data(32)
+    losses = {}
+    for jit in (False, True, True):
+        keras.utils.set_random_seed(0)
+        layer = JaxLayer(mlp_call, mlp_init, seed=0)
+        model = keras.Sequential([keras.Input((5,)), layer])
+        model.compile(keras.optimizers.SGD(0.05), "mse", jit_compile=jit)
+        history = model.fit(x, y, batch_size=16, epochs=2, verbose=0, shuffle=False)
+        losses.setdefault(jit, []).append(history.history["loss"])
+        np.testing.assert_allclose(
+            model.predict(x, verbose=0),
+            jax.jit(mlp_call)(jax_params(layer), x),
+            **TOL,
+        )
+    for compiled in losses[True]:
+        np.testing.assert_allclose(compiled, losses[False][0], **TOL)
+
+
 @pytest.mark.usefixtures("cuda")
 def test_cpu_inputs_to_a_layer_on_cuda_run_on_its_device():
     layer = JaxLayer(mlp_call, mlp_init, seed=0)

@@ -386,11 +386,23 @@ class JaxLayer(keras.layers.Layer):
     _input_record = None
 
     def __call__(self, *args, **kwargs):
-        tracing = getattr(self._bridge, "tracing", None)
-        if tracing is not None and tracing():
-            # torch.compile / torch.export: the bridge's `layer_call` takes
-            # the call; the input record comes from an eager or symbolic call.
-            return super().__call__(*args, **kwargs)
+        bridge = self._bridge
+        tracing = getattr(bridge, "tracing", None)
+        if tracing is not None:
+            if tracing():
+                # torch.compile / torch.export: the bridge's `layer_call`
+                # takes the call; the input record comes from an eager or
+                # symbolic call.
+                return super().__call__(*args, **kwargs)
+            # A call made eagerly, where torch's compiler may still be
+            # watching (a frame it gave up on): what runs JAX must never be
+            # traced by it, so the bridge runs the eager call out of its
+            # sight.
+            return bridge.untraced(self._eager_call, args, kwargs)
+        return self._eager_call(args, kwargs)
+
+    def _eager_call(self, args, kwargs):
+        """`__call__` outside any torch trace: Keras's, watched for saving."""
         if not self.built:
             inputs = args[0] if args else kwargs.get("inputs")
             self._input_dtypes = [

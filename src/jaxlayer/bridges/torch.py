@@ -613,6 +613,7 @@ class _JaxFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @torch.compiler.disable  # run by autograd, maybe inside a compiled frame
     def backward(ctx, *grad_outputs):
         call = ctx.call
         saved = ctx.saved_tensors  # raises if changed in place since
@@ -1276,8 +1277,25 @@ def _eager_unflatten(site_id, outputs):
     return jax.tree_util.tree_unflatten(site.out_def, list(outputs))
 
 
+@torch.compiler.disable
+def untraced(f: Callable, *args):
+    """`f(*args)`, never traced by torch.compile (the layer's eager calls).
+
+    When torch.compile gives up on a frame (a graph break it cannot resume
+    from, its recompile limit reached), it runs that frame as plain Python
+    but still compiles the functions the frame calls, one by one; it would
+    then trace into JAX itself (`jax.tree_util`, `jax.jit`, DLPack) and fail.
+    The layer's eager calls run through here, out of its sight: everything
+    inside runs as plain Python. While torch traces, the layer never comes
+    here (it goes to `layer_call`).
+    """
+    return f(*args)
+
+
 #: `JaxLayer.call` passes the stored parameters and `cast=` to `run`.
 run.casts_params = True
+#: `JaxLayer.__call__` runs its eager calls through it.
+run.untraced = untraced
 #: `JaxLayer.call` calls it first (see `layer_call`).
 run.layer_call = layer_call
 # Whether the call being made is traced (torch.compile, torch.export): the
