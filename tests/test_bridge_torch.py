@@ -492,6 +492,23 @@ def test_torch_compile_of_a_layer_never_called_eagerly():
     np.testing.assert_allclose(out, want, **TOL)
 
 
+@pytest.mark.parametrize("strict", [False, True])
+def test_torch_export_captures_the_layer_as_one_operator(strict):
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x, _ = data()
+    xt = torch.tensor(x)
+    layer(xt)
+    exported = torch.export.export(layer, (xt,), strict=strict)
+    targets = [n.target for n in exported.graph.nodes if n.op == "call_function"]
+    assert torch.ops.jaxlayer.call.default in targets
+    assert all(
+        t is torch.ops.jaxlayer.call.default or t.__name__ == "getitem" for t in targets
+    ), targets
+    want = jax.jit(mlp_call)(jax_params(layer), x)
+    out = exported.module()(xt)
+    np.testing.assert_allclose(out.detach().numpy(), want, **TOL)
+
+
 @pytest.mark.usefixtures("aot_eager")
 def test_torch_compile_giving_up_on_a_frame_runs_the_layer_eagerly(monkeypatch):
     # Past its recompile limit (every new model recompiles Keras's layer
