@@ -441,6 +441,10 @@ def aot_eager(monkeypatch):
         lambda fn, **kw: real_compile(fn, **{**kw, "backend": "aot_eager"}),
     )
     torch._dynamo.reset()
+    yield
+    # Nothing compiled with "aot_eager" (or frames given up on) is left for
+    # the tests after.
+    torch._dynamo.reset()
 
 
 @pytest.mark.usefixtures("aot_eager")
@@ -510,16 +514,22 @@ def test_torch_export_captures_the_layer_as_one_operator(strict):
 
 
 @pytest.mark.usefixtures("aot_eager")
-def test_torch_compile_giving_up_on_a_frame_runs_the_layer_eagerly(monkeypatch):
+def test_torch_compile_giving_up_on_a_frame_runs_the_layer_eagerly():
     # Past its recompile limit (every new model recompiles Keras's layer
     # frames; after 8, or here 1, torch gives up on them) torch.compile runs
     # a frame as plain Python but still compiles what it calls. It then
     # traced into JAX itself and crashed ("InternalTorchDynamoError ... from
     # user code: jax/_src/literals.py"); the layer's eager calls must run
     # out of its sight, with the eager model's losses.
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 1)
     x, y = data(32)
     losses = {}
+    with torch._dynamo.config.patch(recompile_limit=1):
+        _fit_three_times(x, y, losses)
+    for compiled in losses[True]:
+        np.testing.assert_allclose(compiled, losses[False][0], **TOL)
+
+
+def _fit_three_times(x, y, losses):
     for jit in (False, True, True):
         keras.utils.set_random_seed(0)
         layer = JaxLayer(mlp_call, mlp_init, seed=0)
@@ -532,8 +542,6 @@ def test_torch_compile_giving_up_on_a_frame_runs_the_layer_eagerly(monkeypatch):
             jax.jit(mlp_call)(jax_params(layer), x),
             **TOL,
         )
-    for compiled in losses[True]:
-        np.testing.assert_allclose(compiled, losses[False][0], **TOL)
 
 
 @pytest.mark.usefixtures("cuda")
