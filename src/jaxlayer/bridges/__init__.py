@@ -31,6 +31,15 @@ TensorFlow keeps the gradient function of each graph-mode
 reference to what it needs, which the layer's function owns, so a traced
 train or predict function does not keep a dropped layer's exports alive.
 
+Optional attributes of a bridge's `run`, which the layer looks up (the torch
+bridge has them; the others need none): `tracing()`, whether the call is
+being traced by the backend's compiler (torch.compile, torch.export);
+`layer_call(layer, inputs, training)`, which takes a traced call over (or
+returns NotImplemented); `untraced(f, *args)`, through which the layer runs
+its eager calls so that the compiler never traces into JAX; `casts_params`,
+whether `run` takes the stored parameters and a `cast=` dtype (mixed
+precision).
+
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """
 

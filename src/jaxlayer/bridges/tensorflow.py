@@ -36,18 +36,18 @@ the CPU) the forward and the VJP run as `XlaCallModule` ops among
 TensorFlow's own. Measured on a 2-core CPU (tensorflow 2.21, jax 0.10): an
 op costs about 35 us beyond its math (a trivial module: 41-47 us in a
 `tf.function`, beyond an empty one, with one or six arguments or results;
-JAX runs the same in 6-12 us); the rest of the difference is TensorFlow's XLA compiling
-the module differently from JAX's: for the benchmark MLP, the forward with
-residuals took 440 us against 330 us in JAX, the VJP 700 against 500 us,
-while for the CNN the forward took the same and the VJP 8.1 ms against
-12.4 ms (TensorFlow's faster). Exports with concrete shapes ran no faster
-than symbolic ones, and one op per step (a plain forward, the VJP
-recomputing it) was slower than two (MLP 1.12 against 1.06 ms per gradient,
-CNN 14.8 against 12.1 ms). With
-`model.compile(..., jit_compile=True)` the whole train step, the exported
-modules included, is one XLA computation, and the layer's `fit` step was
-measured at 1.00x native Keras layers compiled the same way for an MLP and
-a CNN, 1.16x for a transformer block (`benchmarks/results-tensorflow-jit-
+JAX runs the same in 6-12 us); the rest of the difference is TensorFlow's
+XLA compiling the module differently from JAX's: for the benchmark MLP, the
+forward with residuals took 440 us against 330 us in JAX, the VJP 700
+against 500 us, while for the CNN the forward took the same and the VJP
+8.1 ms against 12.4 ms (TensorFlow's faster). Exports with concrete shapes
+ran no faster than symbolic ones, and one op per step (a plain forward, the
+VJP recomputing it) was slower than two (MLP 1.12 against 1.06 ms per
+gradient, CNN 14.8 against 12.1 ms; `benchmarks/crossing.py` takes a call
+apart). With `model.compile(..., jit_compile=True)` the whole train step,
+the exported modules included, is one XLA computation, and the layer's
+`fit` step was measured at 1.00x native Keras layers compiled the same way
+for an MLP and a CNN, 1.16x for a transformer block (`benchmarks/results-tensorflow-jit-
 compile.md`, 2-core CPU). Turn it on for training loops where the per-step
 cost matters; leave it off for functions XLA cannot compile whole (a
 `tf.py_function` fallback above, say).
