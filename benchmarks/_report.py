@@ -51,11 +51,17 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
-def _ratio(value, reference) -> str:
+def _min_ratio(value, reference) -> float | None:
+    """The ratio of the mins of two timing lists; None if either has none."""
     a, b = _stat(value), _stat(reference)
     if a is None or b is None:
-        return "—"
-    return f"{a[0] / b[0]:.2f}x"
+        return None
+    return a[0] / b[0]
+
+
+def _ratio(value, reference) -> str:
+    ratio = _min_ratio(value, reference)
+    return "—" if ratio is None else f"{ratio:.2f}x"
 
 
 def _bytes(n) -> str:
@@ -132,11 +138,11 @@ def _target_row(run, w, res, spe, ref, limit, strict):
     if key not in res[JAXLAYER] or key not in res[ref]:
         return []
     head = f"| {run['backend']} | {w['name']} | {target} |"
-    mine, theirs = _stat(res[JAXLAYER][key]), _stat(res[ref][key])
-    if mine is None or theirs is None:
-        status = res[JAXLAYER][key] if mine is None else res[ref][key]
+    ratio = _min_ratio(res[JAXLAYER][key], res[ref][key])
+    if ratio is None:
+        mine = res[JAXLAYER][key]
+        status = mine if _stat(mine) is None else res[ref][key]
         return [f"{head} — | — | {_short(str(status))} |"]
-    ratio = mine[0] / theirs[0]
     met = ratio < limit if strict else ratio <= limit
     status = "met" if met else "**not met**"
     per_run = _per_run(run, w["name"], key, ref)
@@ -155,9 +161,9 @@ def _per_run(run, workload, key, ref) -> list[float]:
         res = rep.get(workload)
         if res is None:
             continue
-        mine, theirs = _stat(res[JAXLAYER].get(key)), _stat(res[ref].get(key))
-        if mine is not None and theirs is not None:
-            out.append(mine[0] / theirs[0])
+        ratio = _min_ratio(res[JAXLAYER].get(key), res[ref].get(key))
+        if ratio is not None:
+            out.append(ratio)
     return out
 
 

@@ -33,8 +33,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import os
-import subprocess
+import json
 import sys
 import time
 from pathlib import Path
@@ -67,6 +66,12 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--output", default=None, help="'-' for none.")
     parser.add_argument("--write", action="store_true")
     parser.add_argument("--note", default=None)
+    parser.add_argument(
+        "--json",
+        default=None,
+        help="measure in this process (KERAS_BACKEND already set to --backend) "
+        "and write the raw rows here; what each backend's subprocess is given.",
+    )
     args = parser.parse_args(argv)
     args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
     if args.output is None:
@@ -296,43 +301,18 @@ def _vs(x, base) -> str:
 
 def main(argv=None):
     """Runs the profile per backend (a subprocess each) and writes the report."""
-    import json
-    import tempfile
+    from benchmarks.fit_step import in_subprocess
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.backend != "all" and os.environ.get("_JAXLAYER_CROSSING_CHILD"):
+    if args.json:
         result = run_backend(args)
-        Path(os.environ["_JAXLAYER_CROSSING_CHILD"]).write_text(json.dumps(result))
+        Path(args.json).write_text(json.dumps(result))
         return result
     backends = BACKENDS if args.backend == "all" else (args.backend,)
-    runs = []
-    for backend in backends:
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "run.json"
-            env = dict(
-                os.environ,
-                KERAS_BACKEND=backend,
-                _JAXLAYER_CROSSING_CHILD=str(out),
-                PYTHONPATH=os.pathsep.join(
-                    p for p in (str(_ROOT), os.environ.get("PYTHONPATH")) if p
-                ),
-            )
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            cmd = [sys.executable, "-m", "benchmarks.crossing", "--backend", backend]
-            cmd += [
-                "--workloads",
-                ",".join(args.workloads),
-                "--rounds",
-                str(args.rounds),
-                "--seconds",
-                str(args.seconds),
-            ]
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
-            if proc.returncode or not out.exists():
-                runs.append({"backend": backend, "error": f"exit {proc.returncode}"})
-            else:
-                runs.append(json.loads(out.read_text()))
+    settings = ["--workloads", ",".join(args.workloads), "--rounds", str(args.rounds)]
+    settings += ["--seconds", str(args.seconds)]
+    runs = [in_subprocess("benchmarks.crossing", b, settings) for b in backends]
     text = render(runs, args)
     print(text)
     if args.output != "-":

@@ -358,37 +358,38 @@ def run_all(args, argv) -> list[dict]:
         ("--backend", "--output", "--json", "--note", "--chart", "--runs"),
         ("--write",),
     )
+    child_argv = ["--output", "-", *passthrough]
     runs = []
     backends = BACKENDS if args.backend == "all" else (args.backend,)
     for backend in backends:
         if importlib.util.find_spec(_BACKEND_MODULES[backend]) is None:
             print(f"[{backend}] not installed, skipped", file=sys.stderr)
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            out = Path(tmp) / "run.json"
-            cmd = [
-                sys.executable,
-                "-m",
-                "benchmarks.fit_step",
-                "--backend",
-                backend,
-                "--output",
-                "-",
-                "--json",
-                str(out),
-                *passthrough,
-            ]
-            env = dict(os.environ, KERAS_BACKEND=backend)
-            env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-            env["PYTHONPATH"] = os.pathsep.join(
-                p for p in (str(_ROOT), env.get("PYTHONPATH")) if p
-            )
-            proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
-            if proc.returncode != 0 or not out.exists():
-                runs.append({"backend": backend, "error": f"exit {proc.returncode}"})
-                continue
-            runs.append(json.loads(out.read_text()))
+        runs.append(in_subprocess("benchmarks.fit_step", backend, child_argv))
     return runs
+
+
+def in_subprocess(module: str, backend: str, argv: list[str]) -> dict:
+    """Runs `python -m <module> --backend <backend> --json <file> <argv>` in a
+    fresh process with `KERAS_BACKEND` set (the benchmarks' own modules).
+
+    Returns:
+        What the process wrote to the JSON file, or `{"backend", "error"}`
+        when it failed.
+    """
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "run.json"
+        cmd = [sys.executable, "-m", module, "--backend", backend]
+        cmd += ["--json", str(out), *argv]
+        env = dict(os.environ, KERAS_BACKEND=backend)
+        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        env["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_ROOT), env.get("PYTHONPATH")) if p
+        )
+        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+        if proc.returncode != 0 or not out.exists():
+            return {"backend": backend, "error": f"exit {proc.returncode}"}
+        return json.loads(out.read_text())
 
 
 def _strip(argv, options, flags=()):
