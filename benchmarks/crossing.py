@@ -238,7 +238,8 @@ def run_backend(args) -> dict:
 
 def render(runs, args) -> str:
     """The markdown report."""
-    from benchmarks.fit_step import _load, _machine, _versions
+    from benchmarks._report import _environment
+    from benchmarks.fit_step import _load, _machine, _tuning, _versions
 
     machine = _machine()
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -253,6 +254,7 @@ def render(runs, args) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         f"- settings: min over {args.rounds} interleaved rounds of the mean of "
         f"~{args.seconds} s of calls; load average after: {_load()}",
+        f"- environment: {_environment({'environment': _tuning()})}",
     ]
     if args.note:
         lines.append(f"- note: {args.note}")

@@ -222,6 +222,26 @@ def _machine() -> dict:
     return {"cpu": cpu, "cores": os.cpu_count(), "os": platform.platform()}
 
 
+# Environment variables that change how fast XLA, torch or TensorFlow run on
+# the CPU; a report records those that were set, so a table says what it ran
+# under.
+TUNING_VARIABLES = (
+    "XLA_FLAGS",
+    "TF_XLA_FLAGS",
+    "PJRT_NPROC",
+    "JAX_CPU_ENABLE_ASYNC_DISPATCH",
+    "OMP_NUM_THREADS",
+    "OMP_WAIT_POLICY",
+    "GOMP_SPINCOUNT",
+    "TF_ENABLE_ONEDNN_OPTS",
+)
+
+
+def _tuning() -> dict:
+    """The tuning variables (`TUNING_VARIABLES`) set in this environment."""
+    return {k: os.environ[k] for k in TUNING_VARIABLES if k in os.environ}
+
+
 def _load() -> list[float] | None:
     try:
         return [round(x, 2) for x in os.getloadavg()]
@@ -277,6 +297,7 @@ def run_backend(args) -> dict:
             "predict_batches": args.predict_batches,
             "quick": args.quick,
             "jit_compile": args.jit_compile,
+            "environment": _tuning(),
         },
         "load_before": _load(),
         "workloads": [],

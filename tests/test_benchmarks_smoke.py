@@ -92,6 +92,23 @@ def test_quick_run_reports_every_contender(tmp_path, capsys):
         assert any(f"| mlp | {kind} |" in row for row in rows), kind
     if BACKEND == "jax":
         assert "## Memory" in text
+    settings = run["settings"]
+    assert f"- environment: {_report._environment(settings)}" in text
+
+
+def test_report_says_which_tuning_variables_were_set(monkeypatch):
+    for name in fit_step.TUNING_VARIABLES:
+        monkeypatch.delenv(name, raising=False)
+    assert fit_step._tuning() == {}
+    assert _report._environment({}).startswith("no tuning variable set")
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")
+    monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
+    monkeypatch.setenv("UNRELATED_VARIABLE", "1")
+    settings = {"environment": fit_step._tuning()}
+    assert _report._environment(settings) == (
+        "`GOMP_SPINCOUNT=1000`, "
+        "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce`"
+    )
 
 
 def test_results_go_to_benchmarks_out_unless_asked():
