@@ -142,7 +142,9 @@ def test_dropped_layers_free_their_arrays_and_caches():
     assert all(ref() is None for ref in refs)
     assert live_jax_arrays() == arrays_before
     # 40 layers of 4 MiB: a leak of their weights would show as 160+ MiB.
-    assert growth <= dense_growth + 48, (growth, dense_growth)
+    # RSS can also shrink while the Dense layers run (the allocator handing
+    # pages back: -43 MiB seen once); the baseline is then no growth at all.
+    assert growth <= max(dense_growth, 0) + 48, (growth, dense_growth)
 
 
 @pytest.mark.skipif(
