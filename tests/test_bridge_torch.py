@@ -5,6 +5,8 @@ on the same parameters (float32: rtol = atol = 1e-5; float16/bfloat16 runs
 are checked for training, not against float32 numbers).
 """
 
+import re
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -401,6 +403,79 @@ def test_compiled_signatures_are_bounded_per_function():
     assert entries
     assert all(len(e.signatures) <= bridge.MAX_SIGNATURES for e in entries)
     assert bridge.counters["evictions"] - before >= 5
+
+
+# -- XLA's options on the CPU ---------------------------------------------------
+
+
+def conv_call(params, inputs):
+    x = jax.lax.conv_general_dilated(
+        inputs, params["w"], (1, 1), "VALID", dimension_numbers=("NHWC", "HWIO", "NHWC")
+    )
+    return jnp.tanh(x).mean(axis=(1, 2)) @ params["out"]
+
+
+def ynn_convolutions(hlo: str) -> int:
+    """Convolutions XLA handed to YNNPACK in an optimized HLO module's text."""
+    bodies = {block.strip().split(" ")[0]: block for block in hlo.split("\n\n")}
+    count = 0
+    for line in hlo.splitlines():
+        called = re.search(r"calls=(%[\w.-]+)", line)
+        if "__ynn_fusion" in line and called:
+            count += "convolution(" in bodies.get(called.group(1), "")
+    return count
+
+
+@pytest.mark.skipif(
+    BACKEND == "torch" and bridge._jaxlib_minor() != (0, 10),
+    reason="the options restate jaxlib 0.10's defaults",
+)
+def test_cpu_executables_leave_convolutions_to_xla(monkeypatch):
+    # jaxlib 0.10 hands convolutions to YNNPACK, where a gradient's ran
+    # 1.4-2.2x slower; the bridge's own CPU executables keep them in XLA
+    # (the user's `jax.jit` functions are left as they are).
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    k1, k2 = jax.random.split(jax.random.key(0))
+    params = {
+        "w": jax.random.normal(k1, (3, 3, 16, 32)) * 0.1,
+        "out": jax.random.normal(k2, (32, 4)),
+    }
+    x = np.random.default_rng(0).standard_normal((4, 12, 12, 16), dtype=np.float32)
+    grad = jax.jit(jax.grad(lambda p, x: conv_call(p, x).sum(), argnums=(0, 1)))
+    assert ynn_convolutions(grad.lower(params, x).compile().as_text()) > 0
+
+    layer = JaxLayer(conv_call, params=params)
+    xt = torch.tensor(x, requires_grad=True)
+    out = layer(xt)
+    out.sum().backward()
+    np.testing.assert_allclose(out.detach().numpy(), conv_call(params, x), **TOL)
+    want_p, want_x = grad(params, x)
+    np.testing.assert_allclose(xt.grad.numpy(), want_x, **TOL)
+    np.testing.assert_allclose(layer.params["w"].value.grad.numpy(), want_p["w"], **TOL)
+
+    (fn,) = [fn for fn in layer._pure_fns.values() if "torch" in fn.slots()]
+    (sig,) = fn.slots()["torch"].signatures.values()
+    assert ynn_convolutions(sig.forward.as_text()) == 0
+    flat = sig.forward.in_avals[0]
+    outputs, _, residuals = sig.forward.out_info
+    backward = sig.backward.lower([flat[i] for i in sig.args], residuals, outputs)
+    assert ynn_convolutions(backward.compile().as_text()) == 0
+
+    # Where XLA_FLAGS names the option, the user's choice stands.
+    monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
+    assert bridge._cpu_compiler_options() is None
+
+
+def test_options_xla_refuses_are_dropped(monkeypatch):
+    monkeypatch.setattr(bridge, "_cpu_options_refused", False)
+    monkeypatch.setattr(bridge, "_jaxlib_minor", lambda: (0, 10))
+    monkeypatch.delenv("XLA_FLAGS", raising=False)
+    monkeypatch.setattr(bridge, "_YNN_FUSIONS", "xla_no_such_option_here")
+    x = jnp.arange(6.0)
+    compiled, options = bridge._compile(lambda x: x.sum(), (x,), with_options=True)
+    assert options is None and float(compiled(x)) == 15.0
+    assert bridge._cpu_options_refused
+    assert bridge._cpu_compiler_options() is None
 
 
 def test_mixed_precision_reuses_the_parameter_views():
