@@ -180,15 +180,65 @@ def test_keras_file_round_trip(tmp_path):
     )
 
 
-def test_unserializable_module_says_what_to_do():
-    class Plain(nn.Module):
-        @nn.compact
-        def __call__(self, x):
-            return nn.Dense(2)(x)
+class Plain(nn.Module):
+    """A module as most are written: no `get_config()`."""
 
-    layer = FlaxLayer(Plain())
-    with pytest.raises(TypeError, match="get_config"):
+    @nn.compact
+    def __call__(self, x):
+        return nn.Dense(2)(x.reshape((x.shape[0], -1)))
+
+
+def test_module_without_get_config_saves_its_computation(tmp_path):
+    layer = FlaxLayer(Plain(), seed=0)
+    # Nothing to save before the layer is called: the message says so.
+    with pytest.raises(TypeError, match=r"Plain has no `get_config\(\)`.*Call the"):
         layer.get_config()
+    x, y = image_data()
+    model = sgd_model(layer)
+    model.fit(x, y, epochs=1, verbose=0)
+    path = os.path.join(tmp_path, "plain.keras")
+    model.save(path)
+    with pytest.warns(UserWarning, match="Plain` has no `get_config"):
+        loaded = keras.saving.load_model(path)
+    want = model.predict(x, verbose=0)
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-6)
+    assert loaded.layers[-1].module is None
+    # Saved again, it reloads the same way.
+    again = os.path.join(tmp_path, "again.keras")
+    loaded.save(again)
+    with pytest.warns(UserWarning, match="Plain` has no `get_config"):
+        twice = keras.saving.load_model(again)
+    np.testing.assert_allclose(twice.predict(x, verbose=0), want, atol=1e-6)
+
+
+def test_clone_model_copies_the_live_module():
+    x, y = image_data()
+    module = Plain()
+    variables = module.init(jax.random.key(1), x[:1])
+    given = sgd_model(FlaxLayer(module, variables=variables))
+    fresh = sgd_model(FlaxLayer(module, seed=0))
+    for model in (given, fresh):
+        clone = keras.models.clone_model(model)
+        layer = clone.layers[-1]
+        assert layer.module is module and layer.name == model.layers[-1].name
+        assert type(layer.name) is str
+    # Variables that were given are the clone's initial values (a config
+    # holds none); ones `module.init` made are made afresh, as Keras's
+    # layers are, from the same seed.
+    clone = keras.models.clone_model(given)
+    want = module.apply(variables, x)
+    np.testing.assert_allclose(clone.predict(x, verbose=0), want, atol=1e-6)
+    fresh.fit(x, y, epochs=1, verbose=0)
+    clone = keras.models.clone_model(fresh)
+    other = sgd_model(FlaxLayer(module, seed=0))
+    np.testing.assert_allclose(
+        clone.predict(x, verbose=0), other.predict(x, verbose=0), atol=1e-6
+    )
+    # The clone's weights are its own.
+    clone.compile(keras.optimizers.SGD(LR), "mse")
+    before = fresh.predict(x, verbose=0)
+    clone.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_allclose(fresh.predict(x, verbose=0), before, atol=0)
 
 
 def test_bad_arguments():

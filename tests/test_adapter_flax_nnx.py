@@ -136,6 +136,23 @@ def test_keras_file_reloads_from_its_export_without_the_module(tmp_path):
         loaded.layers[-1].to_module()
 
 
+def test_clone_model_copies_the_module_with_its_weights():
+    x, y = image_data()
+    model = sgd_model(NNXLayer(ConvBN(rngs=nnx.Rngs(0)), seed=3))
+    model.fit(x, y, epochs=1, verbose=0)
+    clone = keras.models.clone_model(model)
+    layer = clone.layers[-1]
+    assert isinstance(layer, NNXLayer) and type(layer.to_module()) is ConvBN
+    np.testing.assert_allclose(
+        clone.predict(x, verbose=0), model.predict(x, verbose=0), atol=1e-6
+    )
+    # Weights of its own: training the clone leaves the original alone.
+    before = model.predict(x, verbose=0)
+    clone.compile(keras.optimizers.SGD(LR), "mse")
+    clone.fit(x, y, epochs=1, verbose=0)
+    np.testing.assert_allclose(model.predict(x, verbose=0), before, atol=0)
+
+
 def test_bad_arguments():
     linen = pytest.importorskip("flax.linen")
     with pytest.raises(TypeError, match="NNXLayer.*FlaxLayer"):

@@ -1,5 +1,6 @@
 """Saving: `.keras` round trips, weights files, and unregistered functions."""
 
+import json
 import os
 
 import jax
@@ -188,8 +189,75 @@ def test_copies_of_an_unregistered_function():
     np.testing.assert_allclose(
         copied.predict(x, verbose=0), model.predict(x, verbose=0), **TOL
     )
-    # A config alone does not: the call says what to do.
+    # clone_model hands the config object itself to `from_config`, which
+    # takes the live layer's function and given params.
+    clone = keras.models.clone_model(model)
+    assert clone.layers[-1].call_fn is unregistered_call
+    np.testing.assert_allclose(
+        clone.predict(x, verbose=0), model.predict(x, verbose=0), **TOL
+    )
+    # A config written out (JSON) is a config alone: the call says what to do.
     with pytest.warns(UserWarning, match="unregistered_call"):
-        clone = keras.models.clone_model(model)
-    with pytest.raises(ValueError, match=r"JaxLayer 'plain'.*clone_model.*register"):
-        clone.predict(x, verbose=0)
+        copy_ = keras.models.model_from_json(model.to_json())
+    with pytest.raises(ValueError, match=r"JaxLayer 'plain'.*config alone.*register"):
+        copy_.predict(x, verbose=0)
+
+
+def test_clone_model_initialises_afresh_or_keeps_given_params():
+    x = np.random.RandomState(1).randn(4, IN).astype("float32")
+
+    def model_of(layer):
+        inputs = keras.Input((IN,))
+        return keras.Model(inputs, layer(inputs))
+
+    # Weights made by init_fn: the clone is initialised by it again (from
+    # the same seed), like Keras's own layers; never zeros.
+    trained = model_of(JaxLayer(saved_call, saved_init, seed=5))
+    train(trained)
+    clone = keras.models.clone_model(trained)
+    fresh = model_of(JaxLayer(saved_call, saved_init, seed=5))
+    for a, b in zip(clone.weights, fresh.weights, strict=True):
+        np.testing.assert_array_equal(to_np(a), to_np(b))
+    assert any(np.abs(to_np(w)).sum() > 0 for w in clone.weights)
+    # Params that were given: the clone starts from their current values,
+    # in variables of its own.
+    w = np.random.RandomState(2).randn(IN, 3).astype("float32")
+    given = model_of(JaxLayer(unregistered_call, params={"w": w}, name="given"))
+    clone = keras.models.clone_model(given)
+    np.testing.assert_allclose(to_np(clone.layers[-1].params["w"]), w)
+    clone.layers[-1].params["w"].assign(np.zeros_like(w))
+    np.testing.assert_allclose(to_np(given.layers[-1].params["w"]), w)
+    np.testing.assert_allclose(given.predict(x, verbose=0), x @ w, **TOL)
+
+
+def test_scikit_learn_wrapper_clones_and_fits():
+    # Keras's scikit-learn wrappers clone the model (clone_model) before
+    # each fit: a layer of unregistered code with given params trains there.
+    pytest.importorskip("sklearn")
+    from keras.wrappers import SKLearnRegressor
+
+    rs = np.random.RandomState(3)
+    w = rs.randn(IN, 1).astype("float32")
+    x = rs.randn(32, IN).astype("float32")
+    y = (x @ (2 * w))[:, 0]  # scikit-learn regressors take 1-d targets
+    model = keras.Sequential(
+        [keras.Input((IN,)), JaxLayer(unregistered_call, params={"w": w})]
+    )
+    model.compile(keras.optimizers.SGD(0.05), "mse")
+    before = np.mean((model.predict(x, verbose=0)[:, 0] - y) ** 2)
+    reg = SKLearnRegressor(model=model, fit_kwargs={"epochs": 5, "verbose": 0})
+    reg.fit(x, y)
+    after = np.mean((np.ravel(reg.predict(x)) - y) ** 2)
+    assert after < 0.5 * before
+    # The wrapped model itself is left as it was.
+    np.testing.assert_allclose(to_np(model.layers[0].params["w"]), w)
+
+
+def test_config_of_a_copy_equals_the_original():
+    layer = JaxLayer(unregistered_call, params={"w": np.ones((IN, 2), "float32")})
+    config = layer.get_config()
+    copy_ = JaxLayer.from_config(config)
+    assert copy_.get_config() == config
+    assert copy_.call_fn is unregistered_call and type(copy_.name) is str
+    # What a config holds is written out as plain JSON.
+    assert json.loads(json.dumps(config))["name"] == layer.name

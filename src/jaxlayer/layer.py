@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import itertools
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -144,6 +145,10 @@ class JaxLayer(keras.layers.Layer):
             _seed_generator(self.seed) if self.call_fn_has_rng else None
         )
         self._init_seed_count = 0
+        # Whether `init_fn` made the weights (at build), rather than the
+        # `params`/`state` given: a copy by `clone_model` is then initialised
+        # by `init_fn` again, as Keras's own layers are.
+        self._init_on_build = False
         self._bridge = bridges.get(keras.backend.backend())
         self._input_dtypes = None
         self._set_trees(None, None)
@@ -279,6 +284,7 @@ class JaxLayer(keras.layers.Layer):
                         "outside `jax.jit`, or give `params`/`state`."
                     )
         self._create_weights(params, state, copy=False)
+        self._init_on_build = True
 
     def _init_trees(self, input_shape, rng, abstract=False):
         """`(params, state)` from `init_fn` for inputs of `input_shape`.
@@ -769,25 +775,22 @@ class JaxLayer(keras.layers.Layer):
                 exported and no `init_fn` can rebuild the tree.
         """
         config = super().get_config()
+        config["name"] = _LayerName.of(self)
         artifacts, why = saving.artifacts_for_save(self)
         fn = self.call_fn
         rebuilt = isinstance(fn, saving.ExportedCall)
-        trees = {}
-        for root, spec in (("params", self._params_spec), ("state", self._state_spec)):
-            try:
-                trees[root] = V.spec_to_config(spec, root)
-            except V.UndescribableTree as err:
-                if artifacts is None and self.init_fn is None:
-                    raise ValueError(
-                        f"{self._owner} cannot be saved in a `.keras` file: "
-                        f"`{err.path}` is {err.what}, and its computation "
-                        f"could not be exported ({why}). Use dicts, lists, "
-                        "tuples or NamedTuples for `params`/`state`, or give "
-                        "the layer an `init_fn` (which rebuilds the tree when "
-                        "loading); or save the weights only with "
-                        "`save_weights`."
-                    ) from None
-                trees[root] = dict(V.FLAT)
+        trees = self._tree_configs()
+        for err in trees.pop("undescribable").values():
+            if artifacts is None and self.init_fn is None:
+                raise ValueError(
+                    f"{self._owner} cannot be saved in a `.keras` file: "
+                    f"`{err.path}` is {err.what}, and its computation "
+                    f"could not be exported ({why}). Use dicts, lists, "
+                    "tuples or NamedTuples for `params`/`state`, or give "
+                    "the layer an `init_fn` (which rebuilds the tree when "
+                    "loading); or save the weights only with "
+                    "`save_weights`."
+                )
         config.update(
             {
                 "call_fn": fn.fn_config if rebuilt else _serialize_fn(fn),
@@ -800,10 +803,27 @@ class JaxLayer(keras.layers.Layer):
                 ),
                 "params_spec": trees["params"],
                 "state_spec": trees["state"],
+                "init_on_build": self._init_on_build,
                 "exported": artifacts.manifest if artifacts is not None else None,
             }
         )
         return config
+
+    def _tree_configs(self) -> dict:
+        """The config's descriptions of the `params` and `state` trees.
+
+        A tree of a type a config cannot describe (a custom pytree node) is
+        described as `FLAT` (kept by variable name); its error is under
+        `"undescribable"`.
+        """
+        trees: dict = {"undescribable": {}}
+        for root, spec in (("params", self._params_spec), ("state", self._state_spec)):
+            try:
+                trees[root] = V.spec_to_config(spec, root)
+            except V.UndescribableTree as err:
+                trees["undescribable"][root] = err
+                trees[root] = dict(V.FLAT)
+        return trees
 
     @classmethod
     def from_config(cls, config):
@@ -828,17 +848,35 @@ class JaxLayer(keras.layers.Layer):
                 defined and how to register it.
         """
         config = dict(config)
+        source = _LayerName.source(config, cls)
         owner = f"{cls.__name__} '{config.get('name')}'"
         exported = config.get("exported")
         call_fn, reason = _locate_fn(config.get("call_fn"), "call_fn", owner)
         init_fn, init_reason = _locate_fn(config.get("init_fn"), "init_fn", owner)
+        values = None
+        if source is not None:
+            # A copy of a live layer, made from its config object: its very
+            # functions (where the config still names them), and, for
+            # weights that were given rather than made by `init_fn`, their
+            # current values (a config holds none).
+            if config.get("call_fn") == _serialize_fn(source.call_fn):
+                call_fn = source.call_fn
+            if config.get("init_fn") == _serialize_fn(source.init_fn):
+                init_fn = source.init_fn
+            values = _given_values(source, config)
         flat = any(
             isinstance(config.get(k), dict) and config[k].get("flat")
             for k in ("params_spec", "state_spec")
         )
-        if call_fn is not None and (init_fn is not None or not flat):
+        if call_fn is not None and (
+            init_fn is not None or not flat or values is not None
+        ):
             config.pop("exported", None)
-            params, state = _pop_saved_trees(config)
+            params, state = _pop_saved_trees(
+                config, source is not None and init_fn is not None
+            )
+            if values is not None:
+                params, state = values
             if params is None and state is None and config.get("init_fn"):
                 if init_fn is None:
                     raise ValueError(
@@ -881,14 +919,80 @@ class JaxLayer(keras.layers.Layer):
         saving.load_assets(self, dir_path)
 
 
-def _pop_saved_trees(config):
+class _LayerName(str):
+    """A layer's name in its config, with (in this process) the layer itself.
+
+    `keras.models.clone_model` and `Layer.from_config(layer.get_config())`
+    hand the config object itself to `from_config`, which then finds the
+    live layer it came from (a weak reference) and takes its functions and
+    given weights from it: a copy works with unregistered functions and a
+    layer built from `params` keeps them. Written out (JSON, a `.keras`
+    file, pickle, deepcopy) it is a plain name, and a copy made from that is
+    one from a config alone.
+    """
+
+    source_ref: Callable[[], Any] | None = None
+
+    @classmethod
+    def of(cls, layer) -> _LayerName:
+        name = cls(layer.name)
+        name.source_ref = weakref.ref(layer)
+        return name
+
+    @staticmethod
+    def source(config: dict, cls) -> Any:
+        """The live layer of class `cls` that `config` came from, or None.
+
+        The name in `config` is made a plain string.
+        """
+        name = config.get("name")
+        ref = getattr(name, "source_ref", None)
+        if name is not None:
+            config["name"] = str(name)
+        source = ref() if ref is not None else None
+        if type(source) is not cls or saving.rebuilt(source):
+            return None
+        return source
+
+    def __reduce__(self):
+        return (str, (str(self),))
+
+
+def _given_values(source, config) -> tuple | None:
+    """Copies of `source`'s `(params, state)` for a layer made from `config`.
+
+    Only for weights that were given (not made by `init_fn`) and that the
+    config describes as `source` has them; None otherwise.
+    """
+    if config.get("init_on_build") or not source.built:
+        return None
+    if source._params_spec is None and source._state_spec is None:
+        return None
+    trees = source._tree_configs()
+    if (trees["params"], trees["state"]) != (
+        config.get("params_spec"),
+        config.get("state_spec"),
+    ):
+        return None
+    return V.numpy_tree(source.params), V.numpy_tree(source.state)
+
+
+def _pop_saved_trees(config, init_afresh=False):
     """Removes the saved tree descriptions from `config`; returns placeholders.
 
     The placeholders (zeros of the saved shapes and dtypes, or None where no
     tree was described) rebuild the variables; the weights file fills them.
     A tree kept by name only (`{"flat": true}`, a custom pytree) gives None:
-    `init_fn` rebuilds it.
+    `init_fn` rebuilds it. So do trees that `init_fn` made (`init_on_build`)
+    with `init_afresh` (a copy of a live layer, by `clone_model`): the copy
+    is left unbuilt, like a Keras layer made from its config, and `init_fn`
+    initialises it when it is built. Loading a file keeps placeholders, so
+    that `init_fn` does not run for weights the file holds.
     """
+    if config.pop("init_on_build", False) and init_afresh:
+        config.pop("params_spec", None)
+        config.pop("state_spec", None)
+        return None, None
     return (
         V.config_to_placeholders(config.pop("params_spec", None)),
         V.config_to_placeholders(config.pop("state_spec", None)),

@@ -793,8 +793,8 @@ class ExportedCall:
             )
         return ValueError(
             f"{self.owner}: its Python code was not found when it was rebuilt "
-            "from a config alone (`keras.models.clone_model`, "
-            "`model_from_json`), which does not hold the computation a "
+            "from a config alone (`model_from_json`, a config written out), "
+            "which does not hold the computation a "
             "`.keras` file saves: register `call_fn` and `init_fn` with "
             "`@keras.saving.register_keras_serializable()` where they are "
             "defined, or load the model from its `.keras` file with "
@@ -859,6 +859,8 @@ def from_artifacts(
     from jaxlayer.layer import JaxLayer
 
     config = dict(config)
+    if isinstance(config.get("name"), str):
+        config["name"] = str(config["name"])  # a plain name (see _LayerName)
     manifest = config.pop("exported")
     owner = f"{cls.__name__} '{config.get('name')}'"
     call = ExportedCall(
@@ -868,6 +870,7 @@ def from_artifacts(
         init_config=config.pop("init_fn", None),
         module_class=module_class,
     )
+    config.pop("init_on_build", None)  # the artifacts have no init_fn
     params = placeholders(config.pop("params_spec", None), manifest, "params")
     state = placeholders(config.pop("state_spec", None), manifest, "state")
     call.kept = {key: config.pop(key, None) for key in keep}
@@ -927,8 +930,14 @@ def module_layer_config(
     return config
 
 
-def module_layer_from_config(cls, config: dict, module: str):
+def module_layer_from_config(
+    cls, config: dict, module: str, arguments: dict | None = None
+):
     """`from_config` of a layer saved by `module_layer_config`.
+
+    `arguments`: the adapter's own constructor arguments, taken out of
+    `config`, for a copy of a live layer (`clone_model` in this process),
+    which is made by the live layer's `_copy(kwargs)`.
 
     Returns:
         The layer, running the computation saved in its `.keras` file.
@@ -936,7 +945,14 @@ def module_layer_from_config(cls, config: dict, module: str):
     Raises:
         ValueError: the config holds no exported computation.
     """
+    from jaxlayer.layer import _LayerName
+
     config = dict(config)
+    source = _LayerName.source(config, cls)
+    if source is not None:
+        # A copy of a live layer made from its config object (clone_model):
+        # a new layer of the module's current values.
+        return source._copy({**layer_kwargs(config), **(arguments or {})})
     module_class = config.pop("module_class", None)
     if not config.get("exported"):
         raise ValueError(
@@ -945,6 +961,24 @@ def module_layer_from_config(cls, config: dict, module: str):
             "config; load the model from its `.keras` file."
         )
     return from_artifacts(cls, config, module_class=module_class)
+
+
+# What a jaxlayer config holds besides Keras's and the layer's arguments.
+_SAVED_ONLY = (
+    "call_fn",
+    "init_fn",
+    "params_spec",
+    "state_spec",
+    "init_on_build",
+    "exported",
+    "module_class",
+)
+
+
+def layer_kwargs(config: dict) -> dict:
+    """The constructor arguments in a module layer's config (`name`,
+    `dtype`, `seed`, ..., the adapter's own), without what only saving uses."""
+    return {k: v for k, v in config.items() if k not in _SAVED_ONLY}
 
 
 def module_error(owner: str, module_class: str | None) -> ValueError:

@@ -242,12 +242,27 @@ class EquinoxLayer(JaxLayer):
         )
         return config
 
+    def _copy(self, kwargs: dict) -> EquinoxLayer:
+        """A new layer of `to_module()` (`clone_model` in this process)."""
+        module = self.to_module()
+        state = None
+        if self._template is not None:
+            module, state = module
+        return type(self)(module, state, **kwargs)
+
     @classmethod
     def from_config(cls, config):
-        """The layer, running the computation saved in its `.keras` file."""
+        """The layer, running the computation saved in its `.keras` file (or,
+        for `clone_model` in this process, a copy of the live layer's module
+        with its current weights)."""
         config = dict(config)
         extra = {k: config.pop(k, None) for k in ("axis_name", "vmap", "key_mode")}
-        layer = saving.module_layer_from_config(cls, config, "an Equinox module")
+        arguments = {k: extra[k] for k in ("axis_name", "vmap") if extra[k] is not None}
+        layer = saving.module_layer_from_config(
+            cls, config, "an Equinox module", arguments
+        )
+        if not saving.rebuilt(layer):
+            return layer
         layer.axis_name = extra["axis_name"] or "batch"
         layer.vmap = True if extra["vmap"] is None else bool(extra["vmap"])
         for name, value in (

@@ -14,6 +14,8 @@ from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.layer import (
     JaxLayer,
     _deserialize_fn,
+    _given_values,
+    _LayerName,
     _pop_saved_trees,
     _serialize_fn,
 )
@@ -164,6 +166,20 @@ class FlaxLayer(JaxLayer):
     # -- saving ----------------------------------------------------------
 
     def get_config(self):
+        """The layer's config: the module by its own config, or by its class.
+
+        A module whose class has `get_config()` (registered with
+        `@keras.saving.register_keras_serializable()`) is written to the
+        config and rebuilt from it, as Keras's `FlaxLayer` does. Any other
+        module is recorded by its class name only: a `.keras` file then holds
+        the layer's exported computation, from which it reloads without the
+        module's code (predict and fit work), and `keras.models.clone_model`
+        in this process copies the live module.
+
+        Raises:
+            TypeError: the module has no `get_config()` and the computation
+                could not be exported (the layer was never called).
+        """
         config = super().get_config()
         config.pop("call_fn", None)
         config.pop("init_fn", None)
@@ -171,62 +187,111 @@ class FlaxLayer(JaxLayer):
             # Rebuilt from its exported computation: the module's config as
             # it was saved, for a process that has the module's class.
             config.update(self.call_fn.kept)
+            if "module" not in self.call_fn.kept:
+                config["module_class"] = self.call_fn.module_class
             return config
-        if not hasattr(self.module, "get_config"):
-            raise TypeError(
-                f"{self._owner}: the Flax module {type(self.module).__name__} "
-                "cannot be saved in a config: give its class a `get_config()` "
-                "returning its constructor arguments and a `from_config()` "
-                "classmethod, and register it with "
-                "`@keras.saving.register_keras_serializable()`; or save only "
-                "the weights with `save_weights`."
-            )
         # A method bound to an equal module (a dataclass) is saved by name.
         method = self.method
         if getattr(method, "__self__", None) == self.module:
             method = method.__name__
+        if method is not None and not isinstance(method, str):
+            method = _serialize_fn(method)
+        if not hasattr(self.module, "get_config"):
+            cls = type(self.module)
+            if config.get("exported") is None:
+                raise TypeError(
+                    f"{self._owner}: the Flax module {cls.__name__} has no "
+                    "`get_config()`, so the config can hold only the layer's "
+                    "exported computation, which could not be made "
+                    f"({saving.export_failure(self)}). Call the layer (or fit "
+                    "the model) first; or give the module's class a "
+                    "`get_config()` returning its constructor arguments and "
+                    "a `from_config()` classmethod, and register it with "
+                    "`@keras.saving.register_keras_serializable()`; or save "
+                    "only the weights with `save_weights`."
+                )
+            config = saving.module_layer_config(
+                self,
+                config,
+                f"the Flax module {cls.__name__} (without `get_config()`)",
+                "FlaxLayer(module)",
+                f"{cls.__module__}.{cls.__qualname__}",
+            )
+            config.pop("call_fn")
+            config.pop("init_fn")
+            config["method"] = method
+            return config
         config["module"] = keras.saving.serialize_keras_object(self.module)
-        config["method"] = (
-            method
-            if method is None or isinstance(method, str)
-            else _serialize_fn(method)
-        )
+        config["method"] = method
         return config
 
     @classmethod
     def from_config(cls, config):
         """Rebuilds the layer with its module where the module's class can be
         located (registered), otherwise from the computation saved in the
-        `.keras` file."""
+        `.keras` file.
+
+        A copy of a live layer made from its config object
+        (`keras.models.clone_model`) takes the live module, and the values
+        of variables that were given (`variables=`) rather than made by
+        `module.init`.
+        """
         config = dict(config)
+        source = _LayerName.source(config, cls)
         owner = f"{cls.__name__} '{config.get('name')}'"
+        module_class = config.pop("module_class", None)
         module_config = config.get("module")
-        try:
-            module = keras.saving.deserialize_keras_object(module_config)
-            method = config.get("method")
-            if isinstance(method, dict):
-                method = _deserialize_fn(method, "method", cls)
-        except Exception as err:  # noqa: BLE001 - rebuilt from artifacts below
+        if source is not None:
+            module, method = source.module, source.method
+            values = _given_values(source, config)
+        elif module_class is not None:
+            # A module recorded by its class only: its computation.
+            config.pop("module", None)
             if not config.get("exported"):
-                raise
-            label = _class_label(module_config)
+                raise ValueError(
+                    f"{owner}: the config holds no exported computation, and "
+                    f"the Flax module ({module_class}) has no `get_config()` "
+                    "to rebuild it from; load the model from its `.keras` "
+                    "file, or give the module's class `get_config()`."
+                )
             saving.warn_rebuilt(
-                owner, f"the Flax module's class {label} is not registered here"
+                owner,
+                f"the Flax module's class `{module_class}` has no `get_config()`",
             )
-            layer = saving.from_artifacts(
-                cls, config, keep=("module", "method"), module_class=label
-            )
-            layer.module = None
-            layer.method = None
-            del err
-            return layer
+            return _rebuilt(cls, config, ("method",), module_class)
+        else:
+            values = None
+            try:
+                module = keras.saving.deserialize_keras_object(module_config)
+                method = config.get("method")
+                if isinstance(method, dict):
+                    method = _deserialize_fn(method, "method", cls)
+            except Exception as err:  # noqa: BLE001 - rebuilt from artifacts below
+                if not config.get("exported"):
+                    raise
+                label = _class_label(module_config)
+                saving.warn_rebuilt(
+                    owner, f"the Flax module's class {label} is not registered here"
+                )
+                del err
+                return _rebuilt(cls, config, ("module", "method"), label)
         config["module"] = module
         config["method"] = method
         config.pop("exported", None)
-        params, state = _pop_saved_trees(config)
+        params, state = _pop_saved_trees(config, source is not None)
+        if values is not None:
+            params, state = values
         if config.get("variables") is None and params is not None:
             config["variables"] = _merge(params, state)
         return cls(**config)
+
+
+def _rebuilt(cls, config, keep, label):
+    """A FlaxLayer running the computation saved in its `.keras` file."""
+    layer = saving.from_artifacts(cls, config, keep=keep, module_class=label)
+    layer.module = None
+    layer.method = None
+    return layer
 
 
 def _class_label(config) -> str:

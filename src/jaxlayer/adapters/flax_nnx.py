@@ -166,10 +166,18 @@ class NNXLayer(JaxLayer):
             _module_class(self),
         )
 
+    def _copy(self, kwargs: dict) -> NNXLayer:
+        """A new layer of `to_module()` (`clone_model` in this process)."""
+        return type(self)(self.to_module(), **kwargs)
+
     @classmethod
     def from_config(cls, config):
-        """The layer, running the computation saved in its `.keras` file."""
+        """The layer, running the computation saved in its `.keras` file (or,
+        for `clone_model` in this process, a copy of the live layer's module
+        with its current weights)."""
         layer = saving.module_layer_from_config(cls, config, "an NNX module")
+        if not saving.rebuilt(layer):
+            return layer
         object.__setattr__(layer, "_merge", None)
         object.__setattr__(layer, "_rng_data", None)
         return layer
