@@ -51,9 +51,8 @@ def _num(x: float) -> str:
     return f"{x:.3g}" if x < 100 else f"{x:.0f}"
 
 
-def _environment(settings: dict) -> str:
+def _environment(env: dict | None) -> str:
     """The tuning variables a run was made under, or that none was set."""
-    env = settings.get("environment") or {}
     if not env:
         return "no tuning variable set (XLA_FLAGS, PJRT_NPROC, GOMP_SPINCOUNT, ...)"
     return ", ".join(f"`{k}={v}`" for k, v in sorted(env.items()))
@@ -295,7 +294,7 @@ def render(runs: list[dict], note: str | None = None) -> str:
             f"`jit_compile={s.get('jit_compile', 'auto')}`"
             + (" (**--quick: the numbers mean nothing**)" if s["quick"] else "")
         )
-        out.append(f"- environment: {_environment(s)}")
+        out.append(f"- environment: {_environment(s.get('environment'))}")
     for run in runs:
         if "error" in run:
             out.append(f"- {run['backend']}: failed ({run['error']})")

@@ -254,7 +254,7 @@ def render(runs, args) -> str:
         "- versions: " + ", ".join(f"{k} {v}" for k, v in _versions().items()),
         f"- settings: min over {args.rounds} interleaved rounds of the mean of "
         f"~{args.seconds} s of calls; load average after: {_load()}",
-        f"- environment: {_environment({'environment': _tuning()})}",
+        f"- environment: {_environment(_tuning())}",
     ]
     if args.note:
         lines.append(f"- note: {args.note}")

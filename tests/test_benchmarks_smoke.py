@@ -92,8 +92,8 @@ def test_quick_run_reports_every_contender(tmp_path, capsys):
         assert any(f"| mlp | {kind} |" in row for row in rows), kind
     if BACKEND == "jax":
         assert "## Memory" in text
-    settings = run["settings"]
-    assert f"- environment: {_report._environment(settings)}" in text
+    environment = run["settings"]["environment"]
+    assert f"- environment: {_report._environment(environment)}" in text
 
 
 def test_report_says_which_tuning_variables_were_set(monkeypatch):
@@ -104,8 +104,7 @@ def test_report_says_which_tuning_variables_were_set(monkeypatch):
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=reduce")
     monkeypatch.setenv("GOMP_SPINCOUNT", "1000")
     monkeypatch.setenv("UNRELATED_VARIABLE", "1")
-    settings = {"environment": fit_step._tuning()}
-    assert _report._environment(settings) == (
+    assert _report._environment(fit_step._tuning()) == (
         "`GOMP_SPINCOUNT=1000`, "
         "`XLA_FLAGS=--xla_cpu_experimental_ynn_fusion_type=reduce`"
     )

@@ -544,7 +544,7 @@ class _Grad:
             return outputs, new_state, residuals
 
         counters["jit_functions"] += 2
-        self.forward, options = _compile(forward, example, with_options=True)
+        self.forward = _compile(forward, example)
         positions = {i: k for k, i in enumerate(self.args)}
         float_outputs = self.float_outputs
 
@@ -563,33 +563,34 @@ class _Grad:
             return grads
 
         # Compiled at its first call, for the residuals' shapes, with the
-        # options the forward was compiled with.
-        self.backward = jax.jit(backward, compiler_options=options)
+        # options the forward was compiled with (none if XLA refused them).
+        self.backward = jax.jit(backward, compiler_options=_options_for(example))
 
 
-def _compile(f, example, with_options=False):
+def _compile(f, example):
     """`f` compiled for the arguments `example` (ahead of time, bounded).
 
     On the CPU, with `_cpu_compiler_options()`; if XLA refuses them, without
-    (and never again in this process). With `with_options`, returns
-    `(compiled, the options it was compiled with or None)`.
+    (and never again in this process).
     """
     lowered = jax.jit(f).lower(*example)
-    options = _cpu_compiler_options() if _on_cpu(example) else None
-    compiled = None
-    if options:
-        try:
-            compiled = lowered.compile(options)
-        except jax.errors.JaxRuntimeError:
-            # Raises if the function itself cannot compile; otherwise the
-            # options were at fault.
-            compiled = lowered.compile()
-            global _cpu_options_refused
-            _cpu_options_refused = True
-            options = None
-    if compiled is None:
+    options = _options_for(example)
+    if not options:
+        return lowered.compile()
+    try:
+        return lowered.compile(options)
+    except jax.errors.JaxRuntimeError:
+        # Raises if the function itself cannot compile; otherwise the
+        # options were at fault.
         compiled = lowered.compile()
-    return (compiled, options) if with_options else compiled
+        global _cpu_options_refused
+        _cpu_options_refused = True
+        return compiled
+
+
+def _options_for(example) -> dict | None:
+    """The compile options for arguments `example`: the CPU's, or None."""
+    return _cpu_compiler_options() if _on_cpu(example) else None
 
 
 # -- XLA's options for the bridge's CPU executables --------------------------
