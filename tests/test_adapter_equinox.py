@@ -185,6 +185,12 @@ def test_keras_file_reloads_from_its_export_without_the_module(tmp_path):
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-5)
     with pytest.raises(ValueError, match="needs the module's class"):
         loaded.layers[-1].to_module()
+    # A clone of the reloaded model runs the loaded computation too.
+    clone = keras.models.clone_model(loaded)
+    assert isinstance(clone.layers[-1], EquinoxLayer)
+    np.testing.assert_allclose(clone.predict(x, verbose=0), want, atol=1e-5)
+    _, y = image_data(shape=CHW)
+    assert_trains_apart(loaded, clone, x, y)
 
 
 def test_clone_model_copies_the_module_with_its_weights():

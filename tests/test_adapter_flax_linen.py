@@ -210,6 +210,11 @@ def test_module_without_get_config_saves_its_computation(tmp_path):
     want = model.predict(x, verbose=0)
     np.testing.assert_allclose(loaded.predict(x, verbose=0), want, atol=1e-6)
     assert loaded.layers[-1].module is None
+    # A clone of the reloaded model runs the loaded computation too.
+    clone = keras.models.clone_model(loaded)
+    assert isinstance(clone.layers[-1], FlaxLayer) and clone.layers[-1].module is None
+    np.testing.assert_allclose(clone.predict(x, verbose=0), want, atol=1e-6)
+    assert_trains_apart(loaded, clone, x, y)
     # Saved again, it reloads the same way.
     again = os.path.join(tmp_path, "again.keras")
     loaded.save(again)

@@ -163,6 +163,42 @@ def test_reloads_predicts_and_fine_tunes_without_its_functions(tmp_path):
     )
 
 
+def test_clone_of_a_reloaded_model_runs_its_computation(tmp_path):
+    # keras.models.clone_model of a model whose layer was rebuilt from the
+    # file (its code not found): the copy shares the loaded computation and
+    # starts from the current weights, in variables of its own.
+    model = fitted(stateful_model())
+    path = str(tmp_path / "m.keras")
+    model.save(path)
+    loaded, _ = load(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # the one rebuilt-from-export line
+        clone = keras.models.clone_model(loaded)
+    layer = clone.get_layer("net")
+    assert isinstance(layer.call_fn, saving.ExportedCall) and layer.call_fn.loaded
+    assert layer.call_fn is not loaded.get_layer("net").call_fn
+    x, y = data()
+    want = loaded.predict(x, verbose=0)
+    np.testing.assert_allclose(clone.predict(x, verbose=0), want, **TOL)
+    # Trained, the copy changes and the loaded model does not.
+    clone.compile(keras.optimizers.SGD(0.05), "mse")
+    before = mse(clone, x, y)
+    clone.fit(x, y, epochs=2, batch_size=8, verbose=0)
+    assert mse(clone, x, y) < before
+    np.testing.assert_allclose(loaded.predict(x, verbose=0), want, **TOL)
+    assert (
+        int(to_np(layer.state["count"]))
+        == int(to_np(loaded.get_layer("net").state["count"])) + 8
+    )
+    # The copy saves (the same artifacts) and reloads.
+    again = str(tmp_path / "clone.keras")
+    clone.save(again)
+    third, _ = load(again)
+    np.testing.assert_allclose(
+        third.predict(x, verbose=0), clone.predict(x, verbose=0), **TOL
+    )
+
+
 def test_a_registered_namesake_does_not_replace_the_saved_function(tmp_path):
     # Keras resolves a function saved unregistered to any registered one
     # whose name ends in `>call_fn`: the layer must not run that one.

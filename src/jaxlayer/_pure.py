@@ -44,6 +44,7 @@ class PureFunction:
         "out_treedef",
         "_trainable",
         "_input_shapes",
+        "_called_shapes",
         "__weakref__",
     )
 
@@ -59,6 +60,7 @@ class PureFunction:
         out_treedef: Any = None,
         trainable: Callable[[], tuple[bool, ...]] | None = None,
         input_shapes: Callable[[], list[tuple] | None] | None = None,
+        called_shapes: Callable[[], list[tuple] | None] | None = None,
     ):
         self._fn = fn
         self._slots: dict[str, Any] = {}
@@ -70,6 +72,7 @@ class PureFunction:
         self.out_treedef = out_treedef
         self._trainable = trainable
         self._input_shapes = input_shapes
+        self._called_shapes = called_shapes
 
     def __call__(self, params, inputs, state, rng):
         return self._fn(params, inputs, state, rng)
@@ -102,6 +105,16 @@ class PureFunction:
         """
         return None if self._input_shapes is None else self._input_shapes()
 
+    def called_shapes(self) -> list[tuple] | None:
+        """Per input leaf, the concrete shape of a call the function is known
+        to run with (the layer's first call of known shapes, or the shapes a
+        computation reloaded from a file was exported for), or None.
+
+        A bridge that must try the function on concrete shapes before the
+        real ones are known tries these.
+        """
+        return None if self._called_shapes is None else self._called_shapes()
+
     def slot(self, name: str, make: Callable[[], Any]) -> Any:
         """What the bridge `name` keeps for this function, made on first use.
 
@@ -126,3 +139,26 @@ class PureFunction:
             f"PureFunction({self.owner}, training={self.training}, "
             f"inputs={self.in_treedef})"
         )
+
+
+def fill_unknown(shapes, called) -> tuple[list[tuple], set] | None:
+    """`shapes` (None for an unknown dim) with their unknown dims as in the
+    concrete shapes `called`, or None where `called` does not fit them
+    (another count, rank or known dim).
+
+    Returns:
+        `(filled, put_in)`: the filled shapes, and the set of sizes put in
+        for unknown dims.
+    """
+    if called is None or len(called) != len(shapes):
+        return None
+    filled, put_in = [], set()
+    for shape, known in zip(shapes, called, strict=True):
+        if len(shape) != len(known):
+            return None
+        pairs = list(zip(shape, known, strict=True))
+        if any(d is not None and d != k for d, k in pairs):
+            return None
+        put_in.update(k for d, k in pairs if d is None)
+        filled.append(tuple(k if d is None else d for d, k in pairs))
+    return filled, put_in

@@ -15,7 +15,7 @@ import numpy as np
 
 from jaxlayer import _private, _signature, bridges, saving
 from jaxlayer import _variables as V
-from jaxlayer._pure import PureFunction
+from jaxlayer._pure import PureFunction, fill_unknown
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
@@ -533,7 +533,9 @@ class JaxLayer(keras.layers.Layer):
         if fn is not None:
             return fn
         tree_fn = self._tree_fn(training, in_def, rng_def)
-        out_def, _ = _eval_outputs(self._owner, tree_fn, *example)
+        out_def, _ = _eval_outputs(
+            self._owner, tree_fn, *example, called=self._called_shapes(in_def)
+        )
         owner = self._owner
 
         def flat(params, inputs, state, rng):
@@ -550,6 +552,7 @@ class JaxLayer(keras.layers.Layer):
             out_treedef=out_def,
             trainable=self._params_trainable,
             input_shapes=functools.partial(self._input_shapes, in_def),
+            called_shapes=functools.partial(self._called_shapes, in_def),
         )
         return fn
 
@@ -561,6 +564,12 @@ class JaxLayer(keras.layers.Layer):
         if record is None or record.treedef != in_def:
             return None
         return saving.input_template(record)
+
+    def _called_shapes(self, in_def):
+        record = self._input_record
+        if record is None or record.treedef != in_def or record.called is None:
+            return None
+        return [tuple(s) for s in record.called]
 
     def _tree_fn(self, training, in_def, rng_def, abstract_defs=None):
         """`call_fn` on flat lists: `(outputs tree, new state leaves)`.
@@ -849,6 +858,8 @@ class JaxLayer(keras.layers.Layer):
         """
         config = dict(config)
         source = _LayerName.source(config, cls)
+        if source is not None and saving.rebuilt(source):
+            return saving.copy_of_rebuilt(cls, config, source)
         owner = f"{cls.__name__} '{config.get('name')}'"
         exported = config.get("exported")
         call_fn, reason = _locate_fn(config.get("call_fn"), "call_fn", owner)
@@ -925,8 +936,9 @@ class _LayerName(str):
     `keras.models.clone_model` and `Layer.from_config(layer.get_config())`
     hand the config object itself to `from_config`, which then finds the
     live layer it came from (a weak reference) and takes its functions and
-    given weights from it: a copy works with unregistered functions and a
-    layer built from `params` keeps them. Written out (JSON, a `.keras`
+    given weights from it: a copy works with unregistered functions, a
+    layer built from `params` keeps them, and a copy of a layer rebuilt
+    from a `.keras` file shares its loaded computation. Written out (JSON, a `.keras`
     file, pickle, deepcopy) it is a plain name, and a copy made from that is
     one from a config alone.
     """
@@ -943,16 +955,15 @@ class _LayerName(str):
     def source(config: dict, cls) -> Any:
         """The live layer of class `cls` that `config` came from, or None.
 
-        The name in `config` is made a plain string.
+        The name in `config` is made a plain string. The layer may be one
+        rebuilt from a `.keras` file (`saving.rebuilt`).
         """
         name = config.get("name")
         ref = getattr(name, "source_ref", None)
         if name is not None:
             config["name"] = str(name)
         source = ref() if ref is not None else None
-        if type(source) is not cls or saving.rebuilt(source):
-            return None
-        return source
+        return source if type(source) is cls else None
 
     def __reduce__(self):
         return (str, (str(self),))
@@ -1108,7 +1119,7 @@ def _flatten_shapes(input_shape):
     return [tuple(s) for s in leaves], treedef
 
 
-def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
+def _eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
     """The structure and `(shape, dtype)` leaves of `tree_fn`'s outputs.
 
     `tree_fn(params, inputs, state, rng) -> (outputs, new_state)`; the
@@ -1117,7 +1128,9 @@ def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
     dimensions are made symbolic (the first dimension of every input shares
     one symbol, the batch) and come out None where an output depends on
     them; a function that cannot be traced with symbolic shapes is evaluated
-    at two concrete sizes instead.
+    at two concrete sizes instead, and, should it take only one size (a
+    computation reloaded from a file, exported per shape), at the input
+    shapes `called` of a call it is known to run with.
     """
     params = [_struct(x.shape, x.dtype) for x in params]
     state = [_struct(x.shape, x.dtype) for x in state]
@@ -1172,7 +1185,7 @@ def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
                 for size in (2, 3)
             ]
         except Exception:  # noqa: BLE001
-            raise first_error from None
+            return _eval_at_called(evaluate, shapes, dtypes, called, first_error)
         (treedef, x_out), (_, y_out) = results
         return treedef, [
             (
@@ -1183,6 +1196,27 @@ def _eval_outputs(owner, tree_fn, params, inputs, state, rng):
             )
             for x, y in zip(x_out, y_out, strict=True)
         ]
+
+
+def _eval_at_called(evaluate, shapes, dtypes, called, error):
+    """`_eval_outputs` at the concrete input shapes `called`; an output
+    dimension of the size of an unknown input dimension comes out None."""
+    fit = fill_unknown(shapes, called)
+    if fit is None:
+        raise error from None
+    filled, put_in = fit
+    try:
+        treedef, out = evaluate(
+            [
+                jax.ShapeDtypeStruct(shape, dt)
+                for shape, dt in zip(filled, dtypes, strict=True)
+            ]
+        )
+    except Exception:  # noqa: BLE001
+        raise error from None
+    return treedef, [
+        (tuple(None if d in put_in else int(d) for d in o.shape), o.dtype) for o in out
+    ]
 
 
 def _struct(shape, dtype):

@@ -616,6 +616,16 @@ class ExportedCall:
     def artifacts(self) -> Artifacts:
         return Artifacts(self.manifest, dict(self._blobs))
 
+    def share(self, other: ExportedCall) -> None:
+        """Takes the computation `other` loaded (a copy of its layer)."""
+        if other.manifest != self.manifest:
+            raise ValueError(
+                f"{self.owner}: cannot share the computation of "
+                f"{other.owner}, which was saved with another manifest."
+            )
+        self._exported = dict(other._exported)
+        self._blobs = dict(other._blobs)
+
     # -- loading --
 
     def load(self, dirpath: str | None) -> None:
@@ -848,13 +858,15 @@ def from_artifacts(
     *,
     keep: tuple = (),
     module_class: str | None = None,
+    values: tuple | None = None,
 ):
     """A layer of class `cls` whose `call_fn` runs the saved artifacts.
 
     `config` is the layer's config (what `get_config` returned); the keys in
     `keep` are adapter arguments the rebuilt layer has no use for, kept in
     `call_fn.kept` to be saved again as they were. The artifacts themselves
-    are read later, by `load_assets`.
+    are read later, by `load_assets`. `values`: the `(params, state)` to
+    start from instead of placeholders (which the weights file fills).
     """
     from jaxlayer.layer import JaxLayer
 
@@ -873,11 +885,43 @@ def from_artifacts(
     config.pop("init_on_build", None)  # the artifacts have no init_fn
     params = placeholders(config.pop("params_spec", None), manifest, "params")
     state = placeholders(config.pop("state_spec", None), manifest, "state")
+    if values is not None:
+        params, state = values
     call.kept = {key: config.pop(key, None) for key in keep}
     layer = cls.__new__(cls)
     JaxLayer.__init__(layer, call_fn=call, params=params, state=state, **config)
     object.__setattr__(layer, "_input_record", record_from_manifest(manifest))
     object.__setattr__(layer, "_saving_watch", True)
+    return layer
+
+
+def copy_of_rebuilt(cls, config: dict, source):
+    """A copy of `source`, a live layer rebuilt from a `.keras` file, made
+    from its config object (`keras.models.clone_model` in this process).
+
+    The copy runs the computation `source` loaded (shared, read-only) and
+    starts from copies of `source`'s current weights, in variables of its
+    own: like a layer built from given `params`, there is no `init_fn` to
+    initialise it afresh. If `source` has not read its artifacts, the copy
+    waits for `load_assets` too.
+    """
+    call = source.call_fn
+    values = None
+    if call.loaded:
+        values = (V.numpy_tree(source.params), V.numpy_tree(source.state))
+    config = dict(config)
+    config.pop("module_class", None)  # the source's call knows it
+    for key, value in call.kept.items():
+        config.setdefault(key, value)
+    layer = from_artifacts(
+        cls,
+        config,
+        keep=tuple(call.kept),
+        module_class=call.module_class,
+        values=values,
+    )
+    if call.loaded:
+        layer.call_fn.share(call)
     return layer
 
 
@@ -949,6 +993,8 @@ def module_layer_from_config(
 
     config = dict(config)
     source = _LayerName.source(config, cls)
+    if source is not None and rebuilt(source):
+        return copy_of_rebuilt(cls, config, source)
     if source is not None:
         # A copy of a live layer made from its config object (clone_model):
         # a new layer of the module's current values.

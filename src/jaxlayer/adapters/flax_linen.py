@@ -241,6 +241,11 @@ class FlaxLayer(JaxLayer):
         owner = f"{cls.__name__} '{config.get('name')}'"
         module_class = config.pop("module_class", None)
         module_config = config.get("module")
+        if source is not None and saving.rebuilt(source):
+            layer = saving.copy_of_rebuilt(cls, config, source)
+            layer.module = None
+            layer.method = None
+            return layer
         if source is not None:
             module, method = source.module, source.method
             values = _given_values(source, config)

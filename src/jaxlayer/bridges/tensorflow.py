@@ -66,6 +66,7 @@ import numpy as np
 import tensorflow as tf
 
 from jaxlayer import _private
+from jaxlayer._pure import fill_unknown
 
 _call_module = _private.tf_call_module()
 _could_possibly_record = _private.tf_could_possibly_record()
@@ -338,22 +339,32 @@ class _RunTimeSpecs:
 
 def _run_time_specs(fn, args, counts):
     """Output dtypes and static shapes: `fn` evaluated at two sizes for the
-    unknown dims; a dim that differs is unknown."""
+    unknown dims; a dim that differs is unknown. A function that runs at
+    one size only (a computation reloaded from a file, exported per shape)
+    is evaluated at the shapes of a call it is known to run with, and an
+    output dim of a size put in for an unknown dim is unknown."""
     n_params, n_inputs, n_state = counts
     a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
-    results = []
-    for size in (2, 3):
-        specs = [
-            jax.ShapeDtypeStruct(
-                tuple(size if d is None else d for d in x.shape.as_list()),
-                _jax_dtype(x.dtype),
-            )
-            for x in args
-        ]
+
+    def evaluate(specs):
         outputs, new_state = jax.eval_shape(
             fn, specs[:a], specs[a:b], specs[b:c], specs[c:]
         )
-        results.append([*outputs, *new_state])
+        return [*outputs, *new_state]
+
+    try:
+        results = [
+            evaluate(_probe_specs(fn, args, counts, n, False)[0]) for n in (2, 3)
+        ]
+    except Exception:
+        specs, put_in = _probe_specs(fn, args, counts, 2)
+        if not put_in:
+            raise
+        outs = [
+            (tf.as_dtype(x.dtype), [None if d in put_in else d for d in x.shape])
+            for x in evaluate(specs)
+        ]
+        return _RunTimeSpecs(fn.owner, outs)
     outs = [
         (
             tf.as_dtype(x.dtype),
@@ -362,6 +373,31 @@ def _run_time_specs(fn, args, counts):
         for x, y in zip(*results, strict=True)
     ]
     return _RunTimeSpecs(fn.owner, outs)
+
+
+def _probe_specs(fn, args, counts, size, called=True):
+    """`jax.ShapeDtypeStruct`s of `args` with their unknown dims made
+    concrete: the inputs' as in `fn.called_shapes()` (a call the layer knows
+    the function runs with) when `called` and they fit, every other `size`.
+
+    Returns:
+        `(specs, put_in)`: `put_in` is the set of sizes taken from the
+        called shapes (empty when none were).
+    """
+    n_params, n_inputs, _ = counts
+    shapes = [tuple(x.shape.as_list()) for x in args]
+    put_in: set = set()
+    inputs = slice(n_params, n_params + n_inputs)
+    fit = fill_unknown(shapes[inputs], fn.called_shapes()) if called else None
+    if fit is not None:
+        shapes[inputs], put_in = fit
+    specs = [
+        jax.ShapeDtypeStruct(
+            tuple(size if d is None else d for d in shape), _jax_dtype(x.dtype)
+        )
+        for shape, x in zip(shapes, args, strict=True)
+    ]
+    return specs, put_in
 
 
 # -- structure keys and export specs ----------------------------------------
@@ -498,16 +534,11 @@ def _diff_mask(fn, conversion):
 
 
 def _error_with_concrete_shapes(fn, args, counts):
-    """The error `fn` raises when traced with unknown dims set to 2, if any."""
-    specs = [
-        jax.ShapeDtypeStruct(
-            tuple(2 if d is None else d for d in x.shape.as_list()),
-            _jax_dtype(x.dtype),
-        )
-        for x in args
-    ]
+    """The error `fn` raises when traced with its unknown dims made concrete
+    (`_probe_specs`), if any."""
     n_params, n_inputs, n_state = counts
     a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
+    specs, _ = _probe_specs(fn, args, counts, 2)
     try:
         jax.eval_shape(fn, specs[:a], specs[a:b], specs[b:c], specs[c:])
     except Exception as err:  # noqa: BLE001 - returned to be raised
