@@ -223,8 +223,8 @@ def _machine() -> dict:
 
 
 # Environment variables that change how fast XLA, torch or TensorFlow run on
-# the CPU; a report records those that were set, so a table says what it ran
-# under.
+# the CPU (threads, XLA's options, the C allocator); a report records those
+# that were set, so a table says what it ran under.
 TUNING_VARIABLES = (
     "XLA_FLAGS",
     "TF_XLA_FLAGS",
@@ -234,6 +234,13 @@ TUNING_VARIABLES = (
     "OMP_WAIT_POLICY",
     "GOMP_SPINCOUNT",
     "TF_ENABLE_ONEDNN_OPTS",
+    "LD_PRELOAD",
+    "MALLOC_ARENA_MAX",
+    "MALLOC_MMAP_MAX_",
+    "MALLOC_TRIM_THRESHOLD_",
+    "MALLOC_MMAP_THRESHOLD_",
+    "MALLOC_CONF",
+    "GLIBC_TUNABLES",
 )
 
 
