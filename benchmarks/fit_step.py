@@ -397,9 +397,12 @@ def run_all(args, argv) -> list[dict]:
     return runs
 
 
-def in_subprocess(module: str, backend: str, argv: list[str]) -> dict:
+def in_subprocess(
+    module: str, backend: str, argv: list[str], env: dict | None = None
+) -> dict:
     """Runs `python -m <module> --backend <backend> --json <file> <argv>` in a
-    fresh process with `KERAS_BACKEND` set (the benchmarks' own modules).
+    fresh process with `KERAS_BACKEND` set (the benchmarks' own modules), and
+    the environment variables `env` on top of this process's.
 
     Returns:
         What the process wrote to the JSON file, or `{"backend", "error"}`
@@ -409,12 +412,12 @@ def in_subprocess(module: str, backend: str, argv: list[str]) -> dict:
         out = Path(tmp) / "run.json"
         cmd = [sys.executable, "-m", module, "--backend", backend]
         cmd += ["--json", str(out), *argv]
-        env = dict(os.environ, KERAS_BACKEND=backend)
-        env.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(_ROOT), env.get("PYTHONPATH")) if p
+        child = dict(os.environ, KERAS_BACKEND=backend, **(env or {}))
+        child.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+        child["PYTHONPATH"] = os.pathsep.join(
+            p for p in (str(_ROOT), child.get("PYTHONPATH")) if p
         )
-        proc = subprocess.run(cmd, env=env, stdout=subprocess.DEVNULL)
+        proc = subprocess.run(cmd, env=child, stdout=subprocess.DEVNULL)
         if proc.returncode != 0 or not out.exists():
             return {"backend": backend, "error": f"exit {proc.returncode}"}
         return json.loads(out.read_text())

@@ -20,7 +20,7 @@ ROOT = Path(__file__).resolve().parent.parent
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import _report, crossing, fit_step  # noqa: E402
+from benchmarks import _report, allocator, crossing, fit_step  # noqa: E402
 from benchmarks._names import (  # noqa: E402
     CONTENDERS,
     JAXLAYER,
@@ -264,3 +264,23 @@ def test_crossing_profile_has_every_row():
     text = crossing.render([run], args)
     assert f"## {BACKEND} backend" in text
     assert text.count("| mlp |") == expected
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="pure JAX: run from the jax process")
+def test_allocator_report_runs_each_setting_in_its_process(tmp_path):
+    found = allocator.settings()
+    assert found["glibc"] == {} and found["glibc, tuned"] == allocator.GLIBC_TUNED
+    out = tmp_path / "allocator.md"
+    argv = ["--workloads", "mlp", "--rounds", "1", "--seconds", "0"]
+    results = allocator.main([*argv, "--output", str(out)])
+    assert set(results) == set(found)
+    for name, rows in results.items():
+        assert [(r["workload"], r["call"]) for r in rows] == [
+            ("mlp", "fwd"),
+            ("mlp", "grad"),
+        ], name
+        assert all(r["ms"] > 0 and r["faults"] >= 0 for r in rows), rows
+    text = out.read_text()
+    assert text.count("| mlp |") == 2
+    assert "MALLOC_MMAP_MAX_=0" in text
+    assert allocator.parse_args(["--write"]).output == str(allocator.CHECKED_IN)
