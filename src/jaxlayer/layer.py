@@ -938,9 +938,9 @@ class _LayerName(str):
     live layer it came from (a weak reference) and takes its functions and
     given weights from it: a copy works with unregistered functions, a
     layer built from `params` keeps them, and a copy of a layer rebuilt
-    from a `.keras` file shares its loaded computation. Written out (JSON, a `.keras`
-    file, pickle, deepcopy) it is a plain name, and a copy made from that is
-    one from a config alone.
+    from a `.keras` file shares its loaded computation. Written out (JSON,
+    a `.keras` file, pickle, deepcopy) it is a plain name, and a copy made
+    from that is one from a config alone.
     """
 
     source_ref: Callable[[], Any] | None = None

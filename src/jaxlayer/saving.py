@@ -911,6 +911,8 @@ def copy_of_rebuilt(cls, config: dict, source):
         values = (V.numpy_tree(source.params), V.numpy_tree(source.state))
     config = dict(config)
     config.pop("module_class", None)  # the source's call knows it
+    # (A source that never read its artifacts saves no manifest in its config.)
+    config["exported"] = call.manifest
     for key, value in call.kept.items():
         config.setdefault(key, value)
     layer = from_artifacts(

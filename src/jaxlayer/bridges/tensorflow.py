@@ -354,9 +354,9 @@ def _run_time_specs(fn, args, counts):
 
     try:
         results = [
-            evaluate(_probe_specs(fn, args, counts, n, False)[0]) for n in (2, 3)
+            evaluate(_probe_specs(fn, args, counts, n, called=False)[0]) for n in (2, 3)
         ]
-    except Exception:
+    except Exception:  # noqa: BLE001 - tried at the called shapes, else raised
         specs, put_in = _probe_specs(fn, args, counts, 2)
         if not put_in:
             raise
