@@ -83,34 +83,18 @@ def settings() -> dict[str, dict[str, str]]:
 
 def parse_args(argv=None) -> argparse.Namespace:
     """Parses the command line (see the module docstring)."""
-    parser = argparse.ArgumentParser(
-        prog="python -m benchmarks.allocator",
-        allow_abbrev=False,
-        description=__doc__.split("\n\n")[0],
+    from benchmarks.fit_step import parse_profile_args, profile_parser
+
+    parser = profile_parser(
+        "python -m benchmarks.allocator",
+        __doc__,
+        rounds=3,
+        seconds=0.5,
+        json_help="measure in this process and write the raw rows here; what "
+        "each setting's subprocess is given.",
     )
     parser.add_argument("--backend", default="jax", choices=("jax",))
-    parser.add_argument("--workloads", default="mlp,cnn,transformer")
-    parser.add_argument("--rounds", type=int, default=3)
-    parser.add_argument(
-        "--seconds",
-        type=float,
-        default=0.5,
-        help="about how long each timing lasts (default 0.5 s).",
-    )
-    parser.add_argument("--output", default=None, help="'-' for none.")
-    parser.add_argument("--write", action="store_true")
-    parser.add_argument("--note", default=None)
-    parser.add_argument(
-        "--json",
-        default=None,
-        help="measure in this process and write the raw rows here; what each "
-        "setting's subprocess is given.",
-    )
-    args = parser.parse_args(argv)
-    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
-    if args.output is None:
-        args.output = str(CHECKED_IN if args.write else DEFAULT_OUTPUT)
-    return args
+    return parse_profile_args(parser, argv, CHECKED_IN, DEFAULT_OUTPUT)
 
 
 def measure(args) -> dict:

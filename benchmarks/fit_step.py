@@ -397,6 +397,40 @@ def run_all(args, argv) -> list[dict]:
     return runs
 
 
+def profile_parser(
+    prog: str, doc: str, *, rounds: int, seconds: float, json_help: str
+) -> argparse.ArgumentParser:
+    """The command line shared by the one-call profiles (`benchmarks.crossing`,
+    `benchmarks.allocator`): `--workloads`, `--rounds`, `--seconds`,
+    `--output`, `--write`, `--note` and `--json`; each adds its `--backend`."""
+    parser = argparse.ArgumentParser(
+        prog=prog, allow_abbrev=False, description=doc.split("\n\n")[0]
+    )
+    parser.add_argument("--workloads", default="mlp,cnn,transformer")
+    parser.add_argument("--rounds", type=int, default=rounds)
+    parser.add_argument(
+        "--seconds",
+        type=float,
+        default=seconds,
+        help=f"about how long each timing lasts (default {seconds} s).",
+    )
+    parser.add_argument("--output", default=None, help="'-' for none.")
+    parser.add_argument("--write", action="store_true")
+    parser.add_argument("--note", default=None)
+    parser.add_argument("--json", default=None, help=json_help)
+    return parser
+
+
+def parse_profile_args(parser, argv, checked_in, default_output):
+    """`parser`'s arguments; `--output` defaults to `checked_in` with
+    `--write`, else `default_output`."""
+    args = parser.parse_args(argv)
+    args.workloads = [w.strip() for w in args.workloads.split(",") if w.strip()]
+    if args.output is None:
+        args.output = str(checked_in if args.write else default_output)
+    return args
+
+
 def in_subprocess(
     module: str, backend: str, argv: list[str], env: dict | None = None
 ) -> dict:
