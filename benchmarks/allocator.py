@@ -223,6 +223,8 @@ def render(results: dict, args) -> str:
 
 def main(argv=None):
     """Runs every allocator setting (a subprocess each) and writes the report."""
+    from benchmarks.fit_step import write_report
+
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
     if args.json:
@@ -230,11 +232,7 @@ def main(argv=None):
         Path(args.json).write_text(json.dumps(result))
         return result
     results = run(args)
-    text = render(results, args)
-    print(text)
-    if args.output != "-":
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+    write_report(render(results, args), args.output)
     return results
 
 

@@ -288,7 +288,7 @@ def _vs(x, base) -> str:
 
 def main(argv=None):
     """Runs the profile per backend (a subprocess each) and writes the report."""
-    from benchmarks.fit_step import in_subprocess
+    from benchmarks.fit_step import in_subprocess, write_report
 
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
@@ -300,11 +300,7 @@ def main(argv=None):
     settings = ["--workloads", ",".join(args.workloads), "--rounds", str(args.rounds)]
     settings += ["--seconds", str(args.seconds)]
     runs = [in_subprocess("benchmarks.crossing", b, settings) for b in backends]
-    text = render(runs, args)
-    print(text)
-    if args.output != "-":
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
+    write_report(render(runs, args), args.output)
     return runs
 
 

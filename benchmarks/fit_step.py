@@ -431,6 +431,14 @@ def parse_profile_args(parser, argv, checked_in, default_output):
     return args
 
 
+def write_report(text: str, output: str) -> None:
+    """Prints the report `text` and writes it to `output` (`-`: nowhere)."""
+    print(text)
+    if output != "-":
+        Path(output).parent.mkdir(parents=True, exist_ok=True)
+        Path(output).write_text(text)
+
+
 def in_subprocess(
     module: str, backend: str, argv: list[str], env: dict | None = None
 ) -> dict:
@@ -492,12 +500,9 @@ def main(argv=None) -> list[dict]:
             reps.append([run_backend(args)])
     runs = merge(reps)
 
-    text = render(runs, note=args.note)
-    print(text)
+    write_report(render(runs, note=args.note), args.output)
     written = []
     if args.output != "-":
-        Path(args.output).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.output).write_text(text)
         written.append(f"report: {_shown(args.output)}")
     if args.json:
         Path(args.json).write_text(json.dumps(runs[0] if len(runs) == 1 else runs))

@@ -871,8 +871,6 @@ def from_artifacts(
     from jaxlayer.layer import JaxLayer
 
     config = dict(config)
-    if isinstance(config.get("name"), str):
-        config["name"] = str(config["name"])  # a plain name (see _LayerName)
     manifest = config.pop("exported")
     owner = f"{cls.__name__} '{config.get('name')}'"
     call = ExportedCall(

@@ -343,18 +343,10 @@ def _run_time_specs(fn, args, counts):
     one size only (a computation reloaded from a file, exported per shape)
     is evaluated at the shapes of a call it is known to run with, and an
     output dim of a size put in for an unknown dim is unknown."""
-    n_params, n_inputs, n_state = counts
-    a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
-
-    def evaluate(specs):
-        outputs, new_state = jax.eval_shape(
-            fn, specs[:a], specs[a:b], specs[b:c], specs[c:]
-        )
-        return [*outputs, *new_state]
-
     try:
         results = [
-            evaluate(_probe_specs(fn, args, counts, n, called=False)[0]) for n in (2, 3)
+            _eval_flat(fn, _probe_specs(fn, args, counts, n, called=False)[0], counts)
+            for n in (2, 3)
         ]
     except Exception:  # noqa: BLE001 - tried at the called shapes, else raised
         specs, put_in = _probe_specs(fn, args, counts, 2)
@@ -362,7 +354,7 @@ def _run_time_specs(fn, args, counts):
             raise
         outs = [
             (tf.as_dtype(x.dtype), [None if d in put_in else d for d in x.shape])
-            for x in evaluate(specs)
+            for x in _eval_flat(fn, specs, counts)
         ]
         return _RunTimeSpecs(fn.owner, outs)
     outs = [
@@ -373,6 +365,17 @@ def _run_time_specs(fn, args, counts):
         for x, y in zip(*results, strict=True)
     ]
     return _RunTimeSpecs(fn.owner, outs)
+
+
+def _eval_flat(fn, specs, counts) -> list:
+    """`jax.eval_shape` of `fn` on the flat `specs` of its arguments: its
+    outputs, then its new state."""
+    n_params, n_inputs, n_state = counts
+    a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
+    outputs, new_state = jax.eval_shape(
+        fn, specs[:a], specs[a:b], specs[b:c], specs[c:]
+    )
+    return [*outputs, *new_state]
 
 
 def _probe_specs(fn, args, counts, size, called=True):
@@ -536,11 +539,9 @@ def _diff_mask(fn, conversion):
 def _error_with_concrete_shapes(fn, args, counts):
     """The error `fn` raises when traced with its unknown dims made concrete
     (`_probe_specs`), if any."""
-    n_params, n_inputs, n_state = counts
-    a, b, c = n_params, n_params + n_inputs, n_params + n_inputs + n_state
     specs, _ = _probe_specs(fn, args, counts, 2)
     try:
-        jax.eval_shape(fn, specs[:a], specs[a:b], specs[b:c], specs[c:])
+        _eval_flat(fn, specs, counts)
     except Exception as err:  # noqa: BLE001 - returned to be raised
         return err
     return None
