@@ -2,12 +2,16 @@
 
 import gc
 import os
+import tempfile
 import time
 
 _START = time.monotonic()
 
 os.environ.setdefault("KERAS_BACKEND", "jax")
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+# The reports of verified artifacts (load safety) go to a folder of this run,
+# not the user's cache: each run verifies the files it loads afresh.
+os.environ.setdefault("JAXLAYER_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlayer-cache-"))
 
 import keras  # noqa: E402
 import pytest  # noqa: E402
@@ -20,6 +24,7 @@ NUMPY_FILES = (
     "test_state_inference.py",
     "test_lifetimes.py",
     "test_docs.py",  # the examples that name the NumPy backend
+    "test_load_safety.py",  # files saved here, loaded in fresh processes
 )
 if BACKEND == "numpy":
     collect_ignore_glob = [

@@ -8,6 +8,8 @@ Public API:
 - `FlaxLayer`: a Flax linen module (drop-in for `keras.layers.FlaxLayer`).
 - `NNXLayer`: a Flax NNX module.
 - `EquinoxLayer`: an Equinox module.
+- `allow_solver_kernels`: a context in which files that are trusted may
+  load computations calling linear-algebra kernels (see the saving docs).
 
 Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
 `JaxLayer` as `call_fn` and `init_fn`.
@@ -16,6 +18,7 @@ Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
 # First, before anything imports Keras: importing `_backend` falls back to the
 # JAX backend when the one Keras would pick is not installed.
 from jaxlayer import _backend  # noqa: F401
+from jaxlayer._artifact_check import allow_solver_kernels as allow_solver_kernels
 from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer
 from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
 from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer
@@ -23,4 +26,10 @@ from jaxlayer.layer import JaxLayer as JaxLayer
 
 __version__ = "0.2.0.dev0"
 
-__all__ = ["EquinoxLayer", "FlaxLayer", "JaxLayer", "NNXLayer"]
+__all__ = [
+    "EquinoxLayer",
+    "FlaxLayer",
+    "JaxLayer",
+    "NNXLayer",
+    "allow_solver_kernels",
+]

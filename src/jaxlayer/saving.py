@@ -32,6 +32,7 @@ ever run as Python.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import hashlib
 import inspect
@@ -46,6 +47,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from jaxlayer import _artifact_check as check
 from jaxlayer import _variables as V
 
 FORMAT = 1
@@ -264,9 +266,10 @@ def _export(layer, record: InputRecord):
     notes: list = []
     for kind in KINDS:
         try:
-            entry, blob, note = _export_one(
-                layer, kind, record, params, state, platforms
-            )
+            with _no_source_paths():
+                entry, blob, note = _export_one(
+                    layer, kind, record, params, state, platforms
+                )
         except _NotExported as err:
             notes.append(f"has no {kind} function ({err})")
             continue
@@ -285,6 +288,22 @@ def _export(layer, record: InputRecord):
 
 class _NotExported(Exception):
     pass
+
+
+def _no_source_paths():
+    """A context in which exported modules carry no path of this machine.
+
+    jax writes each operation's Python traceback into its MLIR location
+    (file paths of the saving machine's code and site-packages). Here only
+    the name of each operation stays, with one frame whose file name is
+    emptied. The VJP is exported while serializing, so both run in here.
+    """
+    from jax._src import config
+
+    scope = contextlib.ExitStack()
+    scope.enter_context(config.include_full_tracebacks_in_locations(False))
+    scope.enter_context(config.hlo_source_file_canonicalization_regex(r".*"))
+    return scope
 
 
 def _export_one(layer, kind, record, params, state, platforms):
@@ -579,7 +598,10 @@ class ExportedCall:
         name = fn_config.get("config") if isinstance(fn_config, dict) else None
         self.__name__ = f"{name if isinstance(name, str) else 'call_fn'}_exported"
         self._exported: dict = {}
-        self._blobs: dict = {}
+        self._artifacts: Artifacts | None = None
+        # Keras's `safe_mode` of the load that rebuilt the layer (read while
+        # `from_config` runs; the assets are read after it, outside its scope).
+        self.safe_mode = _in_safe_mode()
         self._symbolic = 0
         functions = manifest.get("functions", {})
         self._out = {}
@@ -614,7 +636,20 @@ class ExportedCall:
         return _Scope()
 
     def artifacts(self) -> Artifacts:
-        return Artifacts(self.manifest, dict(self._blobs))
+        """The computation as saved again: serialized anew from what was
+        loaded (no copy of the file's bytes is kept), so the manifest's
+        byte counts and hashes are those of the new bytes."""
+        if self._artifacts is None:
+            manifest = json.loads(json.dumps(self.manifest))
+            blobs = {}
+            for kind, exp in self._exported.items():
+                entry = manifest["functions"][kind]
+                blob = bytes(exp.serialize(vjp_order=int(entry.get("vjp_order", 0))))
+                entry["sha256"] = hashlib.sha256(blob).hexdigest()
+                entry["bytes"] = len(blob)
+                blobs[entry["file"]] = blob
+            self._artifacts = Artifacts(manifest, blobs)
+        return self._artifacts
 
     def share(self, other: ExportedCall) -> None:
         """Takes the computation `other` loaded (a copy of its layer)."""
@@ -624,12 +659,18 @@ class ExportedCall:
                 f"{other.owner}, which was saved with another manifest."
             )
         self._exported = dict(other._exported)
-        self._blobs = dict(other._blobs)
+        self._artifacts = other._artifacts
 
     # -- loading --
 
     def load(self, dirpath: str | None) -> None:
-        """Reads, checks and deserializes the artifacts in `dirpath`."""
+        """Reads, checks and deserializes the artifacts in `dirpath`.
+
+        Nothing is deserialized in this process before it was proven safe
+        (see `jaxlayer._artifact_check`): sizes first, then the verifying
+        child process (skipped under `safe_mode=False`), then the policy and
+        the manifest's shapes against the artifact's own.
+        """
         functions = self.manifest.get("functions", {})
         platforms = self.manifest.get("platforms")
         if dirpath is None or not os.path.isdir(dirpath):
@@ -641,8 +682,9 @@ class ExportedCall:
                 ">= 0.2."
             )
         current = jax.export.default_export_platform()
-        exported, blobs = {}, {}
-        for kind, entry in functions.items():
+        cap = check.max_artifact_bytes()
+        files, wheres, sizes = {}, {}, {}
+        for entry in functions.values():
             name = entry["file"]
             where = (
                 f"{self.owner}: the exported computation `{name}` in the `.keras` file"
@@ -654,14 +696,20 @@ class ExportedCall:
             path = os.path.join(dirpath, os.path.basename(name))
             if not os.path.isfile(path):
                 raise ValueError(f"{where} is missing {made}; save the model again.")
-            with open(path, "rb") as f:
-                blob = f.read()
-            if len(blob) != entry.get("bytes") or hashlib.sha256(
-                blob
-            ).hexdigest() != entry.get("sha256"):
+            size = os.path.getsize(path)
+            declared = entry.get("bytes")
+            if isinstance(declared, int) and size == declared and size > cap:
+                raise check.Refused(
+                    f"{where} is {size} bytes, more than the {cap} bytes "
+                    f"({cap / 2**20:g} MiB) a loaded computation may have "
+                    "(the weights are never part of it); refused. If the "
+                    "file is trusted, set JAXLAYER_MAX_ARTIFACT_MIB higher."
+                )
+            sha = check.sha256_of(path) if size == declared else None
+            if sha is None or sha != entry.get("sha256"):
                 raise ValueError(
                     f"{where} is damaged or was changed after saving: its "
-                    f"{len(blob)} bytes do not match the {entry.get('bytes')} "
+                    f"{size} bytes do not match the {declared} "
                     f"bytes and sha256 recorded when it was saved {made}. Save "
                     "the model again from its source."
                 )
@@ -674,12 +722,34 @@ class ExportedCall:
                     "(the default names cpu and cuda), or load it where the "
                     "layer's Python code is importable."
                 )
+            files[name] = (path, sha)
+            wheres[name] = where
+            sizes[name] = size
+        if self.safe_mode:
+            reports = check.reports(files, wheres)
+        else:
+            reports = {name: check.describe_here(p) for name, (p, _) in files.items()}
+        for kind, entry in functions.items():
+            name = entry["file"]
+            check.check(reports[name], wheres[name], sizes[name])
+            check.check_signature(
+                reports[name], wheres[name], self._signature(kind, current)
+            )
+        exported = {}
+        for kind, entry in functions.items():
+            name = entry["file"]
+            where = wheres[name]
+            made = f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')})"
+            blob = bytearray(sizes[name])
+            with open(files[name][0], "rb") as f:
+                f.readinto(blob)
             try:
-                exp = jax.export.deserialize(bytearray(blob))
+                exp = jax.export.deserialize(blob)
             except Exception as err:  # noqa: BLE001 - re-raised with context
                 raise ValueError(
                     f"{where} cannot be read {made}: {_first_line(err)}."
                 ) from err
+            del blob  # the Exported holds its module; nothing else is kept
             expected = self._counts()
             n_in = len(exp.in_avals)
             n_out = len(exp.out_avals)
@@ -692,9 +762,44 @@ class ExportedCall:
                     f"layer's config says {want_in} and {want_out} {made}."
                 )
             exported[kind] = exp
-            blobs[name] = blob
         self._exported = exported
-        self._blobs = blobs
+
+    def _signature(self, kind: str, platform: str) -> dict:
+        """What the manifest says the `kind` artifact takes and returns:
+        `(shape, dtype)` per array, None where a dimension is symbolic."""
+        entry = self.manifest["functions"][kind]
+        variables = self.manifest.get("variables", [])
+
+        def described(tree):
+            return [
+                (tuple(x.shape), x.dtype)
+                for x in jax.tree_util.tree_leaves(
+                    tree, is_leaf=lambda x: isinstance(x, _Spec)
+                )
+            ]
+
+        record = record_from_manifest(self.manifest)
+        if entry.get("shapes") == "concrete":
+            shapes = [tuple(s) for s in entry.get("input_shapes", [])]
+        else:
+            shapes = input_template(record)
+        inputs = list(zip(shapes, record.dtypes, strict=True))
+        rng = [
+            (tuple(s), d)
+            for s, d in described(V.decode_tree(entry["rng"], lambda b: _Spec(**b)))
+        ]
+        params = [
+            (tuple(v["shape"]), v["dtype"]) for v in variables if v["tree"] == "params"
+        ]
+        state = [
+            (tuple(v["shape"]), v["dtype"]) for v in variables if v["tree"] != "params"
+        ]
+        outputs = described(V.decode_tree(entry["outputs"], lambda b: _Spec(**b)))
+        return {
+            "in": params + inputs + state + rng,
+            "out": outputs + state,
+            "platform": platform,
+        }
 
     def _counts(self):
         variables = self.manifest.get("variables", [])
@@ -813,6 +918,16 @@ class ExportedCall:
 
     def __repr__(self) -> str:
         return f"<call_fn of {self.owner}, rebuilt from its exported computation>"
+
+
+def _in_safe_mode() -> bool:
+    """Keras's `safe_mode` now: True unless a load said `safe_mode=False` or
+    `keras.config.enable_unsafe_deserialization()` was called."""
+    try:
+        from keras.src.saving import serialization_lib
+    except ImportError:  # a Keras without it: the safe choice
+        return True
+    return serialization_lib.in_safe_mode() is not False
 
 
 def _is_array(x) -> bool:

@@ -1,0 +1,591 @@
+"""Load safety: an exported computation from a file is checked before use.
+
+A `.keras` file's artifacts (serialized `jax.export` modules) are untrusted
+input. Deserializing them runs C++ parsers (flatbuffers, MLIR bytecode,
+VHLO -> StableHLO) that are not hardened against hostile bytes, and a
+module that parses can still name a custom call that reads arbitrary
+memory (jax's Python callbacks) or a kernel whose buffers its shapes size
+(LAPACK), or a host transfer that blocks forever. So, before the loading
+process deserializes anything:
+
+1. the sizes: the manifest's byte count is at most `max_artifact_bytes()`
+   and equals the file's size on disk (nothing larger is ever read);
+2. a short-lived child process (this file, run by path: it imports jax
+   only, never jaxlayer or Keras) deserializes each artifact and its VJPs,
+   parses the modules as jax would, lowers each for this platform, and
+   reports the operations, custom-call targets and signatures it found. A
+   signal, a time-out or too much memory there is a refusal; the loading
+   process is never at risk. The report is cached by the artifact's sha256
+   (in this process and in a folder on disk), so a file is verified once;
+3. the report is checked here against the policy below and against the
+   manifest: the operations, the custom-call targets (an allowlist), the
+   file holding no bytes beyond its computation, and its platforms.
+
+The policy does not depend on anything the file claims (`jax.export`'s
+"disabled safety checks" included). With Keras's `safe_mode=False` step 2
+is skipped (the module is deserialized in this process, as before); 1 and
+3 still run on what this process deserializes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import hashlib
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterator
+
+# Bumped when the child's report changes, so that cached reports of an older
+# check are not used.
+CHECK_VERSION = 1
+
+# -- the policy --------------------------------------------------------------
+
+# The custom-call targets jax.export writes for ordinary programs and that
+# cannot be driven out of bounds by their shapes: shape assertions (symbolic
+# shapes), sharding annotations, memory-kind annotations. The threefry
+# kernels (random numbers on GPUs) size their buffers from their operands:
+# they are accepted only where every operand and result has one type.
+ALLOWED_TARGETS = frozenset(
+    {
+        "shape_assertion",
+        "Sharding",
+        "SPMDFullToShardShape",
+        "SPMDShardToFullShape",
+        "annotate_device_placement",
+        "cu_threefry2x32_ffi",
+        "hip_threefry2x32_ffi",
+    }
+)
+_SAME_TYPE_TARGETS = frozenset({"cu_threefry2x32_ffi", "hip_threefry2x32_ffi"})
+
+# The linear-algebra kernels on jax's list of stable custom calls (LAPACK on
+# CPUs, cuSOLVER/hipSOLVER/cuSPARSE on GPUs, and the TPU ones). Their
+# workspace and result buffers are sized from the shapes the module gives
+# them, so a crafted module can make them write out of bounds: they are
+# refused unless the user trusts the file (`allow_solver_kernels`).
+_SOLVER_TARGET = re.compile(
+    r"^(lapack_[sdcz]\w+_ffi"
+    r"|(cu|hip)solver_\w+_ffi"
+    r"|cusparse_gtsv2_ffi"
+    r"|(cu|hip)_lu_pivots_to_permutation"
+    r"|Eigh|Qr|ProductOfElementaryHouseholderReflectors|LuDecomposition)$"
+)
+
+# Operations by dialect: what jax.export writes. Host transfers are refused
+# by name even though their dialect is allowed (they block on a host that
+# never answers, or hand data to one).
+_ALLOWED_DIALECTS = ("builtin", "func", "stablehlo", "chlo", "sdy", "shape")
+HOST_TRANSFER_OPS = frozenset(
+    {
+        "stablehlo.infeed",
+        "stablehlo.outfeed",
+        "stablehlo.send",
+        "stablehlo.recv",
+    }
+)
+
+_ALLOW_SOLVERS: contextvars.ContextVar[bool] = contextvars.ContextVar(
+    "jaxlayer_allow_solver_kernels", default=False
+)
+
+# What a file may hold beyond its computation (flatbuffer alignment, a
+# serializer of another jax version writing a field more or less).
+_SLACK_BYTES = 4096
+_SLACK_FRACTION = 0.05
+
+_DEFAULT_MAX_MIB = 256
+_DEFAULT_TIMEOUT_S = 60.0
+
+
+@contextlib.contextmanager
+def allow_solver_kernels() -> Iterator[None]:
+    """Accepts linear-algebra kernels in the computations loaded inside it.
+
+    A `.keras` file's saved computation may not call LAPACK or GPU solver
+    kernels (`jnp.linalg.solve`, `eigh`, `qr`, `svd`, ... lower to them):
+    their buffers are sized by the shapes the file states, so a crafted file
+    could make them write out of bounds. Load a file you trust that needs
+    them inside this context; every other check still applies.
+
+    Example:
+        ```python
+        import keras
+        import jaxlayer
+
+        with jaxlayer.allow_solver_kernels():
+            model = keras.saving.load_model("trusted.keras")  # doctest: +SKIP
+        ```
+    """
+    token = _ALLOW_SOLVERS.set(True)
+    try:
+        yield
+    finally:
+        _ALLOW_SOLVERS.reset(token)
+
+
+def solver_kernels_allowed() -> bool:
+    """Whether `allow_solver_kernels` is in effect here."""
+    return _ALLOW_SOLVERS.get()
+
+
+def max_artifact_bytes() -> int:
+    """The largest artifact a loader reads: `JAXLAYER_MAX_ARTIFACT_MIB`
+    (MiB), 256 by default. The weights are never in an artifact (they are
+    arguments of the computation), so artifacts are small."""
+    text = os.environ.get("JAXLAYER_MAX_ARTIFACT_MIB", "")
+    try:
+        mib = float(text) if text else _DEFAULT_MAX_MIB
+    except ValueError:
+        mib = _DEFAULT_MAX_MIB
+    return int(mib * 2**20)
+
+
+def timeout_s() -> float:
+    """The verifier's time limit: `JAXLAYER_VERIFY_TIMEOUT` (s), 60 by default."""
+    text = os.environ.get("JAXLAYER_VERIFY_TIMEOUT", "")
+    try:
+        return float(text) if text else _DEFAULT_TIMEOUT_S
+    except ValueError:
+        return _DEFAULT_TIMEOUT_S
+
+
+class Refused(ValueError):
+    """An artifact failed a check; the message says which and why."""
+
+
+def sha256_of(path: str) -> str:
+    """The sha256 of a file, read in chunks (never whole into memory)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+# -- the child process and its cache ------------------------------------------
+
+_REPORTS: dict[str, dict] = {}
+
+
+def _cache_dir() -> str | None:
+    root = os.environ.get("JAXLAYER_CACHE_DIR")
+    if not root:
+        base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
+            os.path.expanduser("~"), ".cache"
+        )
+        root = os.path.join(base, "jaxlayer")
+    return os.path.join(root, "verified")
+
+
+def _key(sha: str) -> str:
+    import jax
+
+    return hashlib.sha256(
+        f"{sha}:{jax.__version__}:{CHECK_VERSION}".encode()
+    ).hexdigest()
+
+
+def _cached(key: str) -> dict | None:
+    if key in _REPORTS:
+        return _REPORTS[key]
+    folder = _cache_dir()
+    if folder is None:
+        return None
+    try:
+        with open(os.path.join(folder, f"{key}.json")) as f:
+            report = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(report, dict) or report.get("check") != CHECK_VERSION:
+        return None
+    _REPORTS[key] = report
+    return report
+
+
+def _store(key: str, report: dict) -> None:
+    _REPORTS[key] = report
+    folder = _cache_dir()
+    if folder is None:
+        return
+    try:
+        os.makedirs(folder, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
+        with os.fdopen(fd, "w") as f:
+            json.dump(report, f)
+        os.replace(tmp, os.path.join(folder, f"{key}.json"))
+    except OSError:
+        pass  # an unwritable cache: the next load verifies again
+
+
+def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
+    """The child's report on each artifact, verifying those not cached.
+
+    Args:
+        files: per artifact name, `(path, sha256)`; each file's size was
+            already checked against the cap.
+        where: per artifact name, how messages name it.
+
+    Returns:
+        Per artifact name, the report (a dict).
+
+    Raises:
+        Refused: the child crashed, timed out or ran out of memory.
+    """
+    out, todo = {}, {}
+    for name, (path, sha) in files.items():
+        key = _key(sha)
+        report = _cached(key)
+        if report is None:
+            todo[name] = (path, key)
+        else:
+            out[name] = report
+    if not todo:
+        return out
+    total = sum(os.path.getsize(path) for path, _ in todo.values())
+    request = {
+        "files": {name: path for name, (path, _) in todo.items()},
+        # Memory: jax itself, and a bounded multiple of what is checked.
+        "memory": 4 * 2**30 + 16 * total,
+    }
+    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    env.pop("PYTHONSTARTUP", None)
+    limit = timeout_s()
+    try:
+        proc = subprocess.run(
+            [sys.executable, "-I", os.path.abspath(__file__)],
+            input=json.dumps(request).encode(),
+            capture_output=True,
+            timeout=limit,
+            env=env,
+        )
+    except subprocess.TimeoutExpired:
+        names = ", ".join(f"`{n}`" for n in todo)
+        raise Refused(
+            f"{where[next(iter(todo))]}: checking {names} before use did not "
+            f"finish in {limit:g} s (a corrupted or hostile module can make "
+            "the deserializer loop); refused. If the file is trusted and "
+            "large, set JAXLAYER_VERIFY_TIMEOUT to more seconds."
+        ) from None
+    found = _parse(proc.stdout)
+    if proc.returncode != 0 or found is None:
+        names = ", ".join(f"`{n}`" for n in todo)
+        raise Refused(
+            f"{where[next(iter(todo))]}: checking {names} before use "
+            f"{_death(proc)}: the file is corrupted or hostile; refused "
+            "(this process never deserialized it). Save the model again "
+            "from its source."
+        )
+    for name, (_, key) in todo.items():
+        report = found.get(name)
+        if not isinstance(report, dict):
+            raise Refused(f"{where[name]}: the verifier gave no report; refused.")
+        report["check"] = CHECK_VERSION
+        _store(key, report)
+        out[name] = report
+    return out
+
+
+def _parse(stdout: bytes) -> dict | None:
+    lines = stdout.decode("utf-8", "replace").strip().splitlines()
+    if not lines:
+        return None
+    try:
+        found = json.loads(lines[-1])
+    except ValueError:
+        return None
+    return found if isinstance(found, dict) else None
+
+
+def _death(proc) -> str:
+    code = proc.returncode
+    if code < 0:
+        try:
+            name = signal.Signals(-code).name
+        except ValueError:
+            name = f"signal {-code}"
+        return f"crashed the verifying process ({name})"
+    tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
+    last = tail[-1][:200] if tail else ""
+    if "MemoryError" in last or "memory" in last.lower():
+        return "ran the verifying process out of memory"
+    return f"failed in the verifying process (exit {code}: {last or 'no output'})"
+
+
+# -- checking a report ----------------------------------------------------------
+
+
+def check(report: dict, where: str, size: int) -> None:
+    """Applies the policy to one artifact's report.
+
+    Args:
+        report: the child's report on it.
+        where: how messages name the artifact (the layer and the file).
+        size: the artifact's size in bytes.
+
+    Raises:
+        Refused: a check failed; the message names the operation.
+    """
+    if "error" in report:
+        raise Refused(
+            f"{where} cannot be read: {report['error']}. Save the model again "
+            "from its source."
+        )
+    canonical = int(report.get("canonical_bytes", 0))
+    if size > canonical + _SLACK_BYTES + _SLACK_FRACTION * canonical:
+        raise Refused(
+            f"{where} holds {size} bytes, of which its computation needs "
+            f"{canonical}: the rest is not part of any computation jax "
+            "writes (a padded or crafted file); refused."
+        )
+    allow_solvers = solver_kernels_allowed()
+    for level, module in enumerate(report.get("modules", [])):
+        what = where if level == 0 else f"{where} (its VJP of order {level})"
+        for op in module.get("ops", []):
+            dialect = op.split(".", 1)[0]
+            if op in HOST_TRANSFER_OPS:
+                raise Refused(
+                    f"{what} contains the host-transfer operation `{op}`, "
+                    "which jaxlayer never saves (it exchanges data with the "
+                    "host, or blocks waiting for it); refused."
+                )
+            if dialect not in _ALLOWED_DIALECTS:
+                raise Refused(
+                    f"{what} contains the operation `{op}`, which is not "
+                    "one jax.export writes; refused."
+                )
+        for call in module.get("custom_calls", []):
+            _check_call(call, what, allow_solvers)
+
+
+def _check_call(call: dict, what: str, allow_solvers: bool) -> None:
+    target = call.get("target")
+    if target in ALLOWED_TARGETS:
+        if target in _SAME_TYPE_TARGETS and len(set(call.get("types", []))) > 1:
+            raise Refused(
+                f"{what} calls `{target}` with operands and results of "
+                f"different types ({', '.join(call.get('types', []))}), which "
+                "jax never writes (the kernel would go out of bounds); refused."
+            )
+        if target == "shape_assertion" and not call.get("message_ok", False):
+            raise Refused(
+                f"{what} has a `shape_assertion` whose message names operands "
+                "it does not have; refused."
+            )
+        return
+    if _SOLVER_TARGET.match(str(target)):
+        if allow_solvers:
+            return
+        raise Refused(
+            f"{what} calls the linear-algebra kernel `{target}` (a custom "
+            "call whose buffers the file's shapes size, so a crafted file "
+            "can make it write out of bounds); refused. If you trust the "
+            "file, load it inside `with jaxlayer.allow_solver_kernels():`."
+        )
+    raise Refused(
+        f"{what} contains `stablehlo.custom_call @{target}`, a custom call "
+        "outside the allowlist of those jax.export writes for ordinary "
+        "programs (Python callbacks, host calls and native kernels are "
+        "never loaded from a file); refused."
+    )
+
+
+def check_signature(report: dict, where: str, expected: dict) -> None:
+    """Checks the artifact's own argument and result types against the
+    manifest's description of them.
+
+    Args:
+        report: the child's report.
+        where: how messages name the artifact.
+        expected: `{"in": [...], "out": [...]}`, each a list of `(shape,
+            dtype)` with None for a dimension that is symbolic, and
+            `"platform"`, the platform this process runs.
+
+    Raises:
+        Refused: they differ.
+    """
+    module = (report.get("modules") or [{}])[0]
+    platforms = module.get("platforms", [])
+    if expected.get("platform") not in platforms:
+        raise Refused(
+            f"{where} was exported for platforms {', '.join(platforms)} "
+            f"(its own record, whatever the manifest says), and this process "
+            f"runs JAX on {expected.get('platform')}; refused."
+        )
+    for side, word in (("in", "arguments"), ("out", "results")):
+        got = [(_shape(s), d) for s, d in module.get(f"{side}_avals", [])]
+        want = [(tuple(s), d) for s, d in expected[side]]
+        if len(got) != len(want) or any(
+            not _same_aval(g, w) for g, w in zip(got, want, strict=False)
+        ):
+            raise Refused(
+                f"{where} does not match the layer saved with it: its "
+                f"{word} are {_avals_text(got)}, where the layer's config "
+                f"says {_avals_text(want)}; refused."
+            )
+
+
+def _shape(dims) -> tuple:
+    return tuple(d if isinstance(d, int) else None for d in dims)
+
+
+def _same_aval(got, want) -> bool:
+    # A dimension the manifest leaves unknown (None) may be anything; one it
+    # states must be the artifact's, static.
+    (gs, gd), (ws, wd) = got, want
+    return (
+        gd == wd
+        and len(gs) == len(ws)
+        and all(w is None or g == w for g, w in zip(gs, ws, strict=True))
+    )
+
+
+def _avals_text(avals) -> str:
+    parts = []
+    for shape, dtype in avals:
+        dims = ",".join("?" if d is None else str(d) for d in shape)
+        parts.append(f"{dtype}[{dims}]")
+    return "(" + ", ".join(parts) + ")"
+
+
+# -- the child: run as `python -I _artifact_check.py`, a request on stdin ------
+
+
+def _child() -> None:  # pragma: no cover - runs in the verifying process
+    request = json.loads(sys.stdin.read())
+    try:  # no core file from a crash; a bounded heap
+        import resource
+
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+        memory = int(request["memory"])
+        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
+    except (ImportError, ValueError, OSError):
+        pass
+    import jax
+
+    found = {}
+    for name, path in request["files"].items():
+        try:
+            found[name] = _describe_file(jax, path)
+        except Exception as err:  # noqa: BLE001 - reported, refused by the parent
+            lines = str(err).strip().splitlines()
+            text = f"{type(err).__name__}: {lines[0] if lines else ''}"
+            found[name] = {"error": text[:300]}
+    sys.stdout.write("\n" + json.dumps(found) + "\n")
+    sys.stdout.flush()
+
+
+def describe_here(path: str) -> dict:
+    """The report on an artifact, made in this process (`safe_mode=False`:
+    the user trusts the file, so its module is parsed here, not in a child)."""
+    import jax
+
+    return _describe_file(jax, path, exercise=False)
+
+
+def _describe_file(jax, path: str, exercise: bool = True) -> dict:
+    with open(path, "rb") as f:
+        blob = f.read()
+    exp = jax.export.deserialize(bytearray(blob))
+    del blob
+    modules, levels = [], []
+    level = exp
+    # Every VJP the file holds is checked, whatever order the manifest says.
+    for _ in range(8):
+        levels.append(level)
+        modules.append(_describe_module(jax, level))
+        if not level.has_vjp():
+            break
+        level = level.vjp()
+    canonical = len(exp.serialize(vjp_order=len(levels) - 1))
+    for level in levels if exercise else ():
+        _exercise(jax, level)
+    return {"canonical_bytes": canonical, "modules": modules}
+
+
+def _describe_module(jax, exp) -> dict:
+    from jax._src.interpreters import mlir
+    from jax._src.lib import _jax
+    from jax._src.lib.mlir import ir
+
+    ops: set = set()
+    calls: dict = {}
+    with mlir.make_ir_context():
+        module = _jax.mlir.deserialize_portable_artifact(exp.mlir_module_serialized)
+        if isinstance(module, (str, bytes)):
+            module = ir.Module.parse(module)
+        stack = [module.operation]
+        while stack:
+            op = stack.pop()
+            ops.add(op.name)
+            if op.name == "stablehlo.custom_call":
+                entry = _describe_call(ir, op)
+                calls[json.dumps(entry, sort_keys=True)] = entry
+            for region in op.regions:
+                for block in region:
+                    stack.extend(o.operation for o in block)
+    return {
+        "ops": sorted(ops),
+        "custom_calls": list(calls.values()),
+        "platforms": list(exp.platforms),
+        "in_avals": [_aval(a) for a in exp.in_avals],
+        "out_avals": [_aval(a) for a in exp.out_avals],
+        "nr_devices": exp.nr_devices,
+    }
+
+
+def _describe_call(ir, op) -> dict:
+    try:
+        target = ir.StringAttr(op.attributes["call_target_name"]).value
+    except (KeyError, ValueError, TypeError):
+        target = None
+    types = [str(v.type) for v in op.operands] + [str(r.type) for r in op.results]
+    entry = {"target": target, "types": sorted(set(types))}
+    if target == "shape_assertion":
+        try:
+            message = ir.StringAttr(op.attributes["error_message"]).value
+        except (KeyError, ValueError, TypeError):
+            message = ""
+        # `{k}` in the message formats the k-th operand after the predicate.
+        used = [int(k) for k in re.findall(r"\{(\d+)\}", message)]
+        entry["message_ok"] = all(k < len(op.operands) - 1 for k in used) and (
+            "{" not in re.sub(r"\{\d+\}", "", message)
+        )
+    return entry
+
+
+def _aval(aval) -> list:
+    dims = [d if isinstance(d, int) else str(d) for d in aval.shape]
+    return [dims, str(aval.dtype)]
+
+
+def _exercise(jax, exp) -> None:  # pragma: no cover - in the child
+    """What the loading process will do with the module: lower a call of it
+    for this platform (with small concrete sizes for its symbolic
+    dimensions) and refine its shapes, as compiling it does. A Python
+    exception here is left for the loading process to report where it
+    happens: only a crash or a hang matters here."""
+    from jax._src.interpreters import mlir
+
+    try:
+        concrete = [
+            jax.ShapeDtypeStruct(
+                tuple(d if isinstance(d, int) else 2 for d in a.shape), a.dtype
+            )
+            for a in exp.in_avals
+        ]
+        args, kwargs = jax.tree_util.tree_unflatten(exp.in_tree, concrete)
+        lowered = jax.jit(exp.call).lower(*args, **kwargs)
+        mlir.refine_polymorphic_shapes(lowered.compiler_ir("stablehlo"))
+    except Exception:  # noqa: BLE001, S110 - see the docstring
+        pass
+
+
+if __name__ == "__main__":  # pragma: no cover - the verifying process
+    _child()

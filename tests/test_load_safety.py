@@ -1,0 +1,530 @@
+"""Load safety: a crafted `.keras` file is refused with a clear error.
+
+Each hostile file is made here from a file the current code saved: the
+MLIR text of a real artifact is edited and serialized again, and the
+manifest's byte counts and sha256 are fixed, as an attacker would. Each is
+loaded in a fresh process (it may be the process that crashes), which
+reports what happened; the tests check that every load ended in the
+expected `ValueError`, with no signal, no hang and no file written by a
+payload. Runs on every backend (the NumPy backend included: it loads and
+predicts).
+"""
+
+import dataclasses
+import hashlib
+import json
+import os
+import random
+import subprocess
+import sys
+import textwrap
+import zipfile
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+from jaxlayer import JaxLayer
+
+BACKEND = keras.backend.backend()
+IN, OUT = 4, 3
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+# Not registered: the loading process rebuilds the layers from their
+# exported computation.
+def init_fn(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    params = {
+        "hidden": {"w": jax.random.normal(k1, (IN, 8)) / 2, "b": jnp.zeros(8)},
+        "out": {"w": jax.random.normal(k2, (8, OUT)) / 3},
+    }
+    return params, {"mean": jnp.zeros(IN)}
+
+
+def call_fn(params, state, rng, inputs, training):
+    h = jnp.tanh(
+        (inputs - state["mean"]) @ params["hidden"]["w"] + params["hidden"]["b"]
+    )
+    if training:
+        h = h * jax.random.bernoulli(rng, 0.9, h.shape) / 0.9
+        state = {"mean": 0.9 * state["mean"] + 0.1 * inputs.mean(0)}
+    return h @ params["out"]["w"], state
+
+
+def solve_init(rng, inputs):
+    return {"a": jax.random.normal(rng, (IN, IN)) / 4}
+
+
+def solve_call(params, inputs):
+    # `jnp.linalg.solve` lowers to LAPACK's getrf on the CPU.
+    a = params["a"] + 2 * jnp.eye(IN)
+    return jnp.linalg.solve(a, inputs.T).T
+
+
+def x_data(n=8):
+    return np.random.default_rng(0).normal(size=(n, IN)).astype("float32")
+
+
+def saved(path, call, init):
+    inputs = keras.Input((IN,))
+    layer = JaxLayer(call, init, seed=1, name="net")
+    model = keras.Model(inputs, layer(inputs))
+    model.predict(x_data(), verbose=0)
+    model.save(path)
+    return model
+
+
+# -- crafting ------------------------------------------------------------------
+
+
+def members(path):
+    with zipfile.ZipFile(path) as z:
+        return {n: z.read(n) for n in z.namelist()}
+
+
+def write(path, files):
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_DEFLATED) as z:
+        for name, data in files.items():
+            z.writestr(name, data)
+    return path
+
+
+def artifact_name(files, kind):
+    return next(n for n in files if n.endswith(f"/{kind}.jaxexport"))
+
+
+def fix_manifests(files, change=None):
+    """Recomputes every artifact's bytes and sha256 in both copies of the
+    manifest (the config's and the assets'), then applies `change`."""
+
+    def mend(manifest):
+        for entry in manifest["functions"].values():
+            blob = files[next(n for n in files if n.endswith("/" + entry["file"]))]
+            entry["bytes"] = len(blob)
+            entry["sha256"] = hashlib.sha256(blob).hexdigest()
+        if change is not None:
+            change(manifest)
+
+    config = json.loads(files["config.json"])
+    found = []
+
+    def walk(node):
+        if isinstance(node, dict):
+            if isinstance(node.get("exported"), dict):
+                found.append(node["exported"])
+            for value in node.values():
+                walk(value)
+        elif isinstance(node, list):
+            for value in node:
+                walk(value)
+
+    walk(config)
+    assert found, "no manifest in the config"
+    for manifest in found:
+        mend(manifest)
+    files["config.json"] = json.dumps(config).encode()
+    name = next(n for n in files if n.endswith("/manifest.json"))
+    manifest = json.loads(files[name])
+    mend(manifest)
+    files[name] = json.dumps(manifest).encode()
+
+
+def edit_module(exp, edit):
+    """`exp` with its MLIR text passed through `edit` (no VJP)."""
+    from jax._src.export import _export
+    from jax._src.interpreters import mlir
+    from jax._src.lib.mlir import ir
+
+    text = edit(exp.mlir_module())
+    with mlir.make_ir_context():
+        module = ir.Module.parse(text)
+        blob = _export._module_to_bytecode(module)
+    return dataclasses.replace(exp, mlir_module_serialized=blob, _get_vjp=None)
+
+
+def in_main(lines):
+    """An edit that adds `lines` to the `main` function, before its return."""
+
+    def edit(text):
+        start = text.index("func.func public @main")
+        at = text.index("\n    return ", start)
+        return text[:at] + "\n" + textwrap.indent(lines, "    ") + text[at:]
+
+    return edit
+
+
+# The second matrix argument of `main` (params[1], 4x8), for ops that need one.
+MATRIX = "%arg2"
+CALLBACK = (
+    "stablehlo.custom_call @xla_ffi_python_cpu_callback() {api_version = 4 : "
+    "i32, backend_config = {index = INDEX : ui64}, has_side_effect = true} : "
+    "() -> ()"
+)
+GETRF = (
+    f"%lu:3 = stablehlo.custom_call @lapack_sgetrf_ffi({MATRIX}) "
+    "{api_version = 4 : i32, has_side_effect = true} : (tensor<4x8xf32>) -> "
+    "(tensor<1x1xf32>, tensor<1xi32>, tensor<i32>)"
+)
+OUTFEED = (
+    "%tk = stablehlo.create_token : !stablehlo.token\n"
+    f'%tk2 = "stablehlo.outfeed"({MATRIX}, %tk) {{outfeed_config = ""}} : '
+    "(tensor<4x8xf32>, !stablehlo.token) -> !stablehlo.token"
+)
+INFEED = (
+    "%tk = stablehlo.create_token : !stablehlo.token\n"
+    '%in:2 = "stablehlo.infeed"(%tk) {infeed_config = ""} : '
+    "(!stablehlo.token) -> (tensor<3xf32>, !stablehlo.token)"
+)
+
+
+def crafted(base, out, kind, make):
+    """A copy of `base` whose `kind` artifact is `make(exported)` serialized,
+    with the manifests fixed."""
+    files = members(base)
+    name = artifact_name(files, kind)
+    exp = jax.export.deserialize(bytearray(files[name]))
+    files[name] = make(exp)
+    fix_manifests(files)
+    return write(out, files)
+
+
+def with_module(edit, disable=False):
+    def make(exp):
+        new = edit_module(exp, edit)
+        if disable:
+            # A file may claim jax's checks were disabled for its target.
+            check = jax.export.DisabledSafetyCheck.custom_call(
+                "xla_ffi_python_cpu_callback"
+            )
+            new = dataclasses.replace(new, disabled_safety_checks=(check,))
+        return bytes(new.serialize(vjp_order=0))
+
+    return make
+
+
+def in_vjp(edit):
+    def make(exp):
+        vjp = edit_module(exp.vjp(), edit)
+        return bytes(
+            dataclasses.replace(exp, _get_vjp=lambda _: vjp).serialize(vjp_order=1)
+        )
+
+    return make
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    """name -> path of each file to load (the legitimate ones and the
+    crafted), and the legitimate model's predictions."""
+    folder = tmp_path_factory.mktemp("crafted")
+    base = str(folder / "base.keras")
+    model = saved(base, call_fn, init_fn)
+    solver = str(folder / "solver.keras")
+    solver_model = saved(solver, solve_call, solve_init)
+    x = x_data()
+    marker = str(folder / "MARKER")
+    pointer = str(id(exec))  # what an exploit would aim the index at
+    paths = {"base": base, "solver": solver}
+
+    def add(name, kind, make):
+        paths[name] = crafted(base, str(folder / f"{name}.keras"), kind, make)
+
+    add("callback", "inference", with_module(in_main(CALLBACK.replace("INDEX", "0"))))
+    add(
+        "callback_pointer",
+        "training",
+        with_module(in_main(CALLBACK.replace("INDEX", pointer)), disable=True),
+    )
+    add("callback_in_vjp", "training", in_vjp(in_main(CALLBACK.replace("INDEX", "0"))))
+    add("getrf", "inference", with_module(in_main(GETRF)))
+    add("outfeed", "inference", with_module(in_main(OUTFEED)))
+    add("infeed", "inference", with_module(in_main(INFEED)))
+
+    def manifest_edit(name, change):
+        copy = members(base)
+        fix_manifests(copy, change)
+        paths[name] = write(str(folder / f"{name}.keras"), copy)
+
+    def wider(manifest):
+        for entry in manifest["functions"].values():
+            entry["outputs"]["leaf"]["shape"] = [None, OUT + 2]
+
+    def half(manifest):
+        for entry in manifest["functions"].values():
+            entry["outputs"]["leaf"]["dtype"] = "float16"
+
+    def variable(manifest):
+        # The state's `mean` (Keras casts the weights file's values to it).
+        (mean,) = [v for v in manifest["variables"] if v["name"] == "mean"]
+        mean["dtype"] = "float16"
+
+    manifest_edit("output_shape", wider)
+    manifest_edit("output_dtype", half)
+    manifest_edit("variable_dtype", variable)
+    return {
+        "paths": paths,
+        "marker": marker,
+        "x": x,
+        "base": np.asarray(model.predict(x, verbose=0)),
+        "solver": np.asarray(solver_model.predict(x, verbose=0)),
+    }
+
+
+RUNNER = """
+import json, os, resource, sys, warnings
+warnings.simplefilter("ignore")
+import keras
+import numpy as np
+import jaxlayer
+
+x = np.load(sys.argv[1])
+out = {}
+for name, path in json.loads(sys.argv[2]).items():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    try:
+        if name.startswith("trusted"):
+            with jaxlayer.allow_solver_kernels():
+                model = keras.saving.load_model(path)
+        else:
+            model = keras.saving.load_model(path)
+        y = np.asarray(model.predict(x, verbose=0))
+        out[name] = {"ok": True, "y": y.tolist()}
+    except Exception as err:
+        out[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
+    after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    out[name]["grew_kib"] = after - before
+print("RESULT " + json.dumps(out))
+"""
+
+
+def load_in_fresh_process(paths, x, tmp, env=None, timeout=600):
+    """Loads each file in a fresh process; name -> what happened."""
+    np.save(os.path.join(tmp, "x.npy"), x)
+    proc = subprocess.run(
+        [sys.executable, "-c", RUNNER, os.path.join(tmp, "x.npy"), json.dumps(paths)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+        cwd=tmp,
+    )
+    assert proc.returncode == 0, (
+        f"the loading process ended with {proc.returncode}: {proc.stderr[-3000:]}"
+    )
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    return json.loads(line[len("RESULT ") :])
+
+
+@pytest.fixture(scope="module")
+def results(files, tmp_path_factory):
+    paths = dict(files["paths"])
+    paths["trusted_solver"] = paths["solver"]
+    return load_in_fresh_process(paths, files["x"], str(tmp_path_factory.mktemp("run")))
+
+
+def refused(results, name, *words):
+    got = results[name]
+    assert not got["ok"], f"{name} loaded and predicted"
+    assert got["type"] == "ValueError", got
+    message = got["message"]
+    assert "JaxLayer 'net'" in message and ".jaxexport" in message, message
+    for word in words:
+        assert word in message, message
+    return message
+
+
+def test_legitimate_files_load_and_predict(files, results):
+    assert results["base"]["ok"], results["base"]
+    np.testing.assert_allclose(
+        results["base"]["y"], files["base"], rtol=1e-5, atol=1e-5
+    )
+
+
+@pytest.mark.parametrize("name", ["callback", "callback_pointer", "callback_in_vjp"])
+def test_a_python_callback_is_refused(files, results, name):
+    message = refused(results, name, "xla_ffi_python_cpu_callback", "refused")
+    if name == "callback_in_vjp":
+        assert "VJP" in message
+    assert not os.path.exists(files["marker"])
+
+
+def test_a_solver_kernel_is_refused_unless_trusted(files, results):
+    refused(results, "getrf", "lapack_sgetrf_ffi", "allow_solver_kernels")
+    # A legitimate model that solves a linear system: refused by default too
+    # (the loader cannot tell its shapes from a crafted file's), loaded and
+    # right inside `allow_solver_kernels`.
+    refused(results, "solver", "linear-algebra kernel `lapack_s")
+    trusted = results["trusted_solver"]
+    assert trusted["ok"], trusted
+    np.testing.assert_allclose(trusted["y"], files["solver"], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("name, op", [("outfeed", "outfeed"), ("infeed", "infeed")])
+def test_a_host_transfer_is_refused(results, name, op):
+    refused(results, name, f"stablehlo.{op}", "host-transfer")
+
+
+@pytest.mark.parametrize("name", ["output_shape", "output_dtype", "variable_dtype"])
+def test_a_manifest_that_lies_about_shapes_is_refused(results, name):
+    refused(results, name, "does not match the layer saved with it")
+
+
+def test_saved_artifacts_carry_no_path_of_the_saving_machine(files):
+    blobs = [
+        data
+        for name, data in members(files["paths"]["base"]).items()
+        if name.endswith(".jaxexport")
+    ]
+    assert blobs
+    roots = {HERE, os.path.dirname(jax.__file__), os.path.expanduser("~")}
+    for blob in blobs:
+        assert b".py" not in blob
+        for root in roots:
+            assert root.encode() not in blob
+
+
+def test_a_padded_artifact_is_refused_before_it_is_read(files, tmp_path):
+    # A 250 MiB artifact of which a few KiB are its computation: a small
+    # `.keras` file (zeros compress), refused without the loader reading it.
+    files_ = members(files["paths"]["base"])
+    name = artifact_name(files_, "training")
+    files_[name] = files_[name] + bytes(250 * 2**20)
+    fix_manifests(files_)
+    padded = write(str(tmp_path / "padded.keras"), files_)
+    assert os.path.getsize(padded) < 2 * 2**20
+    got = load_in_fresh_process(
+        {"base": files["paths"]["base"], "padded": padded}, files["x"], str(tmp_path)
+    )
+    message = refused(got, "padded", "not part of any computation")
+    assert str(len(files_[name])) in message
+    # The loading process grew by much less than the artifact (ru_maxrss, KiB).
+    assert got["padded"]["grew_kib"] < 64 * 1024, got["padded"]["grew_kib"]
+
+
+def test_the_size_cap_is_checked_before_reading(files, tmp_path):
+    got = load_in_fresh_process(
+        {"base": files["paths"]["base"]},
+        files["x"],
+        str(tmp_path),
+        env={"JAXLAYER_MAX_ARTIFACT_MIB": "0.001"},
+    )
+    refused(got, "base", "JAXLAYER_MAX_ARTIFACT_MIB")
+
+
+def test_safe_mode_false_skips_the_child_but_not_the_checks(files, tmp_path):
+    script = textwrap.dedent(
+        """
+        import json, sys, warnings
+        warnings.simplefilter("ignore")
+        import keras, numpy as np
+        from jaxlayer import _artifact_check
+        calls = []
+        real = _artifact_check.reports
+        _artifact_check.reports = lambda *a: calls.append(1) or real(*a)
+        out = {}
+        for name in ("base", "callback"):
+            try:
+                m = keras.saving.load_model(sys.argv[2 if name == "base" else 3],
+                                            safe_mode=False)
+                m.predict(np.load(sys.argv[1]), verbose=0)
+                out[name] = "ok"
+            except ValueError as err:
+                out[name] = str(err)
+        out["children"] = len(calls)
+        print("RESULT " + json.dumps(out))
+        """
+    )
+    np.save(tmp_path / "x.npy", files["x"])
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            script,
+            str(tmp_path / "x.npy"),
+            files["paths"]["base"],
+            files["paths"]["callback"],
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    out = json.loads(line[len("RESULT ") :])
+    assert out["base"] == "ok"
+    assert "xla_ffi_python_cpu_callback" in out["callback"]
+    assert out["children"] == 0
+
+
+def test_a_verified_file_is_not_verified_twice(files, tmp_path, monkeypatch):
+    from jaxlayer import _artifact_check
+
+    monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
+    runs = []
+    real = subprocess.run
+
+    def counting(*args, **kwargs):
+        runs.append(args)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(_artifact_check.subprocess, "run", counting)
+    monkeypatch.setattr(_artifact_check, "_REPORTS", {})
+    first = keras.saving.load_model(files["paths"]["base"])
+    assert len(runs) == 1
+    monkeypatch.setattr(_artifact_check, "_REPORTS", {})  # a new process: disk
+    second = keras.saving.load_model(files["paths"]["base"])
+    assert len(runs) == 1
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(first(files["x"])),
+        keras.ops.convert_to_numpy(second(files["x"])),
+        rtol=1e-6,
+    )
+
+
+# -- random corruption ---------------------------------------------------------
+
+FUZZ = int(os.environ.get("JAXLAYER_FUZZ_CASES", "24"))
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(
+    BACKEND != "jax",
+    reason="the deserializer and the verifier are the same on every backend",
+)
+def test_random_bit_flips_end_in_clean_errors(files, tmp_path):
+    """Seeded bit flips in the serialized module, hashes fixed: every load
+    ends in a Python exception (or, for a harmless flip, loads), never a
+    crash or a hang of the loading process."""
+    source = members(files["paths"]["base"])
+    name = artifact_name(source, "inference")
+    rng = random.Random(20261201)
+    paths = {}
+    for case in range(FUZZ):
+        copy = dict(source)
+        blob = bytearray(copy[name])
+        for _ in range(rng.choice([1, 2, 8])):
+            at = rng.randrange(len(blob))
+            blob[at] ^= 1 << rng.randrange(8)
+        copy[name] = bytes(blob)
+        fix_manifests(copy)
+        paths[f"flip{case}"] = write(str(tmp_path / f"flip{case}.keras"), copy)
+    got = load_in_fresh_process(
+        paths,
+        files["x"],
+        str(tmp_path),
+        env={"JAXLAYER_VERIFY_TIMEOUT": "30", "JAXLAYER_CACHE_DIR": str(tmp_path)},
+        timeout=FUZZ * 40 + 120,
+    )
+    # The loading process survived them all (`load_in_fresh_process` checks
+    # its exit status); each load predicted or raised a Python exception.
+    assert set(got) == set(paths)
+    for case, outcome in got.items():
+        assert outcome["ok"] or (outcome["type"] and outcome["message"]), (
+            case,
+            outcome,
+        )
+    stopped = [o for o in got.values() if not o["ok"] and "jaxexport" in o["message"]]
+    assert len(stopped) >= FUZZ // 4, got
