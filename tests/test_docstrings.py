@@ -21,6 +21,7 @@ MODULES = [
     "jaxlayer.bridges",
     "jaxlayer.__main__",
     "jaxlayer._deps",
+    "jaxlayer._artifact_check",
 ]
 
 

@@ -115,13 +115,18 @@ def allow_solver_kernels() -> Iterator[None]:
     them inside this context; every other check still applies.
 
     Example:
-        ```python
-        import keras
-        import jaxlayer
-
-        with jaxlayer.allow_solver_kernels():
-            model = keras.saving.load_model("trusted.keras")  # doctest: +SKIP
-        ```
+        >>> import os, tempfile
+        >>> import jax.numpy as jnp, keras, numpy as np, jaxlayer
+        >>> solve = lambda params, inputs: jnp.linalg.solve(params["a"], inputs.T).T
+        >>> params = {"a": 2 * np.eye(2, dtype="float32")}
+        >>> layer = jaxlayer.JaxLayer(solve, params=params)
+        >>> model = keras.Sequential([keras.Input((2,)), layer])
+        >>> path = os.path.join(tempfile.mkdtemp(), "solver.keras")
+        >>> model.save(path)
+        >>> with jaxlayer.allow_solver_kernels():
+        ...     loaded = keras.saving.load_model(path)
+        >>> loaded.predict(np.ones((1, 2), "float32"), verbose=0)
+        array([[0.5, 0.5]], dtype=float32)
     """
     token = _ALLOW_SOLVERS.set(True)
     try:

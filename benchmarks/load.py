@@ -1,0 +1,142 @@
+"""What load safety adds to loading a `.keras` file that runs its saved
+computation (the benchmark MLP, 64-256-256-10, its function not registered).
+
+Usage, from the repository root:
+
+    python -m benchmarks.load                 # jax backend, 3 rounds
+    python -m benchmarks.load --backend torch --rounds 5
+    python -m benchmarks.load --write         # the checked-in copy
+
+Each figure is one `keras.saving.load_model` (and then the first `predict`,
+which compiles) in a fresh process, timed inside it; the min over rounds,
+the three settings interleaved in each round:
+
+- `safe_mode=False`: the artifacts are deserialized in the loading process
+  with no verifying child (what loading cost before the checks, plus the
+  policy checks, which take microseconds);
+- `safe_mode=True`, nothing cached: a child process verifies the artifacts
+  first (it imports jax: most of its cost);
+- `safe_mode=True`, cached: the same file again, its report read from the
+  cache folder (what every later load of a file costs).
+
+The report is printed and written to `benchmarks/out/load.md` (git-ignored);
+`--write` writes `benchmarks/results-load.md`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+_ROOT = Path(__file__).resolve().parent.parent
+CHECKED_IN = Path(__file__).with_name("results-load.md")
+DEFAULT_OUTPUT = Path(__file__).parent / "out" / "load.md"
+
+_SAVE = """
+import sys
+sys.path.insert(0, {root!r})
+import jax, keras, numpy as np
+from jaxlayer import JaxLayer
+from benchmarks import _workloads as W
+
+layer = JaxLayer(lambda params, inputs: W.mlp_apply(params, inputs),
+                 params=W.mlp_init(jax.random.key(0)))
+model = keras.Sequential([keras.Input((64,)), layer])
+model.predict(np.zeros((4, 64), "float32"), verbose=0)
+model.save({path!r})
+"""
+
+_LOAD = """
+import json, time, warnings
+warnings.simplefilter("ignore")
+import keras, numpy as np
+import jaxlayer
+start = time.perf_counter()
+model = keras.saving.load_model({path!r}, safe_mode={safe})
+loaded = time.perf_counter()
+model.predict(np.zeros((128, 64), "float32"), verbose=0)
+done = time.perf_counter()
+print("RESULT " + json.dumps([loaded - start, done - start]))
+"""
+
+
+def _run(script: str, env: dict) -> list[float] | None:
+    proc = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        env=env,
+        cwd=str(_ROOT),
+        timeout=600,
+    )
+    if proc.returncode != 0:
+        raise RuntimeError(proc.stderr[-2000:])
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT ") :])
+    return None
+
+
+def measure(backend: str, rounds: int) -> dict:
+    """Per setting, the min over `rounds` of (load, load + first predict)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "mlp.keras")
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        _run(_SAVE.format(root=str(_ROOT), path=path), env)
+        times: dict = {"safe_mode=False": [], "verified": [], "cached": []}
+        for i in range(rounds):
+            cache = os.path.join(tmp, f"cache{i}")
+            run_env = dict(env, JAXLAYER_CACHE_DIR=cache)
+            times["safe_mode=False"].append(
+                _run(_LOAD.format(path=path, safe=False), run_env)
+            )
+            times["verified"].append(_run(_LOAD.format(path=path, safe=True), run_env))
+            times["cached"].append(_run(_LOAD.format(path=path, safe=True), run_env))
+    return {
+        key: [min(t[0] for t in rows), min(t[1] for t in rows)]
+        for key, rows in times.items()
+    }
+
+
+def render(backend: str, rounds: int, result: dict) -> str:
+    base = result["safe_mode=False"]
+    lines = [
+        f"# Loading a portable `.keras` file: the MLP ({backend} backend, "
+        f"min of {rounds} fresh processes)",
+        "",
+        "| setting | load_model (s) | + first predict (s) | added to load_model |",
+        "| --- | --- | --- | --- |",
+    ]
+    names = {
+        "safe_mode=False": "`safe_mode=False` (no verifying child)",
+        "verified": "`safe_mode=True`, first load (verified in a child)",
+        "cached": "`safe_mode=True`, later loads (report cached)",
+    }
+    for key, (load, total) in result.items():
+        lines.append(
+            f"| {names[key]} | {load:.3f} | {total:.3f} | {load - base[0]:+.3f} |"
+        )
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser("python -m benchmarks.load", description=__doc__)
+    parser.add_argument("--backend", default="jax")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--write", action="store_true")
+    args = parser.parse_args(argv)
+    text = render(args.backend, args.rounds, measure(args.backend, args.rounds))
+    output = CHECKED_IN if args.write else DEFAULT_OUTPUT
+    output.parent.mkdir(parents=True, exist_ok=True)
+    output.write_text(text)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
