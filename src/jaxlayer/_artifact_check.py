@@ -258,6 +258,9 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
         "files": {name: path for name, (path, _) in todo.items()},
         # Memory: jax itself, and a bounded multiple of what is checked.
         "memory": 4 * 2**30 + 16 * total,
+        # The child runs isolated (`-I`: no PYTHONPATH, no user site, no
+        # current folder) and imports jax from where this process did.
+        "path": [p for p in sys.path if p],
     }
     env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
     env.pop("PYTHONSTARTUP", None)
@@ -472,6 +475,7 @@ def _child() -> None:  # pragma: no cover - runs in the verifying process
         resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
     except (ImportError, ValueError, OSError):
         pass
+    sys.path[:] = [str(p) for p in request.get("path", sys.path)]
     import jax
 
     found = {}

@@ -779,6 +779,11 @@ class ExportedCall:
             ]
 
         record = record_from_manifest(self.manifest)
+        if record is None:
+            raise check.Refused(
+                f"{self.owner}: the `.keras` file's description of the layer's "
+                "inputs cannot be read; refused. Save the model again."
+            )
         if entry.get("shapes") == "concrete":
             shapes = [tuple(s) for s in entry.get("input_shapes", [])]
         else:
