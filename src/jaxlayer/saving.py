@@ -743,6 +743,8 @@ class ExportedCall:
             blob = bytearray(sizes[name])
             with open(files[name][0], "rb") as f:
                 f.readinto(blob)
+            if hashlib.sha256(blob).hexdigest() != files[name][1]:
+                raise check.Refused(f"{where} changed while it was checked; refused.")
             try:
                 exp = jax.export.deserialize(blob)
             except Exception as err:  # noqa: BLE001 - re-raised with context
