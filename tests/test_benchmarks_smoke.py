@@ -284,3 +284,17 @@ def test_allocator_report_runs_each_setting_in_its_process(tmp_path):
     assert text.count("| mlp |") == 2
     assert "MALLOC_MMAP_MAX_=0" in text
     assert allocator.parse_args(["--write"]).output == str(allocator.CHECKED_IN)
+
+
+def test_load_report_of_made_up_results():
+    from benchmarks import load
+
+    text = load.render(
+        "jax",
+        3,
+        {"safe_mode=False": [0.1, 0.3], "verified": [2.1, 2.4], "cached": [0.05, 0.25]},
+    )
+    assert "min of 3 fresh processes" in text
+    rows = [line for line in text.splitlines() if line.startswith("| `safe_mode")]
+    assert len(rows) == 3
+    assert "| 2.100 | 2.400 | +2.000 |" in rows[1]
