@@ -52,7 +52,11 @@ for mod, path in modules.items():
                 target = resolve(f"{src}.{a.name}") or resolve(src)
                 if target:
                     graph[mod].add(target)
-                    if a.name.startswith("_") and not resolve(f"{src}.{a.name}"):
+                    if (
+                        a.name.startswith("_")
+                        and not a.name.startswith("__")
+                        and not resolve(f"{src}.{a.name}")
+                    ):
                         private_imports.append(f"{mod}: {src}.{a.name}")
         elif isinstance(node, ast.ClassDef):
             classes.append((node.end_lineno - node.lineno + 1, f"{mod}.{node.name}"))

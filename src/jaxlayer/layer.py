@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import itertools
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,7 +12,8 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from jaxlayer import _private, _signature, bridges, saving
+from jaxlayer import _config as C
+from jaxlayer import _errors, _private, _record, _signature, bridges, saving
 from jaxlayer import _variables as V
 from jaxlayer._pure import PureFunction, fill_unknown
 
@@ -151,6 +151,7 @@ class JaxLayer(keras.layers.Layer):
         self._init_on_build = False
         self._bridge = bridges.get(keras.backend.backend())
         self._input_dtypes = None
+        self._set_untracked("_export_memo", saving.ExportMemo())
         self._set_trees(None, None)
         if params is not None or state is not None:
             self._create_weights(params, state, copy=True)
@@ -175,7 +176,7 @@ class JaxLayer(keras.layers.Layer):
             ("call_fn_has_state", "state" in names),
             ("call_fn_has_rng", "rng" in names),
         ):
-            object.__setattr__(self, name, value)
+            self._set_untracked(name, value)
         self._reset_pure_fns()
 
     @property
@@ -207,8 +208,14 @@ class JaxLayer(keras.layers.Layer):
             "tracked_state": _variables(state_spec),
         }
         for name, value in values.items():
-            object.__setattr__(self, name, value)
+            self._set_untracked(name, value)
         self._reset_pure_fns()
+
+    def _set_untracked(self, name, value):
+        """Sets an attribute without Keras's `__setattr__`: no tracking (it
+        would wrap trees and lists in containers JAX's tree functions do not
+        know), and none of its cost on the call path."""
+        object.__setattr__(self, name, value)
 
     def _create_weights(self, params, state, *, copy):
         taken: set = set()  # one namespace for the paths of params and state
@@ -264,7 +271,12 @@ class JaxLayer(keras.layers.Layer):
         if self._needs_init:
             # Initialised eagerly, also when Keras builds the layer while
             # TensorFlow traces a train step.
-            _outside_graph(lambda: self._initialize_weights(input_shape))
+            outside = getattr(self._bridge, "outside_graph", None)
+            initialize = functools.partial(self._initialize_weights, input_shape)
+            if outside is not None:
+                outside(initialize)
+            else:
+                initialize()
         self.built = True
 
     def _initialize_weights(self, input_shape):
@@ -341,7 +353,7 @@ class JaxLayer(keras.layers.Layer):
 
     @property
     def _owner(self):
-        return f"{type(self).__name__} '{self.name}'"
+        return _errors.owner(self)
 
     # -- rng hooks (the same as keras.layers.JaxLayer's) -----------------
 
@@ -387,7 +399,7 @@ class JaxLayer(keras.layers.Layer):
 
     # Until the layer has recorded the input structure of its first call
     # (what `.keras` saving exports) and one call of known shapes, its calls
-    # go through `saving.watched_call`; then this is one attribute check.
+    # go through `_watched_call`; then this is one attribute check.
     _saving_watch = True
     _input_record = None
 
@@ -415,7 +427,31 @@ class JaxLayer(keras.layers.Layer):
                 self._placeholder_dtype(x) for x in jax.tree_util.tree_leaves(inputs)
             ]
         if self._saving_watch:
-            return saving.watched_call(self, super().__call__, args, kwargs)
+            return self._watched_call(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _watched_call(self, args, kwargs):
+        """Keras's `__call__`, recording the input structure on the way.
+
+        While the layer still watches its calls: until it has recorded the
+        input structure and one call of known shapes, and while its
+        computation, rebuilt from a file, waits for its artifacts (then a
+        call on `KerasTensor`s, Keras rebuilding the model, is answered with
+        the saved output shapes).
+        """
+        inputs = args[0] if args else kwargs.get("inputs")
+        record, symbolic = _record.observe(
+            self._input_record, inputs, self._placeholder_dtype
+        )
+        if record is not self._input_record:
+            self._set_untracked("_input_record", record)
+        fn = self.call_fn
+        pending = saving.pending(fn)
+        if not pending and record is not None and record.called is not None:
+            self._set_untracked("_saving_watch", False)
+        if pending and symbolic:
+            with fn.symbolic():
+                return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def _placeholder_dtype(self, x):
@@ -563,7 +599,7 @@ class JaxLayer(keras.layers.Layer):
         record = self._input_record
         if record is None or record.treedef != in_def:
             return None
-        return saving.input_template(record)
+        return _record.input_template(record)
 
     def _called_shapes(self, in_def):
         record = self._input_record
@@ -784,8 +820,8 @@ class JaxLayer(keras.layers.Layer):
                 exported and no `init_fn` can rebuild the tree.
         """
         config = super().get_config()
-        config["name"] = _LayerName.of(self)
-        artifacts, why = saving.artifacts_for_save(self)
+        config["name"] = C.LayerName.of(self)
+        artifacts, why = saving.artifacts_for_save(self._export_source())
         fn = self.call_fn
         rebuilt = isinstance(fn, saving.ExportedCall)
         trees = self._tree_configs()
@@ -802,8 +838,8 @@ class JaxLayer(keras.layers.Layer):
                 )
         config.update(
             {
-                "call_fn": fn.fn_config if rebuilt else _serialize_fn(fn),
-                "init_fn": fn.init_config if rebuilt else _serialize_fn(self.init_fn),
+                "call_fn": fn.fn_config if rebuilt else C.serialize_fn(fn),
+                "init_fn": fn.init_config if rebuilt else C.serialize_fn(self.init_fn),
                 "seed": self.seed,
                 "native_serialization_platforms": (
                     list(self.native_serialization_platforms)
@@ -817,6 +853,26 @@ class JaxLayer(keras.layers.Layer):
             }
         )
         return config
+
+    def _export_source(self) -> saving.ExportSource:
+        """What exporting takes from the layer (`saving.ExportSource`)."""
+        return saving.ExportSource(
+            owner=self._owner,
+            layer_class=type(self).__name__,
+            call_fn=self.call_fn,
+            call_fn_arguments=tuple(self.call_fn_arguments),
+            built=self.built,
+            record=self._input_record,
+            trees=(self._params_spec, self._state_spec),
+            dtype_policy=self.dtype_policy.name,
+            native_serialization_platforms=self.native_serialization_platforms,
+            trainable=frozenset(id(v) for v in self.trainable_variables),
+            abstract_trees=functools.partial(self._abstract_trees, None),
+            call_rng=self._call_rng,
+            pure_fn=self._pure_fn,
+            compute_output_spec=self.compute_output_spec,
+            memo=self._export_memo,
+        )
 
     def _tree_configs(self) -> dict:
         """The config's descriptions of the `params` and `state` trees.
@@ -857,24 +913,25 @@ class JaxLayer(keras.layers.Layer):
                 defined and how to register it.
         """
         config = dict(config)
-        source = _LayerName.source(config, cls)
+        source = C.LayerName.source(config, cls)
         if source is not None and saving.rebuilt(source):
             return saving.copy_of_rebuilt(cls, config, source)
-        owner = f"{cls.__name__} '{config.get('name')}'"
+        owner = _errors.named(cls, config.get("name"))
         exported = config.get("exported")
-        call_fn, reason = _locate_fn(config.get("call_fn"), "call_fn", owner)
-        init_fn, init_reason = _locate_fn(config.get("init_fn"), "init_fn", owner)
+        call_fn, reason = C.locate_fn(config.get("call_fn"))
+        init_fn, init_reason = C.locate_fn(config.get("init_fn"))
         values = None
         if source is not None:
             # A copy of a live layer, made from its config object: its very
             # functions (where the config still names them), and, for
             # weights that were given rather than made by `init_fn`, their
             # current values (a config holds none).
-            if config.get("call_fn") == _serialize_fn(source.call_fn):
+            if config.get("call_fn") == C.serialize_fn(source.call_fn):
                 call_fn = source.call_fn
-            if config.get("init_fn") == _serialize_fn(source.init_fn):
+            if config.get("init_fn") == C.serialize_fn(source.init_fn):
                 init_fn = source.init_fn
-            values = _given_values(source, config)
+            # (`source` is a layer of this very class.)
+            values = source._given_values(config)
         flat = any(
             isinstance(config.get(k), dict) and config[k].get("flat")
             for k in ("params_spec", "state_spec")
@@ -883,7 +940,7 @@ class JaxLayer(keras.layers.Layer):
             init_fn is not None or not flat or values is not None
         ):
             config.pop("exported", None)
-            params, state = _pop_saved_trees(
+            params, state = C.pop_saved_trees(
                 config, source is not None and init_fn is not None
             )
             if values is not None:
@@ -893,7 +950,7 @@ class JaxLayer(keras.layers.Layer):
                     raise ValueError(
                         f"{owner}: cannot load `init_fn`: {init_reason}, and "
                         "the file describes no `params`/`state` to rebuild "
-                        f"the layer without it. {_fix(config['init_fn'])}"
+                        f"the layer without it. {C.fix(config['init_fn'])}"
                     )
             config["call_fn"] = call_fn
             config["init_fn"] = init_fn
@@ -906,15 +963,33 @@ class JaxLayer(keras.layers.Layer):
                     "its `params`/`state` tree is of a type the file does not "
                     "describe, and it has no `init_fn` to rebuild it"
                 )
-            if not _is_lambda(config.get("call_fn")) or call_fn is not None:
+            if not C.is_lambda(config.get("call_fn")) or call_fn is not None:
                 saving.warn_rebuilt(owner, reason)
             return saving.from_artifacts(cls, config)
         raise ValueError(
             f"{owner}: cannot load `call_fn`: {reason}, and the file holds no "
             "exported computation to run instead (it was saved by jaxlayer "
             f"0.1, or its computation could not be exported). "
-            f"{_fix(config.get('call_fn'))}"
+            f"{C.fix(config.get('call_fn'))}"
         )
+
+    def _given_values(self, config) -> tuple | None:
+        """Copies of this layer's `(params, state)` for a layer made from `config`.
+
+        Only for weights that were given (not made by `init_fn`) and that the
+        config describes as this layer has them; None otherwise.
+        """
+        if config.get("init_on_build") or not self.built:
+            return None
+        if self._params_spec is None and self._state_spec is None:
+            return None
+        trees = self._tree_configs()
+        if (trees["params"], trees["state"]) != (
+            config.get("params_spec"),
+            config.get("state_spec"),
+        ):
+            return None
+        return V.numpy_tree(self.params), V.numpy_tree(self.state)
 
     def save_assets(self, dir_path: str) -> None:
         """Writes the exported computation to the layer's asset folder.
@@ -922,92 +997,31 @@ class JaxLayer(keras.layers.Layer):
         Called by Keras when saving a `.keras` file, after `get_config` (which
         made the artifacts and put their manifest in the config).
         """
-        saving.save_assets(self, dir_path)
+        saving.save_assets(self.call_fn, self._export_memo, dir_path)
 
     def load_assets(self, dir_path: str | None) -> None:
         """Reads and checks the exported computation of a layer rebuilt
         without its Python code (does nothing for a layer that has it)."""
-        saving.load_assets(self, dir_path)
-
-
-class _LayerName(str):
-    """A layer's name in its config, with (in this process) the layer itself.
-
-    `keras.models.clone_model` and `Layer.from_config(layer.get_config())`
-    hand the config object itself to `from_config`, which then finds the
-    live layer it came from (a weak reference) and takes its functions and
-    given weights from it: a copy works with unregistered functions, a
-    layer built from `params` keeps them, and a copy of a layer rebuilt
-    from a `.keras` file shares its loaded computation. Written out (JSON,
-    a `.keras` file, pickle, deepcopy) it is a plain name, and a copy made
-    from that is one from a config alone.
-    """
-
-    source_ref: Callable[[], Any] | None = None
+        if saving.load_assets(self.call_fn, dir_path):
+            self._reset_pure_fns()
 
     @classmethod
-    def of(cls, layer) -> _LayerName:
-        name = cls(layer.name)
-        name.source_ref = weakref.ref(layer)
-        return name
+    def _from_exported(cls, call_fn, params, state, record, config):
+        """The hook `saving` rebuilds a layer of this class through: a layer
+        running `call_fn` (a `saving.ExportedCall`), its weights the
+        placeholders (or values) `params` and `state`, having seen the
+        inputs of `record`; `config` holds the base layer's arguments.
 
-    @staticmethod
-    def source(config: dict, cls) -> Any:
-        """The live layer of class `cls` that `config` came from, or None.
-
-        The name in `config` is made a plain string. The layer may be one
-        rebuilt from a `.keras` file (`saving.rebuilt`).
+        Made with `JaxLayer.__init__` whatever the class: an adapter's own
+        `__init__` takes a module, which a rebuilt layer has not. Adapters
+        extend this to set what their `__init__` would have.
         """
-        name = config.get("name")
-        ref = getattr(name, "source_ref", None)
-        if name is not None:
-            config["name"] = str(name)
-        source = ref() if ref is not None else None
-        return source if type(source) is cls else None
-
-    def __reduce__(self):
-        return (str, (str(self),))
-
-
-def _given_values(source, config) -> tuple | None:
-    """Copies of `source`'s `(params, state)` for a layer made from `config`.
-
-    Only for weights that were given (not made by `init_fn`) and that the
-    config describes as `source` has them; None otherwise.
-    """
-    if config.get("init_on_build") or not source.built:
-        return None
-    if source._params_spec is None and source._state_spec is None:
-        return None
-    trees = source._tree_configs()
-    if (trees["params"], trees["state"]) != (
-        config.get("params_spec"),
-        config.get("state_spec"),
-    ):
-        return None
-    return V.numpy_tree(source.params), V.numpy_tree(source.state)
-
-
-def _pop_saved_trees(config, init_afresh=False):
-    """Removes the saved tree descriptions from `config`; returns placeholders.
-
-    The placeholders (zeros of the saved shapes and dtypes, or None where no
-    tree was described) rebuild the variables; the weights file fills them.
-    A tree kept by name only (`{"flat": true}`, a custom pytree) gives None:
-    `init_fn` rebuilds it. So do trees that `init_fn` made (`init_on_build`)
-    with `init_afresh` (a copy of a live layer, by `clone_model`): the copy
-    is left unbuilt, like a Keras layer made from its config, and `init_fn`
-    initialises it when it is built. Loading a file keeps placeholders, so
-    that `init_fn` does not run for weights the file holds.
-    """
-    if config.pop("init_on_build", False) and init_afresh:
-        config.pop("params_spec", None)
-        config.pop("state_spec", None)
-        return None, None
-    return (
-        V.config_to_placeholders(config.pop("params_spec", None)),
-        V.config_to_placeholders(config.pop("state_spec", None)),
-    )
+        layer = cls.__new__(cls)
+        JaxLayer.__init__(layer, call_fn=call_fn, params=params, state=state, **config)
+        layer._set_untracked("_input_record", record)
+        # (Watched until the artifacts are read: see `_watched_call`.)
+        layer._set_untracked("_saving_watch", True)
+        return layer
 
 
 _NOT_TENSORS = (bool, int, float, complex, str, bytes)
@@ -1036,15 +1050,6 @@ def _as_key(x):
     if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
         return x.astype(jnp.uint32)
     return x
-
-
-def _outside_graph(fn):
-    """Calls `fn` eagerly even while TensorFlow traces a graph (TF backend)."""
-    if keras.backend.backend() == "tensorflow":
-        from jaxlayer.bridges.tensorflow import outside_graph
-
-        return outside_graph(fn)
-    return fn()
 
 
 def _to_jax_keys(rng):
@@ -1263,144 +1268,3 @@ def _seed_generator(seed):
         return keras.random.SeedGenerator(seed)
     except (OverflowError, RuntimeError, ValueError):
         return keras.random.SeedGenerator(seed % (2**31 - 1))
-
-
-def _serialize_fn(fn):
-    """A function's config: by registered name, with the module it came from.
-
-    A lambda is saved as a marker, never as its bytecode (Keras would store
-    it as base64 code that loading refuses to run under `safe_mode`): a
-    layer whose `call_fn` is a lambda reloads from its exported computation.
-    """
-    if fn is None:
-        return None
-    name = getattr(fn, "__name__", None)
-    module = getattr(fn, "__module__", None)
-    if name == "<lambda>":
-        return {
-            "class_name": "function",
-            "config": "<lambda>",
-            "module": module,
-            "registered_name": None,
-            "lambda": True,
-            "defined_in": module,
-        }
-    try:
-        config = dict(keras.saving.serialize_keras_object(fn))
-    except Exception:  # noqa: BLE001 - saving must not crash on it
-        config = {
-            "class_name": "function",
-            "config": name or repr(fn),
-            "module": module,
-            "registered_name": None,
-        }
-    where = _defined_in(fn)
-    if where is not None:
-        config["defined_in"] = where
-    return config
-
-
-def _defined_in(fn) -> str | None:
-    """`module.qualname` of a function (what a saved config records and a
-    located function is checked against), or None without a module."""
-    module = getattr(fn, "__module__", None)
-    if module is None:
-        return None
-    return f"{module}.{getattr(fn, '__qualname__', getattr(fn, '__name__', None))}"
-
-
-def _is_lambda(config) -> bool:
-    if not isinstance(config, dict):
-        return False
-    return bool(config.get("lambda")) or config.get("class_name") == "__lambda__"
-
-
-def _fn_label(config) -> str:
-    """`name` (defined in `module.qualname`) of a function's config."""
-    if not isinstance(config, dict):
-        return f"`{config}`"
-    name = config.get("config")
-    where = config.get("defined_in")
-    if where:
-        return f"`{name}` (defined in `{where}`)"
-    return f"`{name}`"
-
-
-def _fix(config) -> str:
-    """What to do when a saved function cannot be located."""
-    if _is_lambda(config):
-        return (
-            "A lambda cannot be reloaded under Keras's safe_mode: define the "
-            "function with `def`, register it with "
-            "`@keras.saving.register_keras_serializable()` and save again (or "
-            "load with `safe_mode=False` if you trust the file)."
-        )
-    name = config.get("config") if isinstance(config, dict) else config
-    return (
-        "Decorate it with `@keras.saving.register_keras_serializable()` where "
-        "it is defined and import that module before loading, or pass it in "
-        f"`custom_objects={{'{name}': {name}}}` to `load_model`."
-    )
-
-
-def _locate_fn(config, fn_name, owner):
-    """`(function, None)` for a saved function config, or `(None, why)`.
-
-    Keras's registry and `custom_objects` are searched as Keras does; a
-    lambda saved as a marker is never found, and one saved as bytecode (by
-    jaxlayer 0.1) is run only when `safe_mode` is off.
-    """
-    if config is None:
-        return None, None
-    if isinstance(config, dict) and config.get("lambda"):
-        return None, "it is a lambda, saved without its code"
-    try:
-        fn = keras.saving.deserialize_keras_object(config)
-    except Exception as err:  # noqa: BLE001 - reported by the caller
-        if _is_lambda(config):
-            return None, (
-                "it is a lambda saved as Python bytecode, which Keras does not "
-                "run under safe_mode"
-            )
-        del err
-        fn = None
-    if callable(fn) and _is_the_saved_fn(fn, config):
-        return fn, None
-    if callable(fn):
-        found = _defined_in(fn) or repr(fn)
-        return None, (
-            f"{_fn_label(config)} is not registered in this process (only a "
-            f"function of the same name defined in `{found}` is)"
-        )
-    return None, f"{_fn_label(config)} is not registered in this process"
-
-
-def _is_the_saved_fn(fn, config) -> bool:
-    """Whether `fn`, found by Keras for `config`, is the function saved.
-
-    Keras resolves a function saved unregistered (`module: "builtins"`) to
-    any registered function whose name ends in `>name`, from any package:
-    an unrelated `pkg>call_fn` would silently replace the saved `call_fn`.
-    A function is taken when it is registered under exactly the saved name
-    (or passed so in `custom_objects`), or is defined where the saved one
-    was (`defined_in`).
-    """
-    if not isinstance(config, dict):
-        return True
-    name = config.get("config")
-    if isinstance(name, str) and keras.saving.get_registered_object(name) is fn:
-        return True
-    where = config.get("defined_in")
-    if where is None:
-        return True  # saved without it (jaxlayer 0.1): as Keras found it
-    return _defined_in(fn) == where
-
-
-def _deserialize_fn(config, fn_name, cls):
-    """The function a saved config names; raises a one-line error if none."""
-    fn, reason = _locate_fn(config, fn_name, cls.__name__)
-    if config is not None and fn is None:
-        raise ValueError(
-            f"{cls.__name__}: cannot load `{fn_name}`: {reason}. {_fix(config)}"
-        )
-    return fn
