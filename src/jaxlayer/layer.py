@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import functools
-import itertools
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -13,9 +12,11 @@ import keras
 import numpy as np
 
 from jaxlayer import _config as C
+from jaxlayer import _contract as K
 from jaxlayer import _errors, _private, _record, _signature, bridges, saving
+from jaxlayer import _shapes as S
 from jaxlayer import _variables as V
-from jaxlayer._pure import PureFunction, fill_unknown
+from jaxlayer._pure import PureFunction
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
@@ -103,7 +104,7 @@ class JaxLayer(keras.layers.Layer):
         self._pure_fns: dict = {}
         self.call_fn = call_fn
         self.init_fn = init_fn
-        self.seed = _check_seed(seed, owner)
+        self.seed = K.check_seed(seed, owner)
         self.native_serialization_platforms = (
             tuple(native_serialization_platforms)
             if native_serialization_platforms is not None
@@ -142,7 +143,7 @@ class JaxLayer(keras.layers.Layer):
                 "to `call_fn`'s arguments (and return `(outputs, new_state)`)."
             )
         self.seed_generator = (
-            _seed_generator(self.seed) if self.call_fn_has_rng else None
+            K.seed_generator(self.seed) if self.call_fn_has_rng else None
         )
         self._init_seed_count = 0
         # Whether `init_fn` made the weights (at build), rather than the
@@ -204,8 +205,8 @@ class JaxLayer(keras.layers.Layer):
             "_state_spec": state_spec,
             "params": None if params_spec is None else params_spec.tree,
             "state": None if state_spec is None else state_spec.tree,
-            "tracked_params": _variables(params_spec),
-            "tracked_state": _variables(state_spec),
+            "tracked_params": K.variables(params_spec),
+            "tracked_state": K.variables(state_spec),
         }
         for name, value in values.items():
             self._set_untracked(name, value)
@@ -304,7 +305,7 @@ class JaxLayer(keras.layers.Layer):
         With `abstract`, `init_fn` runs under `jax.eval_shape` and the trees
         hold `jax.ShapeDtypeStruct`s (nothing is computed or drawn).
         """
-        shapes, shapes_def = _flatten_shapes(input_shape)
+        shapes, shapes_def = S.flatten_shapes(input_shape)
         dtypes = self._input_dtypes
         if dtypes is None or len(dtypes) != len(shapes):
             dtypes = ["float32"] * len(shapes)
@@ -315,7 +316,7 @@ class JaxLayer(keras.layers.Layer):
             )
             for shape, dtype in zip(shapes, dtypes, strict=True)
         ]
-        rng = _to_jax_keys(rng)
+        rng = K.to_jax_keys(rng)
 
         def init(leaves):
             values = {
@@ -323,7 +324,7 @@ class JaxLayer(keras.layers.Layer):
                 "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
                 "training": True,
             }
-            return _call_by_name(self.init_fn, self.init_fn_arguments, values)
+            return K.call_by_name(self.init_fn, self.init_fn_arguments, values)
 
         if abstract:
             result = jax.eval_shape(init, placeholders)
@@ -334,7 +335,7 @@ class JaxLayer(keras.layers.Layer):
                 raise ValueError(
                     f"{self._owner}: `init_fn` must return a tuple "
                     "`(params, state)` because `call_fn` takes a `state` "
-                    f"argument; it returned {_describe(result)}."
+                    f"argument; it returned {K.describe(result)}."
                 )
             params, state = result
         else:
@@ -497,7 +498,7 @@ class JaxLayer(keras.layers.Layer):
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         for leaf in in_leaves:
-            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+            if isinstance(leaf, K.NOT_TENSORS) or not hasattr(leaf, "shape"):
                 self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
         spec = self._params_spec
@@ -514,7 +515,7 @@ class JaxLayer(keras.layers.Layer):
         state = V.values_of(self._state_spec)
         fn = self._pure_fns.get((training, in_def, rng_def))
         if fn is None:
-            example = [self._param_struct(v) for v in _variables(spec)]
+            example = [self._param_struct(v) for v in K.variables(spec)]
             fn = self._pure_fn(
                 training, in_def, rng_def, (example, in_leaves, state, rng_leaves)
             )
@@ -535,21 +536,21 @@ class JaxLayer(keras.layers.Layer):
 
     def _raise_bad_input(self, inputs):
         for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
-            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+            if isinstance(leaf, K.NOT_TENSORS) or not hasattr(leaf, "shape"):
                 raise TypeError(
                     f"{self._owner}: every leaf of `inputs` must be an array "
                     f"or tensor; {V.keystr(path, 'inputs')} is "
-                    f"{_describe(leaf)}."
+                    f"{K.describe(leaf)}."
                 )
 
     def _call_rng(self, training):
         if not self.call_fn_has_rng:
-            return [], _NONE_TREEDEF
+            return [], K.NONE_TREEDEF
         leaves, treedef = jax.tree_util.tree_flatten(self._get_call_rng(training))
         # Seeds go to JAX as int32 (uint32 on the jax backend); typed keys
         # pass as they are.
         return [
-            leaf if _seed_dtype_ok(leaf.dtype) else keras.ops.cast(leaf, "int32")
+            leaf if K.seed_dtype_ok(leaf.dtype) else keras.ops.cast(leaf, "int32")
             for leaf in leaves
         ], treedef
 
@@ -569,14 +570,14 @@ class JaxLayer(keras.layers.Layer):
         if fn is not None:
             return fn
         tree_fn = self._tree_fn(training, in_def, rng_def)
-        out_def, _ = _eval_outputs(
+        out_def, _ = S.eval_outputs(
             self._owner, tree_fn, *example, called=self._called_shapes(in_def)
         )
         owner = self._owner
 
         def flat(params, inputs, state, rng):
             result, new_state = tree_fn(params, inputs, state, rng)
-            return _output_leaves(owner, result), new_state
+            return K.output_leaves(owner, result), new_state
 
         fn = self._pure_fns[key] = PureFunction(
             flat,
@@ -593,7 +594,7 @@ class JaxLayer(keras.layers.Layer):
         return fn
 
     def _params_trainable(self):
-        return tuple(v.trainable for v in _variables(self._params_spec))
+        return tuple(v.trainable for v in K.variables(self._params_spec))
 
     def _input_shapes(self, in_def):
         record = self._input_record
@@ -633,21 +634,21 @@ class JaxLayer(keras.layers.Layer):
                 "training": training,
             }
             if "rng" in names:
-                keys = [_as_key(k) for k in rng]
+                keys = [K.as_key(k) for k in rng]
                 values["rng"] = jax.tree_util.tree_unflatten(rng_def, keys)
-            result = _call_by_name(call_fn, names, values)
+            result = K.call_by_name(call_fn, names, values)
             if not has_state:
                 return result, []
             if not (isinstance(result, (tuple, list)) and len(result) == 2):
                 raise ValueError(
                     f"{owner}: `call_fn` takes a `state` argument, so it "
                     "must return a tuple `(outputs, new_state)`; it "
-                    f"returned {_describe(result)}."
+                    f"returned {K.describe(result)}."
                 )
             result, returned_state = result
             if abstract_defs is not None:
                 return result, []
-            return result, _check_state(owner, state_spec, returned_state)
+            return result, K.check_state(owner, state_spec, returned_state)
 
         return tree_fn
 
@@ -659,8 +660,8 @@ class JaxLayer(keras.layers.Layer):
         seed drawn), with `defs` the structures of the trees it returns.
         """
         if not self._needs_init:
-            params = [self._param_struct(v) for v in _variables(self._params_spec)]
-            state = [_struct(v.shape, v.dtype) for v in _variables(self._state_spec)]
+            params = [self._param_struct(v) for v in K.variables(self._params_spec)]
+            state = [S.struct(v.shape, v.dtype) for v in K.variables(self._state_spec)]
             return params, state, None
         params, state = self._init_trees(
             input_shape, self._dry_init_rng(), abstract=True
@@ -668,7 +669,7 @@ class JaxLayer(keras.layers.Layer):
         params, params_def = jax.tree_util.tree_flatten(params)
         state, state_def = jax.tree_util.tree_flatten(state)
         params = [self._param_struct(x) for x in params]
-        state = [_struct(x.shape, x.dtype) for x in state]
+        state = [S.struct(x.shape, x.dtype) for x in state]
         return params, state, (params_def, state_def)
 
     def _param_struct(self, x):
@@ -676,7 +677,7 @@ class JaxLayer(keras.layers.Layer):
         dtype = keras.backend.standardize_dtype(x.dtype)
         if V.is_float(dtype):
             dtype = self.compute_dtype if self.autocast else self.variable_dtype
-        return _struct(x.shape, dtype)
+        return S.struct(x.shape, dtype)
 
     def _dry_init_rng(self):
         """`_get_init_rng()` drawn without changing any generator's state."""
@@ -713,7 +714,7 @@ class JaxLayer(keras.layers.Layer):
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         with keras.StatelessScope():
             rng_leaves, rng_def = self._call_rng(training)
-        rng = [_struct(k.shape, k.dtype) for k in rng_leaves]
+        rng = [S.struct(k.shape, k.dtype) for k in rng_leaves]
         shapes = [tuple(x.shape) for x in in_leaves]
         if not self.built and self._needs_init:
             # Not built yet (`compute_output_shape` before any call): the
@@ -721,7 +722,7 @@ class JaxLayer(keras.layers.Layer):
             params, state, defs = self._abstract_trees(
                 jax.tree_util.tree_unflatten(in_def, shapes)
             )
-            out_def, out = _eval_outputs(
+            out_def, out = S.eval_outputs(
                 self._owner,
                 self._tree_fn(training, in_def, rng_def, defs),
                 params,
@@ -735,7 +736,7 @@ class JaxLayer(keras.layers.Layer):
                 training, in_def, rng_def, (params, in_leaves, state, rng)
             )
             out_def = fn.out_treedef
-            _, out = _eval_outputs(
+            _, out = S.eval_outputs(
                 self._owner,
                 lambda p, x, s, r: (fn(p, x, s, r)[0], []),
                 params,
@@ -775,7 +776,7 @@ class JaxLayer(keras.layers.Layer):
             >>> layer.compute_output_shape((None, 8))
             (None, 3)
         """
-        shapes, shapes_def = _flatten_shapes(input_shape)
+        shapes, shapes_def = S.flatten_shapes(input_shape)
         dtypes = self._input_dtypes
         candidates = (
             [dtypes]
@@ -1022,249 +1023,3 @@ class JaxLayer(keras.layers.Layer):
         # (Watched until the artifacts are read: see `_watched_call`.)
         layer._set_untracked("_saving_watch", True)
         return layer
-
-
-_NOT_TENSORS = (bool, int, float, complex, str, bytes)
-_NONE_TREEDEF = jax.tree_util.tree_structure(None)
-
-
-@functools.lru_cache(maxsize=64)
-def _seed_dtype_ok(dtype) -> bool:
-    name = keras.backend.standardize_dtype(dtype)
-    return name in ("uint32", "int32") or "key" in name
-
-
-def _variables(spec):
-    return [] if spec is None else list(spec.variables)
-
-
-def _describe(value) -> str:
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of length {len(value)}"
-    return f"{type(value).__name__} {value!r}"[:200]
-
-
-def _as_key(x):
-    if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
-        return x.astype(jnp.uint32)
-    return x
-
-
-def _to_jax_keys(rng):
-    def convert(x):
-        x = np.asarray(keras.ops.convert_to_numpy(x))
-        return jnp.asarray(x.astype(np.uint32) if x.dtype.kind in "iu" else x)
-
-    return jax.tree_util.tree_map(convert, rng)
-
-
-def _check_state(owner, spec, new_state):
-    """The new state's array leaves, after checking it matches `spec`."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(new_state)
-    if spec is None:
-        if flat:
-            raise ValueError(
-                f"{owner}: `call_fn` returned a state with arrays at "
-                f"{', '.join(V.keystr(p, 'state') for p, _ in flat[:5])}, but "
-                "the layer has no state (`state=None` and no `init_fn` "
-                "state); give the initial `state`."
-            )
-        return []
-    if treedef != spec.treedef:
-        expected = {jax.tree_util.keystr(p) for p in spec.paths}
-        got = {jax.tree_util.keystr(p) for p, _ in flat}
-        missing = sorted(expected - got)
-        extra = sorted(got - expected)
-        detail = []
-        if missing:
-            detail.append("missing " + ", ".join(f"state{p}" for p in missing))
-        if extra:
-            detail.append("unexpected " + ", ".join(f"state{p}" for p in extra))
-        if not detail:
-            detail.append(f"expected the structure {spec.treedef}, got {treedef}")
-        raise ValueError(
-            f"{owner}: the state returned by `call_fn` does not match the "
-            f"structure of the state at initialization: {'; '.join(detail)}."
-        )
-    leaves = []
-    for (path, leaf), slot in zip(flat, spec.slots, strict=True):
-        if slot is None:
-            continue
-        variable = spec.variables[slot]
-        if not hasattr(leaf, "shape") and isinstance(leaf, (bool, int, float)):
-            leaf = jnp.asarray(leaf)
-        if not hasattr(leaf, "shape"):
-            raise TypeError(
-                f"{owner}: `call_fn` returned {_describe(leaf)} at "
-                f"{V.keystr(path, 'state')}, where an array is needed."
-            )
-        if tuple(leaf.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{owner}: `call_fn` returned a new state of shape "
-                f"{tuple(leaf.shape)} at {V.keystr(path, 'state')}, but that "
-                f"state has shape {tuple(variable.shape)}."
-            )
-        leaves.append(jax.lax.stop_gradient(leaf))
-    return leaves
-
-
-def _flatten_shapes(input_shape):
-    """Input shapes (a shape or a pytree of shapes) as a flat list."""
-
-    def is_shape(x):
-        return isinstance(x, (tuple, list)) and all(
-            d is None or isinstance(d, (int, np.integer)) for d in x
-        )
-
-    if is_shape(input_shape):
-        return [tuple(input_shape)], jax.tree_util.tree_structure(0)
-    leaves, treedef = jax.tree_util.tree_flatten(input_shape, is_leaf=is_shape)
-    return [tuple(s) for s in leaves], treedef
-
-
-def _eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
-    """The structure and `(shape, dtype)` leaves of `tree_fn`'s outputs.
-
-    `tree_fn(params, inputs, state, rng) -> (outputs, new_state)`; the
-    arguments are lists of anything with `shape` and `dtype` (tensors,
-    `KerasTensor`s, `jax.ShapeDtypeStruct`s). Unknown (None) input
-    dimensions are made symbolic (the first dimension of every input shares
-    one symbol, the batch) and come out None where an output depends on
-    them; a function that cannot be traced with symbolic shapes is evaluated
-    at two concrete sizes instead, and, should it take only one size (a
-    computation reloaded from a file, exported per shape), at the input
-    shapes `called` of a call it is known to run with.
-    """
-    params = [_struct(x.shape, x.dtype) for x in params]
-    state = [_struct(x.shape, x.dtype) for x in state]
-    rng = [_struct(x.shape, x.dtype) for x in rng]
-    # Unknown and symbolic dims (a jax2tf or `jax.export` trace: `batch`)
-    # are None here.
-    shapes = [
-        tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in x.shape)
-        for x in inputs
-    ]
-    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in inputs]
-
-    def outputs_of(inputs, params, state, rng):
-        result, _ = tree_fn(params, inputs, state, rng)
-        treedef = jax.tree_util.tree_structure(result)
-        return jax.tree_util.tree_unflatten(treedef, _output_leaves(owner, result))
-
-    def evaluate(structs):
-        out = jax.eval_shape(outputs_of, structs, params, state, rng)
-        leaves, treedef = jax.tree_util.tree_flatten(out)
-        return treedef, leaves
-
-    scope = jax.export.SymbolicScope()
-    names = (f"d{i}" for i in itertools.count())
-    try:
-        structs = []
-        for shape, dtype in zip(shapes, dtypes, strict=True):
-            dims = [
-                str(d) if d is not None else ("batch" if i == 0 else next(names))
-                for i, d in enumerate(shape)
-            ]
-            sym = jax.export.symbolic_shape(",".join(dims), scope=scope)
-            structs.append(jax.ShapeDtypeStruct(sym, dtype))
-        treedef, out = evaluate(structs)
-        return treedef, [
-            (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
-            for o in out
-        ]
-    except Exception as first_error:  # noqa: BLE001 - fall back, re-raise below
-        if all(None not in shape for shape in shapes):
-            raise
-        try:
-            results = [
-                evaluate(
-                    [
-                        jax.ShapeDtypeStruct(
-                            tuple(size if d is None else d for d in shape), dt
-                        )
-                        for shape, dt in zip(shapes, dtypes, strict=True)
-                    ]
-                )
-                for size in (2, 3)
-            ]
-        except Exception:  # noqa: BLE001
-            return _eval_at_called(evaluate, shapes, dtypes, called, first_error)
-        (treedef, x_out), (_, y_out) = results
-        return treedef, [
-            (
-                tuple(
-                    a if a == b else None for a, b in zip(x.shape, y.shape, strict=True)
-                ),
-                x.dtype,
-            )
-            for x, y in zip(x_out, y_out, strict=True)
-        ]
-
-
-def _eval_at_called(evaluate, shapes, dtypes, called, error):
-    """`_eval_outputs` at the concrete input shapes `called`; an output
-    dimension of the size of an unknown input dimension comes out None."""
-    fit = fill_unknown(shapes, called)
-    if fit is None:
-        raise error from None
-    filled, put_in = fit
-    try:
-        treedef, out = evaluate(
-            [
-                jax.ShapeDtypeStruct(shape, dt)
-                for shape, dt in zip(filled, dtypes, strict=True)
-            ]
-        )
-    except Exception:  # noqa: BLE001
-        raise error from None
-    return treedef, [
-        (tuple(None if d in put_in else int(d) for d in o.shape), o.dtype) for o in out
-    ]
-
-
-def _struct(shape, dtype):
-    return jax.ShapeDtypeStruct(
-        tuple(int(d) for d in shape),
-        jax.dtypes.canonicalize_dtype(keras.backend.standardize_dtype(dtype)),
-    )
-
-
-def _output_leaves(owner, result):
-    """The array leaves of `call_fn`'s outputs (Python numbers as arrays)."""
-    leaves = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
-        if isinstance(leaf, (bool, int, float)):
-            leaf = jnp.asarray(leaf)
-        if not isinstance(leaf, (jax.Array, np.ndarray)):
-            raise TypeError(
-                f"{owner}: every output of `call_fn` must be an array; "
-                f"{V.keystr(path, 'outputs')} is {_describe(leaf)}."
-            )
-        leaves.append(leaf)
-    return leaves
-
-
-def _call_by_name(fn, names, values):
-    """Calls `fn` with `values[name]` for each of its argument `names`."""
-    return fn(*[values[name] for name in names])
-
-
-def _check_seed(seed, owner):
-    if seed is None:
-        return None
-    if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
-            f"{owner}: `seed` must be an integer or None, got {_describe(seed)}."
-        )
-    return int(seed)
-
-
-def _seed_generator(seed):
-    """Keras's seed generator for `seed`; a seed out of the range the backend
-    stores (2**31 and over on torch, negative on jax) is folded into it."""
-    try:
-        return keras.random.SeedGenerator(seed)
-    except (OverflowError, RuntimeError, ValueError):
-        return keras.random.SeedGenerator(seed % (2**31 - 1))

@@ -10,7 +10,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from jaxlayer import _deps, saving
+from jaxlayer import _deps, _errors, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module
 from jaxlayer.adapters._saving import (
@@ -107,7 +107,7 @@ class EquinoxLayer(JaxLayer):
     ):
         eqx = _deps.require("equinox", _FEATURE)
         layer_name = kwargs.get("name") or "EquinoxLayer"
-        owner = f"EquinoxLayer '{layer_name}'"
+        owner = _errors.named(EquinoxLayer, layer_name)
         check_module(module, eqx.Module, "equinox", owner)
         module, state = _check_state(eqx, module, state, owner)
         indices = _state_indices(eqx, module)

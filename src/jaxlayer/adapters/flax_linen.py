@@ -79,7 +79,9 @@ class FlaxLayer(JaxLayer):
     ):
         nn = _deps.require("flax.linen", _FEATURE)
         layer_name = kwargs.get("name") or "FlaxLayer"
-        check_module(module, nn.Module, "flax.linen", f"FlaxLayer '{layer_name}'")
+        check_module(
+            module, nn.Module, "flax.linen", _errors.named(FlaxLayer, layer_name)
+        )
         target = _resolve_method(module, method, layer_name)
         has_training = _takes(target, "training")
         mutable = nn.DenyList(["params"])
@@ -117,8 +119,8 @@ class FlaxLayer(JaxLayer):
 
         if variables is not None and not isinstance(variables, Mapping):
             raise TypeError(
-                f"FlaxLayer '{layer_name}': `variables` must be a dict of "
-                "collections as `module.init` returns "
+                f"{_errors.named(FlaxLayer, layer_name)}: `variables` must be "
+                "a dict of collections as `module.init` returns "
                 "(`{'params': ..., 'batch_stats': ...}`), got "
                 f"{type(variables).__name__}."
             )

@@ -8,7 +8,7 @@ import jax
 import keras
 import numpy as np
 
-from jaxlayer import _deps, saving
+from jaxlayer import _deps, _errors, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module, plain
 from jaxlayer.adapters._saving import (
@@ -85,7 +85,9 @@ class NNXLayer(JaxLayer):
     def __init__(self, module: Any, **kwargs):
         nnx = _deps.require("flax.nnx", _FEATURE)
         layer_name = kwargs.get("name") or "NNXLayer"
-        check_module(module, nnx.Module, "flax.nnx", f"NNXLayer '{layer_name}'")
+        check_module(
+            module, nnx.Module, "flax.nnx", _errors.named(NNXLayer, layer_name)
+        )
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs

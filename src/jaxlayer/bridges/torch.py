@@ -139,6 +139,8 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _torch_dlpack
 
+from jaxlayer._errors import owner as _owner_of
+
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
 #: `backward_traces`, `jit_functions` (compiled functions made), `views`
@@ -982,7 +984,7 @@ class _Site:
     def __init__(self, layer, training, in_key, rng_key, cast):
         self.id = next(_SITE_IDS)
         self.layer = weakref.ref(layer)
-        self.owner = layer._owner
+        self.owner = _owner_of(layer)
         self.training = training
         self.in_def = jax.tree_util.tree_structure(_placeholder(in_key))
         self.rng_def = jax.tree_util.tree_structure(_placeholder(rng_key))
@@ -1341,7 +1343,7 @@ def _eager_call(layer, inputs, training, reason):
     if not sites.get("warned"):
         sites["warned"] = True
         warnings.warn(
-            f"{layer._owner}: torch.compile cannot capture this call ({reason}); "
+            f"{_owner_of(layer)}: torch.compile cannot capture this call ({reason}); "
             "it runs eagerly, with a graph break at the layer.",
             stacklevel=3,
         )

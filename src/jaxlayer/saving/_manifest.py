@@ -3,15 +3,14 @@
 from __future__ import annotations
 
 import dataclasses
-import itertools
 import warnings
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 
 from jaxlayer import _variables as V
 from jaxlayer._record import InputRecord, input_template
+from jaxlayer._shapes import symbolic_specs
 from jaxlayer._version import __version__
 
 FORMAT = 1
@@ -62,17 +61,7 @@ class Artifacts:
 
 def symbolic_structs(record: InputRecord):
     """The inputs with a symbolic batch and every unknown dimension symbolic."""
-    scope = jax.export.SymbolicScope()
-    names = (f"d{i}" for i in itertools.count())
-    structs = []
-    for shape, dtype in zip(input_template(record), record.dtypes, strict=True):
-        dims = [
-            ("batch" if i == 0 else next(names)) if d is None else str(d)
-            for i, d in enumerate(shape)
-        ]
-        sym = jax.export.symbolic_shape(",".join(dims), scope=scope) if dims else ()
-        structs.append(jax.ShapeDtypeStruct(sym, jnp.dtype(dtype)))
-    return structs
+    return symbolic_specs(input_template(record), record.dtypes)
 
 
 def version() -> str:
