@@ -64,7 +64,14 @@ for mod, path in modules.items():
             a = node.attr
             if a.startswith("_") and not a.startswith("__"):
                 v = node.value
-                if not (isinstance(v, ast.Name) and v.id in ("self", "cls")):
+                mine = isinstance(v, ast.Name) and v.id in ("self", "cls")
+                # `super()._hook(...)`: the class's own method.
+                mine = mine or (
+                    isinstance(v, ast.Call)
+                    and isinstance(v.func, ast.Name)
+                    and v.func.id == "super"
+                )
+                if not mine:
                     private_attrs[mod] += 1
         elif isinstance(node, ast.Call):
             f = node.func

@@ -143,3 +143,115 @@ def seed_generator(seed):
         return keras.random.SeedGenerator(seed)
     except (OverflowError, RuntimeError, ValueError):
         return keras.random.SeedGenerator(seed % (2**31 - 1))
+
+
+def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
+    """`(params, state)` from `init_fn`, for placeholder inputs.
+
+    Args:
+        owner: the layer, for messages.
+        init_fn: the function, and `names` its argument names.
+        takes: `(call_fn takes params, call_fn takes state)`.
+        inputs: `(shapes, treedef, dtypes)` of the inputs (None dimensions
+            are 1 in the placeholders; dtypes None: float32).
+        rng: the `rng` (backend tensors, made JAX keys here).
+        abstract: run `init_fn` under `jax.eval_shape`: the trees hold
+            `jax.ShapeDtypeStruct`s (nothing is computed or drawn).
+    """
+    has_params, has_state = takes
+    shapes, shapes_def, dtypes = inputs
+    if dtypes is None or len(dtypes) != len(shapes):
+        dtypes = ["float32"] * len(shapes)
+    placeholders = [
+        jax.ShapeDtypeStruct(
+            tuple(1 if d is None else int(d) for d in shape),
+            jax.dtypes.canonicalize_dtype(dtype),
+        )
+        for shape, dtype in zip(shapes, dtypes, strict=True)
+    ]
+    rng = to_jax_keys(rng)
+
+    def init(leaves):
+        values = {
+            "rng": rng,
+            "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
+            "training": True,
+        }
+        return call_by_name(init_fn, names, values)
+
+    if abstract:
+        result = jax.eval_shape(init, placeholders)
+    else:
+        result = init([jnp.ones(p.shape, p.dtype) for p in placeholders])
+    if has_state:
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise ValueError(
+                f"{owner}: `init_fn` must return a tuple "
+                "`(params, state)` because `call_fn` takes a `state` "
+                f"argument; it returned {describe(result)}."
+            )
+        params, state = result
+    else:
+        params, state = result, None
+    if not has_params:
+        leaves = jax.tree_util.tree_flatten_with_path(params)[0]
+        if leaves:
+            raise ValueError(
+                f"{owner}: `init_fn` returned params (at "
+                f"{V.keystr(leaves[0][0], 'params')}) but `call_fn` takes "
+                "no `params` argument, so they could never be used; add "
+                "`params` to `call_fn`'s arguments or return empty params."
+            )
+        params = None
+    return params, state
+
+
+def tree_fn(owner, call_fn, names, specs, structure, abstract_defs=None):
+    """`call_fn` on flat lists: `(outputs tree, new state leaves)`.
+
+    Args:
+        owner: the layer, for messages.
+        call_fn: the function, and `names` its argument names.
+        specs: `(params spec, state spec)`, the layer's `TreeSpec`s.
+        structure: `(training, inputs treedef, rng treedef)`.
+        abstract_defs: the `(params, state)` tree structures of a layer not
+            built yet, to rebuild the trees from `jax.ShapeDtypeStruct`
+            leaves (for output shapes only: the returned state is not
+            checked).
+    """
+    params_spec, state_spec = specs
+    training, in_def, rng_def = structure
+    has_state = "state" in names
+    if abstract_defs is None:
+        rebuild_params = params_spec.rebuild if params_spec else lambda _: None
+        rebuild_state = state_spec.rebuild if state_spec else lambda _: None
+    else:
+        params_def, state_def = abstract_defs
+        rebuild_params = functools.partial(jax.tree_util.tree_unflatten, params_def)
+        rebuild_state = functools.partial(jax.tree_util.tree_unflatten, state_def)
+
+    def tree_fn(params, inputs, state, rng):
+        values = {
+            "params": rebuild_params(params),
+            "state": rebuild_state(state),
+            "inputs": jax.tree_util.tree_unflatten(in_def, inputs),
+            "training": training,
+        }
+        if "rng" in names:
+            keys = [as_key(k) for k in rng]
+            values["rng"] = jax.tree_util.tree_unflatten(rng_def, keys)
+        result = call_by_name(call_fn, names, values)
+        if not has_state:
+            return result, []
+        if not (isinstance(result, (tuple, list)) and len(result) == 2):
+            raise ValueError(
+                f"{owner}: `call_fn` takes a `state` argument, so it "
+                "must return a tuple `(outputs, new_state)`; it "
+                f"returned {describe(result)}."
+            )
+        result, returned_state = result
+        if abstract_defs is not None:
+            return result, []
+        return result, check_state(owner, state_spec, returned_state)
+
+    return tree_fn

@@ -7,7 +7,6 @@ from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 
@@ -306,51 +305,15 @@ class JaxLayer(keras.layers.Layer):
         hold `jax.ShapeDtypeStruct`s (nothing is computed or drawn).
         """
         shapes, shapes_def = S.flatten_shapes(input_shape)
-        dtypes = self._input_dtypes
-        if dtypes is None or len(dtypes) != len(shapes):
-            dtypes = ["float32"] * len(shapes)
-        placeholders = [
-            jax.ShapeDtypeStruct(
-                tuple(1 if d is None else int(d) for d in shape),
-                jax.dtypes.canonicalize_dtype(dtype),
-            )
-            for shape, dtype in zip(shapes, dtypes, strict=True)
-        ]
-        rng = K.to_jax_keys(rng)
-
-        def init(leaves):
-            values = {
-                "rng": rng,
-                "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
-                "training": True,
-            }
-            return K.call_by_name(self.init_fn, self.init_fn_arguments, values)
-
-        if abstract:
-            result = jax.eval_shape(init, placeholders)
-        else:
-            result = init([jnp.ones(p.shape, p.dtype) for p in placeholders])
-        if self.call_fn_has_state:
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"{self._owner}: `init_fn` must return a tuple "
-                    "`(params, state)` because `call_fn` takes a `state` "
-                    f"argument; it returned {K.describe(result)}."
-                )
-            params, state = result
-        else:
-            params, state = result, None
-        if not self.call_fn_has_params:
-            leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-            if leaves:
-                raise ValueError(
-                    f"{self._owner}: `init_fn` returned params (at "
-                    f"{V.keystr(leaves[0][0], 'params')}) but `call_fn` takes "
-                    "no `params` argument, so they could never be used; add "
-                    "`params` to `call_fn`'s arguments or return empty params."
-                )
-            params = None
-        return params, state
+        return K.init_trees(
+            self._owner,
+            self.init_fn,
+            self.init_fn_arguments,
+            (self.call_fn_has_params, self.call_fn_has_state),
+            (shapes, shapes_def, self._input_dtypes),
+            rng,
+            abstract,
+        )
 
     @property
     def _owner(self):
@@ -501,21 +464,10 @@ class JaxLayer(keras.layers.Layer):
             if isinstance(leaf, K.NOT_TENSORS) or not hasattr(leaf, "shape"):
                 self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
-        spec = self._params_spec
-        params = cast = None
-        if spec is not None and self.autocast and getattr(bridge, "casts_params", 0):
-            # Mixed precision: the bridge casts the stored parameters inside
-            # JAX, so its views of them serve every call.
-            dtype = self.compute_dtype
-            if dtype != self.variable_dtype:
-                params = V.values_of(spec, stored=True)
-                cast = None if params is None else dtype
-        if params is None:
-            params = V.values_of(spec)
-        state = V.values_of(self._state_spec)
+        params, state, cast = self._call_values(getattr(bridge, "casts_params", 0))
         fn = self._pure_fns.get((training, in_def, rng_def))
         if fn is None:
-            example = [self._param_struct(v) for v in K.variables(spec)]
+            example = [self._param_struct(v) for v in K.variables(self._params_spec)]
             fn = self._pure_fn(
                 training, in_def, rng_def, (example, in_leaves, state, rng_leaves)
             )
@@ -525,14 +477,38 @@ class JaxLayer(keras.layers.Layer):
             outputs, new_state = bridge(
                 fn, params, in_leaves, state, rng_leaves, cast=cast
             )
-        # The state `call_fn` returns is stored in training and in inference
-        # (as Keras does); a function that must leave it alone returns it.
+        self._assign_state(new_state)
+        return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
+
+    def _call_values(self, casts):
+        """`(params, state, cast)`: the values of a call's variables (backend
+        tensors) and the dtype the bridge casts `params` to, or None.
+
+        `casts`: whether the bridge takes the stored parameters and `cast=`
+        (`run.casts_params`); with mixed precision it then casts them inside
+        JAX, so its views of the stored values serve every call. The torch
+        bridge's `layer_call` takes its values here too.
+        """
+        spec = self._params_spec
+        params = cast = None
+        if spec is not None and self.autocast and casts:
+            dtype = self.compute_dtype
+            if dtype != self.variable_dtype:
+                params = V.values_of(spec, stored=True)
+                cast = None if params is None else dtype
+        if params is None:
+            params = V.values_of(spec)
+        return params, V.values_of(self._state_spec), cast
+
+    def _assign_state(self, new_state):
+        """Stores the state `call_fn` returned (backend tensors, in variable
+        order): in training and in inference (as Keras does); a function
+        that must leave it alone returns it unchanged."""
         if self._state_spec is not None:
             for variable, value in zip(
                 self._state_spec.variables, new_state, strict=True
             ):
                 variable.assign(value)
-        return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
 
     def _raise_bad_input(self, inputs):
         for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
@@ -615,42 +591,14 @@ class JaxLayer(keras.layers.Layer):
         built yet, rebuild the trees from `jax.ShapeDtypeStruct` leaves (for
         output shapes only: the returned state is not checked).
         """
-        params_spec, state_spec = self._params_spec, self._state_spec
-        call_fn, names, owner = self.call_fn, self.call_fn_arguments, self._owner
-        has_state = self.call_fn_has_state
-        if abstract_defs is None:
-            rebuild_params = params_spec.rebuild if params_spec else lambda _: None
-            rebuild_state = state_spec.rebuild if state_spec else lambda _: None
-        else:
-            params_def, state_def = abstract_defs
-            rebuild_params = functools.partial(jax.tree_util.tree_unflatten, params_def)
-            rebuild_state = functools.partial(jax.tree_util.tree_unflatten, state_def)
-
-        def tree_fn(params, inputs, state, rng):
-            values = {
-                "params": rebuild_params(params),
-                "state": rebuild_state(state),
-                "inputs": jax.tree_util.tree_unflatten(in_def, inputs),
-                "training": training,
-            }
-            if "rng" in names:
-                keys = [K.as_key(k) for k in rng]
-                values["rng"] = jax.tree_util.tree_unflatten(rng_def, keys)
-            result = K.call_by_name(call_fn, names, values)
-            if not has_state:
-                return result, []
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"{owner}: `call_fn` takes a `state` argument, so it "
-                    "must return a tuple `(outputs, new_state)`; it "
-                    f"returned {K.describe(result)}."
-                )
-            result, returned_state = result
-            if abstract_defs is not None:
-                return result, []
-            return result, K.check_state(owner, state_spec, returned_state)
-
-        return tree_fn
+        return K.tree_fn(
+            self._owner,
+            self.call_fn,
+            self.call_fn_arguments,
+            (self._params_spec, self._state_spec),
+            (training, in_def, rng_def),
+            abstract_defs,
+        )
 
     def _abstract_trees(self, input_shape):
         """`(params, state, defs)`: the shapes and dtypes a call receives.
