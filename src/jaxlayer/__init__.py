@@ -19,12 +19,11 @@ Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
 # JAX backend when the one Keras would pick is not installed.
 from jaxlayer import _backend  # noqa: F401
 from jaxlayer._artifact_check import allow_solver_kernels as allow_solver_kernels
+from jaxlayer._version import __version__ as __version__
 from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer
 from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
 from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer
 from jaxlayer.layer import JaxLayer as JaxLayer
-
-__version__ = "0.2.0.dev0"
 
 __all__ = [
     "EquinoxLayer",

@@ -252,9 +252,9 @@ def spec_to_config(spec: TreeSpec | None, root: str = "params"):
                     keystr(path, root),
                     f"a static leaf of type {type(value).__name__}",
                 )
-            leaves.append(_Leaf(static=value))
+            leaves.append(Leaf(static=value))
         else:
-            leaves.append(_Leaf(shape=list(variable.shape), dtype=variable.dtype))
+            leaves.append(Leaf(shape=list(variable.shape), dtype=variable.dtype))
     try:
         tree = jax.tree_util.tree_unflatten(spec.treedef, leaves)
     except Exception as err:  # noqa: BLE001 - a node type that checks its leaves
@@ -266,7 +266,7 @@ def _slot_variables(spec):
     return [None if s is None else spec.variables[s] for s in spec.slots]
 
 
-class _Leaf(dict):
+class Leaf(dict):
     """A leaf's description, told apart from the tree's own dicts."""
 
 
@@ -289,7 +289,7 @@ def encode_tree(tree: Any, root: str = "tree"):
 
 
 def _encode(node, path):
-    if isinstance(node, _Leaf):
+    if isinstance(node, Leaf):
         return {"leaf": dict(node)}
     kind = type(node)
     if kind is dict or kind is collections.OrderedDict:

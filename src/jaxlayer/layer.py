@@ -3,19 +3,19 @@
 from __future__ import annotations
 
 import functools
-import itertools
-import weakref
 from collections.abc import Callable, Sequence
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import keras
 import numpy as np
 
-from jaxlayer import _private, _signature, bridges, saving
+from jaxlayer import _config as C
+from jaxlayer import _contract as K
+from jaxlayer import _errors, _private, _record, _signature, bridges, saving
+from jaxlayer import _shapes as S
 from jaxlayer import _variables as V
-from jaxlayer._pure import PureFunction, fill_unknown
+from jaxlayer._pure import PureFunction
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
@@ -103,7 +103,7 @@ class JaxLayer(keras.layers.Layer):
         self._pure_fns: dict = {}
         self.call_fn = call_fn
         self.init_fn = init_fn
-        self.seed = _check_seed(seed, owner)
+        self.seed = K.check_seed(seed, owner)
         self.native_serialization_platforms = (
             tuple(native_serialization_platforms)
             if native_serialization_platforms is not None
@@ -142,7 +142,7 @@ class JaxLayer(keras.layers.Layer):
                 "to `call_fn`'s arguments (and return `(outputs, new_state)`)."
             )
         self.seed_generator = (
-            _seed_generator(self.seed) if self.call_fn_has_rng else None
+            K.seed_generator(self.seed) if self.call_fn_has_rng else None
         )
         self._init_seed_count = 0
         # Whether `init_fn` made the weights (at build), rather than the
@@ -151,6 +151,7 @@ class JaxLayer(keras.layers.Layer):
         self._init_on_build = False
         self._bridge = bridges.get(keras.backend.backend())
         self._input_dtypes = None
+        self._set_untracked("_export_memo", saving.ExportMemo())
         self._set_trees(None, None)
         if params is not None or state is not None:
             self._create_weights(params, state, copy=True)
@@ -175,7 +176,7 @@ class JaxLayer(keras.layers.Layer):
             ("call_fn_has_state", "state" in names),
             ("call_fn_has_rng", "rng" in names),
         ):
-            object.__setattr__(self, name, value)
+            self._set_untracked(name, value)
         self._reset_pure_fns()
 
     @property
@@ -203,12 +204,18 @@ class JaxLayer(keras.layers.Layer):
             "_state_spec": state_spec,
             "params": None if params_spec is None else params_spec.tree,
             "state": None if state_spec is None else state_spec.tree,
-            "tracked_params": _variables(params_spec),
-            "tracked_state": _variables(state_spec),
+            "tracked_params": K.variables(params_spec),
+            "tracked_state": K.variables(state_spec),
         }
         for name, value in values.items():
-            object.__setattr__(self, name, value)
+            self._set_untracked(name, value)
         self._reset_pure_fns()
+
+    def _set_untracked(self, name, value):
+        """Sets an attribute without Keras's `__setattr__`: no tracking (it
+        would wrap trees and lists in containers JAX's tree functions do not
+        know), and none of its cost on the call path."""
+        object.__setattr__(self, name, value)
 
     def _create_weights(self, params, state, *, copy):
         taken: set = set()  # one namespace for the paths of params and state
@@ -264,7 +271,12 @@ class JaxLayer(keras.layers.Layer):
         if self._needs_init:
             # Initialised eagerly, also when Keras builds the layer while
             # TensorFlow traces a train step.
-            _outside_graph(lambda: self._initialize_weights(input_shape))
+            outside = getattr(self._bridge, "outside_graph", None)
+            initialize = functools.partial(self._initialize_weights, input_shape)
+            if outside is not None:
+                outside(initialize)
+            else:
+                initialize()
         self.built = True
 
     def _initialize_weights(self, input_shape):
@@ -292,56 +304,20 @@ class JaxLayer(keras.layers.Layer):
         With `abstract`, `init_fn` runs under `jax.eval_shape` and the trees
         hold `jax.ShapeDtypeStruct`s (nothing is computed or drawn).
         """
-        shapes, shapes_def = _flatten_shapes(input_shape)
-        dtypes = self._input_dtypes
-        if dtypes is None or len(dtypes) != len(shapes):
-            dtypes = ["float32"] * len(shapes)
-        placeholders = [
-            jax.ShapeDtypeStruct(
-                tuple(1 if d is None else int(d) for d in shape),
-                jax.dtypes.canonicalize_dtype(dtype),
-            )
-            for shape, dtype in zip(shapes, dtypes, strict=True)
-        ]
-        rng = _to_jax_keys(rng)
-
-        def init(leaves):
-            values = {
-                "rng": rng,
-                "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
-                "training": True,
-            }
-            return _call_by_name(self.init_fn, self.init_fn_arguments, values)
-
-        if abstract:
-            result = jax.eval_shape(init, placeholders)
-        else:
-            result = init([jnp.ones(p.shape, p.dtype) for p in placeholders])
-        if self.call_fn_has_state:
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"{self._owner}: `init_fn` must return a tuple "
-                    "`(params, state)` because `call_fn` takes a `state` "
-                    f"argument; it returned {_describe(result)}."
-                )
-            params, state = result
-        else:
-            params, state = result, None
-        if not self.call_fn_has_params:
-            leaves = jax.tree_util.tree_flatten_with_path(params)[0]
-            if leaves:
-                raise ValueError(
-                    f"{self._owner}: `init_fn` returned params (at "
-                    f"{V.keystr(leaves[0][0], 'params')}) but `call_fn` takes "
-                    "no `params` argument, so they could never be used; add "
-                    "`params` to `call_fn`'s arguments or return empty params."
-                )
-            params = None
-        return params, state
+        shapes, shapes_def = S.flatten_shapes(input_shape)
+        return K.init_trees(
+            self._owner,
+            self.init_fn,
+            self.init_fn_arguments,
+            (self.call_fn_has_params, self.call_fn_has_state),
+            (shapes, shapes_def, self._input_dtypes),
+            rng,
+            abstract,
+        )
 
     @property
     def _owner(self):
-        return f"{type(self).__name__} '{self.name}'"
+        return _errors.owner(self)
 
     # -- rng hooks (the same as keras.layers.JaxLayer's) -----------------
 
@@ -387,7 +363,7 @@ class JaxLayer(keras.layers.Layer):
 
     # Until the layer has recorded the input structure of its first call
     # (what `.keras` saving exports) and one call of known shapes, its calls
-    # go through `saving.watched_call`; then this is one attribute check.
+    # go through `_watched_call`; then this is one attribute check.
     _saving_watch = True
     _input_record = None
 
@@ -415,7 +391,31 @@ class JaxLayer(keras.layers.Layer):
                 self._placeholder_dtype(x) for x in jax.tree_util.tree_leaves(inputs)
             ]
         if self._saving_watch:
-            return saving.watched_call(self, super().__call__, args, kwargs)
+            return self._watched_call(args, kwargs)
+        return super().__call__(*args, **kwargs)
+
+    def _watched_call(self, args, kwargs):
+        """Keras's `__call__`, recording the input structure on the way.
+
+        While the layer still watches its calls: until it has recorded the
+        input structure and one call of known shapes, and while its
+        computation, rebuilt from a file, waits for its artifacts (then a
+        call on `KerasTensor`s, Keras rebuilding the model, is answered with
+        the saved output shapes).
+        """
+        inputs = args[0] if args else kwargs.get("inputs")
+        record, symbolic = _record.observe(
+            self._input_record, inputs, self._placeholder_dtype
+        )
+        if record is not self._input_record:
+            self._set_untracked("_input_record", record)
+        fn = self.call_fn
+        pending = saving.pending(fn)
+        if not pending and record is not None and record.called is not None:
+            self._set_untracked("_saving_watch", False)
+        if pending and symbolic:
+            with fn.symbolic():
+                return super().__call__(*args, **kwargs)
         return super().__call__(*args, **kwargs)
 
     def _placeholder_dtype(self, x):
@@ -461,24 +461,13 @@ class JaxLayer(keras.layers.Layer):
         training = bool(training)
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         for leaf in in_leaves:
-            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+            if isinstance(leaf, K.NOT_TENSORS) or not hasattr(leaf, "shape"):
                 self._raise_bad_input(inputs)
         rng_leaves, rng_def = self._call_rng(training)
-        spec = self._params_spec
-        params = cast = None
-        if spec is not None and self.autocast and getattr(bridge, "casts_params", 0):
-            # Mixed precision: the bridge casts the stored parameters inside
-            # JAX, so its views of them serve every call.
-            dtype = self.compute_dtype
-            if dtype != self.variable_dtype:
-                params = V.values_of(spec, stored=True)
-                cast = None if params is None else dtype
-        if params is None:
-            params = V.values_of(spec)
-        state = V.values_of(self._state_spec)
+        params, state, cast = self._call_values(getattr(bridge, "casts_params", 0))
         fn = self._pure_fns.get((training, in_def, rng_def))
         if fn is None:
-            example = [self._param_struct(v) for v in _variables(spec)]
+            example = [self._param_struct(v) for v in K.variables(self._params_spec)]
             fn = self._pure_fn(
                 training, in_def, rng_def, (example, in_leaves, state, rng_leaves)
             )
@@ -488,32 +477,56 @@ class JaxLayer(keras.layers.Layer):
             outputs, new_state = bridge(
                 fn, params, in_leaves, state, rng_leaves, cast=cast
             )
-        # The state `call_fn` returns is stored in training and in inference
-        # (as Keras does); a function that must leave it alone returns it.
+        self._assign_state(new_state)
+        return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
+
+    def _call_values(self, casts):
+        """`(params, state, cast)`: the values of a call's variables (backend
+        tensors) and the dtype the bridge casts `params` to, or None.
+
+        `casts`: whether the bridge takes the stored parameters and `cast=`
+        (`run.casts_params`); with mixed precision it then casts them inside
+        JAX, so its views of the stored values serve every call. The torch
+        bridge's `layer_call` takes its values here too.
+        """
+        spec = self._params_spec
+        params = cast = None
+        if spec is not None and self.autocast and casts:
+            dtype = self.compute_dtype
+            if dtype != self.variable_dtype:
+                params = V.values_of(spec, stored=True)
+                cast = None if params is None else dtype
+        if params is None:
+            params = V.values_of(spec)
+        return params, V.values_of(self._state_spec), cast
+
+    def _assign_state(self, new_state):
+        """Stores the state `call_fn` returned (backend tensors, in variable
+        order): in training and in inference (as Keras does); a function
+        that must leave it alone returns it unchanged."""
         if self._state_spec is not None:
             for variable, value in zip(
                 self._state_spec.variables, new_state, strict=True
             ):
                 variable.assign(value)
-        return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
 
     def _raise_bad_input(self, inputs):
         for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
-            if isinstance(leaf, _NOT_TENSORS) or not hasattr(leaf, "shape"):
+            if isinstance(leaf, K.NOT_TENSORS) or not hasattr(leaf, "shape"):
                 raise TypeError(
                     f"{self._owner}: every leaf of `inputs` must be an array "
                     f"or tensor; {V.keystr(path, 'inputs')} is "
-                    f"{_describe(leaf)}."
+                    f"{K.describe(leaf)}."
                 )
 
     def _call_rng(self, training):
         if not self.call_fn_has_rng:
-            return [], _NONE_TREEDEF
+            return [], K.NONE_TREEDEF
         leaves, treedef = jax.tree_util.tree_flatten(self._get_call_rng(training))
         # Seeds go to JAX as int32 (uint32 on the jax backend); typed keys
         # pass as they are.
         return [
-            leaf if _seed_dtype_ok(leaf.dtype) else keras.ops.cast(leaf, "int32")
+            leaf if K.seed_dtype_ok(leaf.dtype) else keras.ops.cast(leaf, "int32")
             for leaf in leaves
         ], treedef
 
@@ -533,14 +546,14 @@ class JaxLayer(keras.layers.Layer):
         if fn is not None:
             return fn
         tree_fn = self._tree_fn(training, in_def, rng_def)
-        out_def, _ = _eval_outputs(
+        out_def, _ = S.eval_outputs(
             self._owner, tree_fn, *example, called=self._called_shapes(in_def)
         )
         owner = self._owner
 
         def flat(params, inputs, state, rng):
             result, new_state = tree_fn(params, inputs, state, rng)
-            return _output_leaves(owner, result), new_state
+            return K.output_leaves(owner, result), new_state
 
         fn = self._pure_fns[key] = PureFunction(
             flat,
@@ -557,13 +570,13 @@ class JaxLayer(keras.layers.Layer):
         return fn
 
     def _params_trainable(self):
-        return tuple(v.trainable for v in _variables(self._params_spec))
+        return tuple(v.trainable for v in K.variables(self._params_spec))
 
     def _input_shapes(self, in_def):
         record = self._input_record
         if record is None or record.treedef != in_def:
             return None
-        return saving.input_template(record)
+        return _record.input_template(record)
 
     def _called_shapes(self, in_def):
         record = self._input_record
@@ -578,42 +591,14 @@ class JaxLayer(keras.layers.Layer):
         built yet, rebuild the trees from `jax.ShapeDtypeStruct` leaves (for
         output shapes only: the returned state is not checked).
         """
-        params_spec, state_spec = self._params_spec, self._state_spec
-        call_fn, names, owner = self.call_fn, self.call_fn_arguments, self._owner
-        has_state = self.call_fn_has_state
-        if abstract_defs is None:
-            rebuild_params = params_spec.rebuild if params_spec else lambda _: None
-            rebuild_state = state_spec.rebuild if state_spec else lambda _: None
-        else:
-            params_def, state_def = abstract_defs
-            rebuild_params = functools.partial(jax.tree_util.tree_unflatten, params_def)
-            rebuild_state = functools.partial(jax.tree_util.tree_unflatten, state_def)
-
-        def tree_fn(params, inputs, state, rng):
-            values = {
-                "params": rebuild_params(params),
-                "state": rebuild_state(state),
-                "inputs": jax.tree_util.tree_unflatten(in_def, inputs),
-                "training": training,
-            }
-            if "rng" in names:
-                keys = [_as_key(k) for k in rng]
-                values["rng"] = jax.tree_util.tree_unflatten(rng_def, keys)
-            result = _call_by_name(call_fn, names, values)
-            if not has_state:
-                return result, []
-            if not (isinstance(result, (tuple, list)) and len(result) == 2):
-                raise ValueError(
-                    f"{owner}: `call_fn` takes a `state` argument, so it "
-                    "must return a tuple `(outputs, new_state)`; it "
-                    f"returned {_describe(result)}."
-                )
-            result, returned_state = result
-            if abstract_defs is not None:
-                return result, []
-            return result, _check_state(owner, state_spec, returned_state)
-
-        return tree_fn
+        return K.tree_fn(
+            self._owner,
+            self.call_fn,
+            self.call_fn_arguments,
+            (self._params_spec, self._state_spec),
+            (training, in_def, rng_def),
+            abstract_defs,
+        )
 
     def _abstract_trees(self, input_shape):
         """`(params, state, defs)`: the shapes and dtypes a call receives.
@@ -623,8 +608,8 @@ class JaxLayer(keras.layers.Layer):
         seed drawn), with `defs` the structures of the trees it returns.
         """
         if not self._needs_init:
-            params = [self._param_struct(v) for v in _variables(self._params_spec)]
-            state = [_struct(v.shape, v.dtype) for v in _variables(self._state_spec)]
+            params = [self._param_struct(v) for v in K.variables(self._params_spec)]
+            state = [S.struct(v.shape, v.dtype) for v in K.variables(self._state_spec)]
             return params, state, None
         params, state = self._init_trees(
             input_shape, self._dry_init_rng(), abstract=True
@@ -632,7 +617,7 @@ class JaxLayer(keras.layers.Layer):
         params, params_def = jax.tree_util.tree_flatten(params)
         state, state_def = jax.tree_util.tree_flatten(state)
         params = [self._param_struct(x) for x in params]
-        state = [_struct(x.shape, x.dtype) for x in state]
+        state = [S.struct(x.shape, x.dtype) for x in state]
         return params, state, (params_def, state_def)
 
     def _param_struct(self, x):
@@ -640,7 +625,7 @@ class JaxLayer(keras.layers.Layer):
         dtype = keras.backend.standardize_dtype(x.dtype)
         if V.is_float(dtype):
             dtype = self.compute_dtype if self.autocast else self.variable_dtype
-        return _struct(x.shape, dtype)
+        return S.struct(x.shape, dtype)
 
     def _dry_init_rng(self):
         """`_get_init_rng()` drawn without changing any generator's state."""
@@ -677,7 +662,7 @@ class JaxLayer(keras.layers.Layer):
         in_leaves, in_def = jax.tree_util.tree_flatten(inputs)
         with keras.StatelessScope():
             rng_leaves, rng_def = self._call_rng(training)
-        rng = [_struct(k.shape, k.dtype) for k in rng_leaves]
+        rng = [S.struct(k.shape, k.dtype) for k in rng_leaves]
         shapes = [tuple(x.shape) for x in in_leaves]
         if not self.built and self._needs_init:
             # Not built yet (`compute_output_shape` before any call): the
@@ -685,7 +670,7 @@ class JaxLayer(keras.layers.Layer):
             params, state, defs = self._abstract_trees(
                 jax.tree_util.tree_unflatten(in_def, shapes)
             )
-            out_def, out = _eval_outputs(
+            out_def, out = S.eval_outputs(
                 self._owner,
                 self._tree_fn(training, in_def, rng_def, defs),
                 params,
@@ -699,7 +684,7 @@ class JaxLayer(keras.layers.Layer):
                 training, in_def, rng_def, (params, in_leaves, state, rng)
             )
             out_def = fn.out_treedef
-            _, out = _eval_outputs(
+            _, out = S.eval_outputs(
                 self._owner,
                 lambda p, x, s, r: (fn(p, x, s, r)[0], []),
                 params,
@@ -739,7 +724,7 @@ class JaxLayer(keras.layers.Layer):
             >>> layer.compute_output_shape((None, 8))
             (None, 3)
         """
-        shapes, shapes_def = _flatten_shapes(input_shape)
+        shapes, shapes_def = S.flatten_shapes(input_shape)
         dtypes = self._input_dtypes
         candidates = (
             [dtypes]
@@ -784,8 +769,8 @@ class JaxLayer(keras.layers.Layer):
                 exported and no `init_fn` can rebuild the tree.
         """
         config = super().get_config()
-        config["name"] = _LayerName.of(self)
-        artifacts, why = saving.artifacts_for_save(self)
+        config["name"] = C.LayerName.of(self)
+        artifacts, why = saving.artifacts_for_save(self._export_source())
         fn = self.call_fn
         rebuilt = isinstance(fn, saving.ExportedCall)
         trees = self._tree_configs()
@@ -802,8 +787,8 @@ class JaxLayer(keras.layers.Layer):
                 )
         config.update(
             {
-                "call_fn": fn.fn_config if rebuilt else _serialize_fn(fn),
-                "init_fn": fn.init_config if rebuilt else _serialize_fn(self.init_fn),
+                "call_fn": fn.fn_config if rebuilt else C.serialize_fn(fn),
+                "init_fn": fn.init_config if rebuilt else C.serialize_fn(self.init_fn),
                 "seed": self.seed,
                 "native_serialization_platforms": (
                     list(self.native_serialization_platforms)
@@ -817,6 +802,26 @@ class JaxLayer(keras.layers.Layer):
             }
         )
         return config
+
+    def _export_source(self) -> saving.ExportSource:
+        """What exporting takes from the layer (`saving.ExportSource`)."""
+        return saving.ExportSource(
+            owner=self._owner,
+            layer_class=type(self).__name__,
+            call_fn=self.call_fn,
+            call_fn_arguments=tuple(self.call_fn_arguments),
+            built=self.built,
+            record=self._input_record,
+            trees=(self._params_spec, self._state_spec),
+            dtype_policy=self.dtype_policy.name,
+            native_serialization_platforms=self.native_serialization_platforms,
+            trainable=frozenset(id(v) for v in self.trainable_variables),
+            abstract_trees=functools.partial(self._abstract_trees, None),
+            call_rng=self._call_rng,
+            pure_fn=self._pure_fn,
+            compute_output_spec=self.compute_output_spec,
+            memo=self._export_memo,
+        )
 
     def _tree_configs(self) -> dict:
         """The config's descriptions of the `params` and `state` trees.
@@ -857,24 +862,25 @@ class JaxLayer(keras.layers.Layer):
                 defined and how to register it.
         """
         config = dict(config)
-        source = _LayerName.source(config, cls)
+        source = C.LayerName.source(config, cls)
         if source is not None and saving.rebuilt(source):
             return saving.copy_of_rebuilt(cls, config, source)
-        owner = f"{cls.__name__} '{config.get('name')}'"
+        owner = _errors.named(cls, config.get("name"))
         exported = config.get("exported")
-        call_fn, reason = _locate_fn(config.get("call_fn"), "call_fn", owner)
-        init_fn, init_reason = _locate_fn(config.get("init_fn"), "init_fn", owner)
+        call_fn, reason = C.locate_fn(config.get("call_fn"))
+        init_fn, init_reason = C.locate_fn(config.get("init_fn"))
         values = None
         if source is not None:
             # A copy of a live layer, made from its config object: its very
             # functions (where the config still names them), and, for
             # weights that were given rather than made by `init_fn`, their
             # current values (a config holds none).
-            if config.get("call_fn") == _serialize_fn(source.call_fn):
+            if config.get("call_fn") == C.serialize_fn(source.call_fn):
                 call_fn = source.call_fn
-            if config.get("init_fn") == _serialize_fn(source.init_fn):
+            if config.get("init_fn") == C.serialize_fn(source.init_fn):
                 init_fn = source.init_fn
-            values = _given_values(source, config)
+            # (`source` is a layer of this very class.)
+            values = source._given_values(config)
         flat = any(
             isinstance(config.get(k), dict) and config[k].get("flat")
             for k in ("params_spec", "state_spec")
@@ -883,7 +889,7 @@ class JaxLayer(keras.layers.Layer):
             init_fn is not None or not flat or values is not None
         ):
             config.pop("exported", None)
-            params, state = _pop_saved_trees(
+            params, state = C.pop_saved_trees(
                 config, source is not None and init_fn is not None
             )
             if values is not None:
@@ -893,7 +899,7 @@ class JaxLayer(keras.layers.Layer):
                     raise ValueError(
                         f"{owner}: cannot load `init_fn`: {init_reason}, and "
                         "the file describes no `params`/`state` to rebuild "
-                        f"the layer without it. {_fix(config['init_fn'])}"
+                        f"the layer without it. {C.fix(config['init_fn'])}"
                     )
             config["call_fn"] = call_fn
             config["init_fn"] = init_fn
@@ -906,15 +912,33 @@ class JaxLayer(keras.layers.Layer):
                     "its `params`/`state` tree is of a type the file does not "
                     "describe, and it has no `init_fn` to rebuild it"
                 )
-            if not _is_lambda(config.get("call_fn")) or call_fn is not None:
+            if not C.is_lambda(config.get("call_fn")) or call_fn is not None:
                 saving.warn_rebuilt(owner, reason)
             return saving.from_artifacts(cls, config)
         raise ValueError(
             f"{owner}: cannot load `call_fn`: {reason}, and the file holds no "
             "exported computation to run instead (it was saved by jaxlayer "
             f"0.1, or its computation could not be exported). "
-            f"{_fix(config.get('call_fn'))}"
+            f"{C.fix(config.get('call_fn'))}"
         )
+
+    def _given_values(self, config) -> tuple | None:
+        """Copies of this layer's `(params, state)` for a layer made from `config`.
+
+        Only for weights that were given (not made by `init_fn`) and that the
+        config describes as this layer has them; None otherwise.
+        """
+        if config.get("init_on_build") or not self.built:
+            return None
+        if self._params_spec is None and self._state_spec is None:
+            return None
+        trees = self._tree_configs()
+        if (trees["params"], trees["state"]) != (
+            config.get("params_spec"),
+            config.get("state_spec"),
+        ):
+            return None
+        return V.numpy_tree(self.params), V.numpy_tree(self.state)
 
     def save_assets(self, dir_path: str) -> None:
         """Writes the exported computation to the layer's asset folder.
@@ -922,485 +946,28 @@ class JaxLayer(keras.layers.Layer):
         Called by Keras when saving a `.keras` file, after `get_config` (which
         made the artifacts and put their manifest in the config).
         """
-        saving.save_assets(self, dir_path)
+        saving.save_assets(self.call_fn, self._export_memo, dir_path)
 
     def load_assets(self, dir_path: str | None) -> None:
         """Reads and checks the exported computation of a layer rebuilt
         without its Python code (does nothing for a layer that has it)."""
-        saving.load_assets(self, dir_path)
-
-
-class _LayerName(str):
-    """A layer's name in its config, with (in this process) the layer itself.
-
-    `keras.models.clone_model` and `Layer.from_config(layer.get_config())`
-    hand the config object itself to `from_config`, which then finds the
-    live layer it came from (a weak reference) and takes its functions and
-    given weights from it: a copy works with unregistered functions, a
-    layer built from `params` keeps them, and a copy of a layer rebuilt
-    from a `.keras` file shares its loaded computation. Written out (JSON,
-    a `.keras` file, pickle, deepcopy) it is a plain name, and a copy made
-    from that is one from a config alone.
-    """
-
-    source_ref: Callable[[], Any] | None = None
+        if saving.load_assets(self.call_fn, dir_path):
+            self._reset_pure_fns()
 
     @classmethod
-    def of(cls, layer) -> _LayerName:
-        name = cls(layer.name)
-        name.source_ref = weakref.ref(layer)
-        return name
+    def _from_exported(cls, call_fn, params, state, record, config):
+        """The hook `saving` rebuilds a layer of this class through: a layer
+        running `call_fn` (a `saving.ExportedCall`), its weights the
+        placeholders (or values) `params` and `state`, having seen the
+        inputs of `record`; `config` holds the base layer's arguments.
 
-    @staticmethod
-    def source(config: dict, cls) -> Any:
-        """The live layer of class `cls` that `config` came from, or None.
-
-        The name in `config` is made a plain string. The layer may be one
-        rebuilt from a `.keras` file (`saving.rebuilt`).
+        Made with `JaxLayer.__init__` whatever the class: an adapter's own
+        `__init__` takes a module, which a rebuilt layer has not. Adapters
+        extend this to set what their `__init__` would have.
         """
-        name = config.get("name")
-        ref = getattr(name, "source_ref", None)
-        if name is not None:
-            config["name"] = str(name)
-        source = ref() if ref is not None else None
-        return source if type(source) is cls else None
-
-    def __reduce__(self):
-        return (str, (str(self),))
-
-
-def _given_values(source, config) -> tuple | None:
-    """Copies of `source`'s `(params, state)` for a layer made from `config`.
-
-    Only for weights that were given (not made by `init_fn`) and that the
-    config describes as `source` has them; None otherwise.
-    """
-    if config.get("init_on_build") or not source.built:
-        return None
-    if source._params_spec is None and source._state_spec is None:
-        return None
-    trees = source._tree_configs()
-    if (trees["params"], trees["state"]) != (
-        config.get("params_spec"),
-        config.get("state_spec"),
-    ):
-        return None
-    return V.numpy_tree(source.params), V.numpy_tree(source.state)
-
-
-def _pop_saved_trees(config, init_afresh=False):
-    """Removes the saved tree descriptions from `config`; returns placeholders.
-
-    The placeholders (zeros of the saved shapes and dtypes, or None where no
-    tree was described) rebuild the variables; the weights file fills them.
-    A tree kept by name only (`{"flat": true}`, a custom pytree) gives None:
-    `init_fn` rebuilds it. So do trees that `init_fn` made (`init_on_build`)
-    with `init_afresh` (a copy of a live layer, by `clone_model`): the copy
-    is left unbuilt, like a Keras layer made from its config, and `init_fn`
-    initialises it when it is built. Loading a file keeps placeholders, so
-    that `init_fn` does not run for weights the file holds.
-    """
-    if config.pop("init_on_build", False) and init_afresh:
-        config.pop("params_spec", None)
-        config.pop("state_spec", None)
-        return None, None
-    return (
-        V.config_to_placeholders(config.pop("params_spec", None)),
-        V.config_to_placeholders(config.pop("state_spec", None)),
-    )
-
-
-_NOT_TENSORS = (bool, int, float, complex, str, bytes)
-_NONE_TREEDEF = jax.tree_util.tree_structure(None)
-
-
-@functools.lru_cache(maxsize=64)
-def _seed_dtype_ok(dtype) -> bool:
-    name = keras.backend.standardize_dtype(dtype)
-    return name in ("uint32", "int32") or "key" in name
-
-
-def _variables(spec):
-    return [] if spec is None else list(spec.variables)
-
-
-def _describe(value) -> str:
-    if hasattr(value, "shape") and hasattr(value, "dtype"):
-        return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
-    if isinstance(value, (tuple, list)):
-        return f"a {type(value).__name__} of length {len(value)}"
-    return f"{type(value).__name__} {value!r}"[:200]
-
-
-def _as_key(x):
-    if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
-        return x.astype(jnp.uint32)
-    return x
-
-
-def _outside_graph(fn):
-    """Calls `fn` eagerly even while TensorFlow traces a graph (TF backend)."""
-    if keras.backend.backend() == "tensorflow":
-        from jaxlayer.bridges.tensorflow import outside_graph
-
-        return outside_graph(fn)
-    return fn()
-
-
-def _to_jax_keys(rng):
-    def convert(x):
-        x = np.asarray(keras.ops.convert_to_numpy(x))
-        return jnp.asarray(x.astype(np.uint32) if x.dtype.kind in "iu" else x)
-
-    return jax.tree_util.tree_map(convert, rng)
-
-
-def _check_state(owner, spec, new_state):
-    """The new state's array leaves, after checking it matches `spec`."""
-    flat, treedef = jax.tree_util.tree_flatten_with_path(new_state)
-    if spec is None:
-        if flat:
-            raise ValueError(
-                f"{owner}: `call_fn` returned a state with arrays at "
-                f"{', '.join(V.keystr(p, 'state') for p, _ in flat[:5])}, but "
-                "the layer has no state (`state=None` and no `init_fn` "
-                "state); give the initial `state`."
-            )
-        return []
-    if treedef != spec.treedef:
-        expected = {jax.tree_util.keystr(p) for p in spec.paths}
-        got = {jax.tree_util.keystr(p) for p, _ in flat}
-        missing = sorted(expected - got)
-        extra = sorted(got - expected)
-        detail = []
-        if missing:
-            detail.append("missing " + ", ".join(f"state{p}" for p in missing))
-        if extra:
-            detail.append("unexpected " + ", ".join(f"state{p}" for p in extra))
-        if not detail:
-            detail.append(f"expected the structure {spec.treedef}, got {treedef}")
-        raise ValueError(
-            f"{owner}: the state returned by `call_fn` does not match the "
-            f"structure of the state at initialization: {'; '.join(detail)}."
-        )
-    leaves = []
-    for (path, leaf), slot in zip(flat, spec.slots, strict=True):
-        if slot is None:
-            continue
-        variable = spec.variables[slot]
-        if not hasattr(leaf, "shape") and isinstance(leaf, (bool, int, float)):
-            leaf = jnp.asarray(leaf)
-        if not hasattr(leaf, "shape"):
-            raise TypeError(
-                f"{owner}: `call_fn` returned {_describe(leaf)} at "
-                f"{V.keystr(path, 'state')}, where an array is needed."
-            )
-        if tuple(leaf.shape) != tuple(variable.shape):
-            raise ValueError(
-                f"{owner}: `call_fn` returned a new state of shape "
-                f"{tuple(leaf.shape)} at {V.keystr(path, 'state')}, but that "
-                f"state has shape {tuple(variable.shape)}."
-            )
-        leaves.append(jax.lax.stop_gradient(leaf))
-    return leaves
-
-
-def _flatten_shapes(input_shape):
-    """Input shapes (a shape or a pytree of shapes) as a flat list."""
-
-    def is_shape(x):
-        return isinstance(x, (tuple, list)) and all(
-            d is None or isinstance(d, (int, np.integer)) for d in x
-        )
-
-    if is_shape(input_shape):
-        return [tuple(input_shape)], jax.tree_util.tree_structure(0)
-    leaves, treedef = jax.tree_util.tree_flatten(input_shape, is_leaf=is_shape)
-    return [tuple(s) for s in leaves], treedef
-
-
-def _eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
-    """The structure and `(shape, dtype)` leaves of `tree_fn`'s outputs.
-
-    `tree_fn(params, inputs, state, rng) -> (outputs, new_state)`; the
-    arguments are lists of anything with `shape` and `dtype` (tensors,
-    `KerasTensor`s, `jax.ShapeDtypeStruct`s). Unknown (None) input
-    dimensions are made symbolic (the first dimension of every input shares
-    one symbol, the batch) and come out None where an output depends on
-    them; a function that cannot be traced with symbolic shapes is evaluated
-    at two concrete sizes instead, and, should it take only one size (a
-    computation reloaded from a file, exported per shape), at the input
-    shapes `called` of a call it is known to run with.
-    """
-    params = [_struct(x.shape, x.dtype) for x in params]
-    state = [_struct(x.shape, x.dtype) for x in state]
-    rng = [_struct(x.shape, x.dtype) for x in rng]
-    # Unknown and symbolic dims (a jax2tf or `jax.export` trace: `batch`)
-    # are None here.
-    shapes = [
-        tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in x.shape)
-        for x in inputs
-    ]
-    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in inputs]
-
-    def outputs_of(inputs, params, state, rng):
-        result, _ = tree_fn(params, inputs, state, rng)
-        treedef = jax.tree_util.tree_structure(result)
-        return jax.tree_util.tree_unflatten(treedef, _output_leaves(owner, result))
-
-    def evaluate(structs):
-        out = jax.eval_shape(outputs_of, structs, params, state, rng)
-        leaves, treedef = jax.tree_util.tree_flatten(out)
-        return treedef, leaves
-
-    scope = jax.export.SymbolicScope()
-    names = (f"d{i}" for i in itertools.count())
-    try:
-        structs = []
-        for shape, dtype in zip(shapes, dtypes, strict=True):
-            dims = [
-                str(d) if d is not None else ("batch" if i == 0 else next(names))
-                for i, d in enumerate(shape)
-            ]
-            sym = jax.export.symbolic_shape(",".join(dims), scope=scope)
-            structs.append(jax.ShapeDtypeStruct(sym, dtype))
-        treedef, out = evaluate(structs)
-        return treedef, [
-            (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
-            for o in out
-        ]
-    except Exception as first_error:  # noqa: BLE001 - fall back, re-raise below
-        if all(None not in shape for shape in shapes):
-            raise
-        try:
-            results = [
-                evaluate(
-                    [
-                        jax.ShapeDtypeStruct(
-                            tuple(size if d is None else d for d in shape), dt
-                        )
-                        for shape, dt in zip(shapes, dtypes, strict=True)
-                    ]
-                )
-                for size in (2, 3)
-            ]
-        except Exception:  # noqa: BLE001
-            return _eval_at_called(evaluate, shapes, dtypes, called, first_error)
-        (treedef, x_out), (_, y_out) = results
-        return treedef, [
-            (
-                tuple(
-                    a if a == b else None for a, b in zip(x.shape, y.shape, strict=True)
-                ),
-                x.dtype,
-            )
-            for x, y in zip(x_out, y_out, strict=True)
-        ]
-
-
-def _eval_at_called(evaluate, shapes, dtypes, called, error):
-    """`_eval_outputs` at the concrete input shapes `called`; an output
-    dimension of the size of an unknown input dimension comes out None."""
-    fit = fill_unknown(shapes, called)
-    if fit is None:
-        raise error from None
-    filled, put_in = fit
-    try:
-        treedef, out = evaluate(
-            [
-                jax.ShapeDtypeStruct(shape, dt)
-                for shape, dt in zip(filled, dtypes, strict=True)
-            ]
-        )
-    except Exception:  # noqa: BLE001
-        raise error from None
-    return treedef, [
-        (tuple(None if d in put_in else int(d) for d in o.shape), o.dtype) for o in out
-    ]
-
-
-def _struct(shape, dtype):
-    return jax.ShapeDtypeStruct(
-        tuple(int(d) for d in shape),
-        jax.dtypes.canonicalize_dtype(keras.backend.standardize_dtype(dtype)),
-    )
-
-
-def _output_leaves(owner, result):
-    """The array leaves of `call_fn`'s outputs (Python numbers as arrays)."""
-    leaves = []
-    for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
-        if isinstance(leaf, (bool, int, float)):
-            leaf = jnp.asarray(leaf)
-        if not isinstance(leaf, (jax.Array, np.ndarray)):
-            raise TypeError(
-                f"{owner}: every output of `call_fn` must be an array; "
-                f"{V.keystr(path, 'outputs')} is {_describe(leaf)}."
-            )
-        leaves.append(leaf)
-    return leaves
-
-
-def _call_by_name(fn, names, values):
-    """Calls `fn` with `values[name]` for each of its argument `names`."""
-    return fn(*[values[name] for name in names])
-
-
-def _check_seed(seed, owner):
-    if seed is None:
-        return None
-    if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
-        raise TypeError(
-            f"{owner}: `seed` must be an integer or None, got {_describe(seed)}."
-        )
-    return int(seed)
-
-
-def _seed_generator(seed):
-    """Keras's seed generator for `seed`; a seed out of the range the backend
-    stores (2**31 and over on torch, negative on jax) is folded into it."""
-    try:
-        return keras.random.SeedGenerator(seed)
-    except (OverflowError, RuntimeError, ValueError):
-        return keras.random.SeedGenerator(seed % (2**31 - 1))
-
-
-def _serialize_fn(fn):
-    """A function's config: by registered name, with the module it came from.
-
-    A lambda is saved as a marker, never as its bytecode (Keras would store
-    it as base64 code that loading refuses to run under `safe_mode`): a
-    layer whose `call_fn` is a lambda reloads from its exported computation.
-    """
-    if fn is None:
-        return None
-    name = getattr(fn, "__name__", None)
-    module = getattr(fn, "__module__", None)
-    if name == "<lambda>":
-        return {
-            "class_name": "function",
-            "config": "<lambda>",
-            "module": module,
-            "registered_name": None,
-            "lambda": True,
-            "defined_in": module,
-        }
-    try:
-        config = dict(keras.saving.serialize_keras_object(fn))
-    except Exception:  # noqa: BLE001 - saving must not crash on it
-        config = {
-            "class_name": "function",
-            "config": name or repr(fn),
-            "module": module,
-            "registered_name": None,
-        }
-    where = _defined_in(fn)
-    if where is not None:
-        config["defined_in"] = where
-    return config
-
-
-def _defined_in(fn) -> str | None:
-    """`module.qualname` of a function (what a saved config records and a
-    located function is checked against), or None without a module."""
-    module = getattr(fn, "__module__", None)
-    if module is None:
-        return None
-    return f"{module}.{getattr(fn, '__qualname__', getattr(fn, '__name__', None))}"
-
-
-def _is_lambda(config) -> bool:
-    if not isinstance(config, dict):
-        return False
-    return bool(config.get("lambda")) or config.get("class_name") == "__lambda__"
-
-
-def _fn_label(config) -> str:
-    """`name` (defined in `module.qualname`) of a function's config."""
-    if not isinstance(config, dict):
-        return f"`{config}`"
-    name = config.get("config")
-    where = config.get("defined_in")
-    if where:
-        return f"`{name}` (defined in `{where}`)"
-    return f"`{name}`"
-
-
-def _fix(config) -> str:
-    """What to do when a saved function cannot be located."""
-    if _is_lambda(config):
-        return (
-            "A lambda cannot be reloaded under Keras's safe_mode: define the "
-            "function with `def`, register it with "
-            "`@keras.saving.register_keras_serializable()` and save again (or "
-            "load with `safe_mode=False` if you trust the file)."
-        )
-    name = config.get("config") if isinstance(config, dict) else config
-    return (
-        "Decorate it with `@keras.saving.register_keras_serializable()` where "
-        "it is defined and import that module before loading, or pass it in "
-        f"`custom_objects={{'{name}': {name}}}` to `load_model`."
-    )
-
-
-def _locate_fn(config, fn_name, owner):
-    """`(function, None)` for a saved function config, or `(None, why)`.
-
-    Keras's registry and `custom_objects` are searched as Keras does; a
-    lambda saved as a marker is never found, and one saved as bytecode (by
-    jaxlayer 0.1) is run only when `safe_mode` is off.
-    """
-    if config is None:
-        return None, None
-    if isinstance(config, dict) and config.get("lambda"):
-        return None, "it is a lambda, saved without its code"
-    try:
-        fn = keras.saving.deserialize_keras_object(config)
-    except Exception as err:  # noqa: BLE001 - reported by the caller
-        if _is_lambda(config):
-            return None, (
-                "it is a lambda saved as Python bytecode, which Keras does not "
-                "run under safe_mode"
-            )
-        del err
-        fn = None
-    if callable(fn) and _is_the_saved_fn(fn, config):
-        return fn, None
-    if callable(fn):
-        found = _defined_in(fn) or repr(fn)
-        return None, (
-            f"{_fn_label(config)} is not registered in this process (only a "
-            f"function of the same name defined in `{found}` is)"
-        )
-    return None, f"{_fn_label(config)} is not registered in this process"
-
-
-def _is_the_saved_fn(fn, config) -> bool:
-    """Whether `fn`, found by Keras for `config`, is the function saved.
-
-    Keras resolves a function saved unregistered (`module: "builtins"`) to
-    any registered function whose name ends in `>name`, from any package:
-    an unrelated `pkg>call_fn` would silently replace the saved `call_fn`.
-    A function is taken when it is registered under exactly the saved name
-    (or passed so in `custom_objects`), or is defined where the saved one
-    was (`defined_in`).
-    """
-    if not isinstance(config, dict):
-        return True
-    name = config.get("config")
-    if isinstance(name, str) and keras.saving.get_registered_object(name) is fn:
-        return True
-    where = config.get("defined_in")
-    if where is None:
-        return True  # saved without it (jaxlayer 0.1): as Keras found it
-    return _defined_in(fn) == where
-
-
-def _deserialize_fn(config, fn_name, cls):
-    """The function a saved config names; raises a one-line error if none."""
-    fn, reason = _locate_fn(config, fn_name, cls.__name__)
-    if config is not None and fn is None:
-        raise ValueError(
-            f"{cls.__name__}: cannot load `{fn_name}`: {reason}. {_fix(config)}"
-        )
-    return fn
+        layer = cls.__new__(cls)
+        JaxLayer.__init__(layer, call_fn=call_fn, params=params, state=state, **config)
+        layer._set_untracked("_input_record", record)
+        # (Watched until the artifacts are read: see `_watched_call`.)
+        layer._set_untracked("_saving_watch", True)
+        return layer

@@ -10,9 +10,14 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
-from jaxlayer import _deps, saving
+from jaxlayer import _deps, _errors, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module
+from jaxlayer.adapters._saving import (
+    module_error,
+    module_layer_config,
+    module_layer_from_config,
+)
 from jaxlayer.layer import JaxLayer
 
 _FEATURE = "EquinoxLayer"
@@ -102,7 +107,7 @@ class EquinoxLayer(JaxLayer):
     ):
         eqx = _deps.require("equinox", _FEATURE)
         layer_name = kwargs.get("name") or "EquinoxLayer"
-        owner = f"EquinoxLayer '{layer_name}'"
+        owner = _errors.named(EquinoxLayer, layer_name)
         check_module(module, eqx.Module, "equinox", owner)
         module, state = _check_state(eqx, module, state, owner)
         indices = _state_indices(eqx, module)
@@ -166,10 +171,18 @@ class EquinoxLayer(JaxLayer):
         super().__init__(call_fn=call_fn, params=params, state=state_tree, **kwargs)
         self.axis_name = axis_name
         self.vmap = vmap
-        object.__setattr__(self, "_static", static)
-        object.__setattr__(self, "_template", template)
-        object.__setattr__(self, "_indices", indices)
-        object.__setattr__(self, "_key_mode", key_mode)
+        self._set_parts(static, template, indices, key_mode)
+
+    def _set_parts(self, static, template, indices, key_mode):
+        # The module's static half, its state's template and indices, and
+        # how it takes `key` (None for all but `key_mode` when rebuilt).
+        for name, value in (
+            ("_static", static),
+            ("_template", template),
+            ("_indices", indices),
+            ("_key_mode", key_mode),
+        ):
+            self._set_untracked(name, value)
 
     def _get_call_rng(self, training):
         # A module whose `__call__` requires `key` gets a fresh key on every
@@ -199,7 +212,7 @@ class EquinoxLayer(JaxLayer):
             0.0
         """
         if saving.rebuilt(self):
-            raise saving.module_error(self._owner, self.call_fn.module_class)
+            raise module_error(self._owner, self.call_fn.module_class)
         eqx = _deps.require("equinox", _FEATURE)
         as_jax = lambda tree: jax.tree_util.tree_map(
             lambda x: jax.numpy.asarray(np.asarray(x)), V.numpy_tree(tree)
@@ -226,12 +239,13 @@ class EquinoxLayer(JaxLayer):
         else:
             cls = type(self._static)  # the static half: the module's class
             module_class = f"{cls.__module__}.{cls.__qualname__}"
-        config = saving.module_layer_config(
+        config = module_layer_config(
             self,
             super().get_config(),
             "an Equinox module",
             "EquinoxLayer(module, state)",
             module_class,
+            saving.export_failure(self._export_memo),
         )
         config.update(
             {
@@ -242,13 +256,25 @@ class EquinoxLayer(JaxLayer):
         )
         return config
 
-    def _copy(self, kwargs: dict) -> EquinoxLayer:
-        """A new layer of `to_module()` (`clone_model` in this process)."""
-        module = self.to_module()
+    @classmethod
+    def _copy_of(cls, source: EquinoxLayer, kwargs: dict) -> EquinoxLayer:
+        """A new layer of `source.to_module()` (`clone_model` in this
+        process)."""
+        module = source.to_module()
         state = None
-        if self._template is not None:
+        if isinstance(module, tuple):  # (module, state): a module with state
             module, state = module
-        return type(self)(module, state, **kwargs)
+        return cls(module, state, **kwargs)
+
+    @classmethod
+    def _from_exported(cls, call_fn, params, state, record, config):
+        # Rebuilt from its computation: no module; `from_config` sets the
+        # saved `axis_name`, `vmap` and `key_mode`.
+        layer = super()._from_exported(call_fn, params, state, record, config)
+        layer.axis_name = "batch"
+        layer.vmap = True
+        layer._set_parts(None, None, None, None)
+        return layer
 
     @classmethod
     def from_config(cls, config):
@@ -258,20 +284,13 @@ class EquinoxLayer(JaxLayer):
         config = dict(config)
         extra = {k: config.pop(k, None) for k in ("axis_name", "vmap", "key_mode")}
         arguments = {k: extra[k] for k in ("axis_name", "vmap") if extra[k] is not None}
-        layer = saving.module_layer_from_config(
-            cls, config, "an Equinox module", arguments
-        )
+        layer = module_layer_from_config(cls, config, "an Equinox module", arguments)
         if not saving.rebuilt(layer):
             return layer
         layer.axis_name = extra["axis_name"] or "batch"
         layer.vmap = True if extra["vmap"] is None else bool(extra["vmap"])
-        for name, value in (
-            ("_static", None),
-            ("_template", None),
-            ("_indices", None),
-            ("_key_mode", extra["key_mode"]),
-        ):
-            object.__setattr__(layer, name, value)
+        # (The layer this classmethod just made: its own class's attribute.)
+        layer._set_parts(None, None, None, extra["key_mode"])
         return layer
 
 

@@ -8,17 +8,12 @@ from typing import Any
 
 import keras
 
-from jaxlayer import _deps, saving
+from jaxlayer import _config as C
+from jaxlayer import _deps, _errors, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module, plain
-from jaxlayer.layer import (
-    JaxLayer,
-    _deserialize_fn,
-    _given_values,
-    _LayerName,
-    _pop_saved_trees,
-    _serialize_fn,
-)
+from jaxlayer.adapters._saving import module_layer_config
+from jaxlayer.layer import JaxLayer
 
 _FEATURE = "FlaxLayer"
 
@@ -84,7 +79,9 @@ class FlaxLayer(JaxLayer):
     ):
         nn = _deps.require("flax.linen", _FEATURE)
         layer_name = kwargs.get("name") or "FlaxLayer"
-        check_module(module, nn.Module, "flax.linen", f"FlaxLayer '{layer_name}'")
+        check_module(
+            module, nn.Module, "flax.linen", _errors.named(FlaxLayer, layer_name)
+        )
         target = _resolve_method(module, method, layer_name)
         has_training = _takes(target, "training")
         mutable = nn.DenyList(["params"])
@@ -122,8 +119,8 @@ class FlaxLayer(JaxLayer):
 
         if variables is not None and not isinstance(variables, Mapping):
             raise TypeError(
-                f"FlaxLayer '{layer_name}': `variables` must be a dict of "
-                "collections as `module.init` returns "
+                f"{_errors.named(FlaxLayer, layer_name)}: `variables` must be "
+                "a dict of collections as `module.init` returns "
                 "(`{'params': ..., 'batch_stats': ...}`), got "
                 f"{type(variables).__name__}."
             )
@@ -195,7 +192,7 @@ class FlaxLayer(JaxLayer):
         if getattr(method, "__self__", None) == self.module:
             method = method.__name__
         if method is not None and not isinstance(method, str):
-            method = _serialize_fn(method)
+            method = C.serialize_fn(method)
         if not hasattr(self.module, "get_config"):
             cls = type(self.module)
             if config.get("exported") is None:
@@ -203,19 +200,20 @@ class FlaxLayer(JaxLayer):
                     f"{self._owner}: the Flax module {cls.__name__} has no "
                     "`get_config()`, so the config can hold only the layer's "
                     "exported computation, which could not be made "
-                    f"({saving.export_failure(self)}). Call the layer (or fit "
-                    "the model) first; or give the module's class a "
+                    f"({saving.export_failure(self._export_memo)}). Call the "
+                    "layer (or fit the model) first; or give the module's class a "
                     "`get_config()` returning its constructor arguments and "
                     "a `from_config()` classmethod, and register it with "
                     "`@keras.saving.register_keras_serializable()`; or save "
                     "only the weights with `save_weights`."
                 )
-            config = saving.module_layer_config(
+            config = module_layer_config(
                 self,
                 config,
                 f"the Flax module {cls.__name__} (without `get_config()`)",
                 "FlaxLayer(module)",
                 f"{cls.__module__}.{cls.__qualname__}",
+                saving.export_failure(self._export_memo),
             )
             config.pop("call_fn")
             config.pop("init_fn")
@@ -224,6 +222,14 @@ class FlaxLayer(JaxLayer):
         config["module"] = keras.saving.serialize_keras_object(self.module)
         config["method"] = method
         return config
+
+    @classmethod
+    def _from_exported(cls, call_fn, params, state, record, config):
+        # Rebuilt from its computation: no module, no method.
+        layer = super()._from_exported(call_fn, params, state, record, config)
+        layer.module = None
+        layer.method = None
+        return layer
 
     @classmethod
     def from_config(cls, config):
@@ -237,18 +243,16 @@ class FlaxLayer(JaxLayer):
         `module.init`.
         """
         config = dict(config)
-        source = _LayerName.source(config, cls)
-        owner = f"{cls.__name__} '{config.get('name')}'"
+        source = C.LayerName.source(config, cls)
+        owner = _errors.named(cls, config.get("name"))
         module_class = config.pop("module_class", None)
         module_config = config.get("module")
         if source is not None and saving.rebuilt(source):
-            layer = saving.copy_of_rebuilt(cls, config, source)
-            layer.module = None
-            layer.method = None
-            return layer
+            return saving.copy_of_rebuilt(cls, config, source)
         if source is not None:
             module, method = source.module, source.method
-            values = _given_values(source, config)
+            # (`source` is a layer of this very class.)
+            values = source._given_values(config)
         elif module_class is not None:
             # A module recorded by its class only: its computation.
             config.pop("module", None)
@@ -263,40 +267,35 @@ class FlaxLayer(JaxLayer):
                 owner,
                 f"the Flax module's class `{module_class}` has no `get_config()`",
             )
-            return _rebuilt(cls, config, ("method",), module_class)
+            return saving.from_artifacts(
+                cls, config, keep=("method",), module_class=module_class
+            )
         else:
             values = None
             try:
                 module = keras.saving.deserialize_keras_object(module_config)
                 method = config.get("method")
                 if isinstance(method, dict):
-                    method = _deserialize_fn(method, "method", cls)
-            except Exception as err:  # noqa: BLE001 - rebuilt from artifacts below
+                    method = C.deserialize_fn(method, "method", cls)
+            except Exception:  # noqa: BLE001 - rebuilt from artifacts below
                 if not config.get("exported"):
                     raise
                 label = _class_label(module_config)
                 saving.warn_rebuilt(
                     owner, f"the Flax module's class {label} is not registered here"
                 )
-                del err
-                return _rebuilt(cls, config, ("module", "method"), label)
+                return saving.from_artifacts(
+                    cls, config, keep=("module", "method"), module_class=label
+                )
         config["module"] = module
         config["method"] = method
         config.pop("exported", None)
-        params, state = _pop_saved_trees(config, source is not None)
+        params, state = C.pop_saved_trees(config, source is not None)
         if values is not None:
             params, state = values
         if config.get("variables") is None and params is not None:
             config["variables"] = _merge(params, state)
         return cls(**config)
-
-
-def _rebuilt(cls, config, keep, label):
-    """A FlaxLayer running the computation saved in its `.keras` file."""
-    layer = saving.from_artifacts(cls, config, keep=keep, module_class=label)
-    layer.module = None
-    layer.method = None
-    return layer
 
 
 def _class_label(config) -> str:
@@ -307,7 +306,7 @@ def _class_label(config) -> str:
 
 def _resolve_method(module, method, layer_name):
     """The callable run for `method`, to read its signature."""
-    owner = f"FlaxLayer '{layer_name}'"
+    owner = _errors.named(FlaxLayer, layer_name)
     if method is None:
         if "__call__" not in dir(type(module)):
             raise ValueError(

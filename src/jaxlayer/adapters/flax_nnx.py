@@ -8,9 +8,14 @@ import jax
 import keras
 import numpy as np
 
-from jaxlayer import _deps, saving
+from jaxlayer import _deps, _errors, saving
 from jaxlayer import _variables as V
 from jaxlayer.adapters._common import check_module, plain
+from jaxlayer.adapters._saving import (
+    module_error,
+    module_layer_config,
+    module_layer_from_config,
+)
 from jaxlayer.layer import JaxLayer
 
 _FEATURE = "NNXLayer"
@@ -80,7 +85,9 @@ class NNXLayer(JaxLayer):
     def __init__(self, module: Any, **kwargs):
         nnx = _deps.require("flax.nnx", _FEATURE)
         layer_name = kwargs.get("name") or "NNXLayer"
-        check_module(module, nnx.Module, "flax.nnx", f"NNXLayer '{layer_name}'")
+        check_module(
+            module, nnx.Module, "flax.nnx", _errors.named(NNXLayer, layer_name)
+        )
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
@@ -113,9 +120,9 @@ class NNXLayer(JaxLayer):
             state=plain(nnx.to_pure_dict(rest)),
             **kwargs,
         )
-        object.__setattr__(self, "_merge", merge)
-        object.__setattr__(self, "_rng_data", rng_data)
-        object.__setattr__(self, "_module_class", _class_name(module))
+        self._set_untracked("_merge", merge)
+        self._set_untracked("_rng_data", rng_data)
+        self._set_untracked("_module_class", _class_name(module))
 
     def to_module(self) -> Any:
         """Returns the module with the layer's current weights.
@@ -141,7 +148,7 @@ class NNXLayer(JaxLayer):
             0.0
         """
         if saving.rebuilt(self):
-            raise saving.module_error(self._owner, self.call_fn.module_class)
+            raise module_error(self._owner, self.call_fn.module_class)
         params = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.params))
         state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
         to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)
@@ -158,40 +165,45 @@ class NNXLayer(JaxLayer):
             ValueError: the computation could not be exported (say, the layer
                 was never called); save the weights with `save_weights`.
         """
-        return saving.module_layer_config(
+        return module_layer_config(
             self,
             super().get_config(),
             "an NNX module (a live Python object)",
             "NNXLayer(MyModule(...))",
-            _module_class(self),
+            self._module_class_name(),
+            saving.export_failure(self._export_memo),
         )
 
-    def _copy(self, kwargs: dict) -> NNXLayer:
-        """A new layer of `to_module()` (`clone_model` in this process)."""
-        return type(self)(self.to_module(), **kwargs)
+    def _module_class_name(self) -> str:
+        if saving.rebuilt(self):
+            return self.call_fn.module_class
+        return self._module_class
+
+    @classmethod
+    def _copy_of(cls, source: NNXLayer, kwargs: dict) -> NNXLayer:
+        """A new layer of `source.to_module()` (`clone_model` in this
+        process)."""
+        return cls(source.to_module(), **kwargs)
+
+    @classmethod
+    def _from_exported(cls, call_fn, params, state, record, config):
+        # Rebuilt from its computation: no module to merge into.
+        layer = super()._from_exported(call_fn, params, state, record, config)
+        layer._set_untracked("_merge", None)
+        layer._set_untracked("_rng_data", None)
+        return layer
 
     @classmethod
     def from_config(cls, config):
         """The layer, running the computation saved in its `.keras` file (or,
         for `clone_model` in this process, a copy of the live layer's module
         with its current weights)."""
-        layer = saving.module_layer_from_config(cls, config, "an NNX module")
-        if not saving.rebuilt(layer):
-            return layer
-        object.__setattr__(layer, "_merge", None)
-        object.__setattr__(layer, "_rng_data", None)
-        return layer
+        return module_layer_from_config(cls, config, "an NNX module")
 
 
 def _class_name(module) -> str:
     cls = type(module)
     return f"{cls.__module__}.{cls.__qualname__}"
-
-
-def _module_class(layer) -> str:
-    if saving.rebuilt(layer):
-        return layer.call_fn.module_class
-    return layer._module_class
 
 
 def _filled(nnx, template, pure):

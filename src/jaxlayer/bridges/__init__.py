@@ -38,7 +38,9 @@ being traced by the backend's compiler (torch.compile, torch.export);
 returns NotImplemented); `untraced(f, *args)`, through which the layer runs
 its eager calls so that the compiler never traces into JAX; `casts_params`,
 whether `run` takes the stored parameters and a `cast=` dtype (mixed
-precision).
+precision); `outside_graph(f)`, which runs `f()` eagerly while the backend
+traces a graph (the TensorFlow bridge has it: `init_fn` runs in JAX on
+concrete seeds, also when Keras builds the layer inside a `tf.function`).
 
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """

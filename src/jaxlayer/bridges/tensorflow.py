@@ -959,3 +959,7 @@ def _cast_args(args, specs):
             x = tf.cast(x, tf.as_dtype(spec.dtype))
         out.append(x)
     return out
+
+
+#: `JaxLayer.build` initialises through it (see `outside_graph`).
+run.outside_graph = outside_graph

@@ -139,6 +139,8 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _torch_dlpack
 
+from jaxlayer._errors import owner as _owner_of
+
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
 #: `backward_traces`, `jit_functions` (compiled functions made), `views`
@@ -982,7 +984,7 @@ class _Site:
     def __init__(self, layer, training, in_key, rng_key, cast):
         self.id = next(_SITE_IDS)
         self.layer = weakref.ref(layer)
-        self.owner = layer._owner
+        self.owner = _owner_of(layer)
         self.training = training
         self.in_def = jax.tree_util.tree_structure(_placeholder(in_key))
         self.rng_def = jax.tree_util.tree_structure(_placeholder(rng_key))
@@ -1266,14 +1268,6 @@ def _define_operators():
 _call_op = _define_operators()
 
 
-def _cast_of(layer):
-    """The dtype the layer's floating parameters are cast to, or None."""
-    if layer._params_spec is None or not layer.autocast:
-        return None
-    dtype = layer.compute_dtype
-    return dtype if dtype != layer.variable_dtype else None
-
-
 def layer_call(layer, inputs, training):
     """`JaxLayer.call`'s hook: the call as one operator while torch traces.
 
@@ -1282,7 +1276,6 @@ def layer_call(layer, inputs, training):
     """
     if not torch.compiler.is_compiling():
         return NotImplemented
-    from jaxlayer import _variables as V
 
     training = bool(training)
     leaves: list = []
@@ -1308,22 +1301,14 @@ def layer_call(layer, inputs, training):
                 layer, inputs, training, "`_get_call_rng` returns non-tensors"
             )
         rng = [r if r.dtype in _SEED_DTYPES else r.to(torch.int32) for r in rng]
-    cast = _cast_of(layer)
-    params = None
-    if cast is not None:
-        params = V.values_of(layer._params_spec, stored=True)
-        if params is None:
-            cast = None
-    if params is None:
-        params = V.values_of(layer._params_spec)
-    state_spec = layer._state_spec
-    state = V.values_of(state_spec)
+    # The layer's own values and cast, and its own state assignment (the
+    # same as its eager `call`); `layer` is the `JaxLayer` whose `call` hook
+    # this is.
+    params, state, cast = layer._call_values(True)  # run.casts_params
     site = _site_id(layer, training, in_key, rng_key, cast)
     flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)
-    if state_spec is not None:
-        for variable, value in zip(state_spec.variables, flat[n_out:], strict=True):
-            variable.assign(value)
+    layer._assign_state(flat[n_out:])
     outputs = flat[:n_out]
     if spec is None:
         return _eager_unflatten(site, outputs)
@@ -1341,7 +1326,7 @@ def _eager_call(layer, inputs, training, reason):
     if not sites.get("warned"):
         sites["warned"] = True
         warnings.warn(
-            f"{layer._owner}: torch.compile cannot capture this call ({reason}); "
+            f"{_owner_of(layer)}: torch.compile cannot capture this call ({reason}); "
             "it runs eagerly, with a graph break at the layer.",
             stacklevel=3,
         )

@@ -1,0 +1,154 @@
+"""Shape inference: one builder of symbolic specs, one shape probe.
+
+`symbolic_specs` makes the `jax.ShapeDtypeStruct`s of inputs with unknown
+dimensions (the batch, a `keras.Input`'s None) for `jax.eval_shape` and
+`jax.export`; `eval_outputs` finds the shapes of a function's outputs,
+symbolically where it can, else at two batch sizes, else at the shapes of
+a call it is known to run with.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+
+from jaxlayer._contract import output_leaves
+from jaxlayer._pure import fill_unknown
+
+
+def symbolic_specs(shapes, dtypes) -> list:
+    """`jax.ShapeDtypeStruct`s of `shapes` (None where unknown), with every
+    unknown dimension symbolic: the first dimension of every input is one
+    symbol, `batch`; the others each their own (`d0`, `d1`, ...).
+
+    Args:
+        shapes: per input leaf, its shape (None where unknown).
+        dtypes: per input leaf, its dtype.
+    """
+    scope = jax.export.SymbolicScope()
+    names = (f"d{i}" for i in itertools.count())
+    specs = []
+    for shape, dtype in zip(shapes, dtypes, strict=True):
+        dims = [
+            str(d) if d is not None else ("batch" if i == 0 else next(names))
+            for i, d in enumerate(shape)
+        ]
+        # (A scalar has no dimension to make symbolic.)
+        sym = jax.export.symbolic_shape(",".join(dims), scope=scope) if dims else ()
+        specs.append(jax.ShapeDtypeStruct(sym, jnp.dtype(dtype)))
+    return specs
+
+
+def flatten_shapes(input_shape):
+    """Input shapes (a shape or a pytree of shapes) as a flat list."""
+
+    def is_shape(x):
+        return isinstance(x, (tuple, list)) and all(
+            d is None or isinstance(d, (int, np.integer)) for d in x
+        )
+
+    if is_shape(input_shape):
+        return [tuple(input_shape)], jax.tree_util.tree_structure(0)
+    leaves, treedef = jax.tree_util.tree_flatten(input_shape, is_leaf=is_shape)
+    return [tuple(s) for s in leaves], treedef
+
+
+def eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
+    """The structure and `(shape, dtype)` leaves of `tree_fn`'s outputs.
+
+    `tree_fn(params, inputs, state, rng) -> (outputs, new_state)`; the
+    arguments are lists of anything with `shape` and `dtype` (tensors,
+    `KerasTensor`s, `jax.ShapeDtypeStruct`s). Unknown (None) input
+    dimensions are made symbolic (the first dimension of every input shares
+    one symbol, the batch) and come out None where an output depends on
+    them; a function that cannot be traced with symbolic shapes is evaluated
+    at two concrete sizes instead, and, should it take only one size (a
+    computation reloaded from a file, exported per shape), at the input
+    shapes `called` of a call it is known to run with.
+    """
+    params = [struct(x.shape, x.dtype) for x in params]
+    state = [struct(x.shape, x.dtype) for x in state]
+    rng = [struct(x.shape, x.dtype) for x in rng]
+    # Unknown and symbolic dims (a jax2tf or `jax.export` trace: `batch`)
+    # are None here.
+    shapes = [
+        tuple(int(d) if isinstance(d, (int, np.integer)) else None for d in x.shape)
+        for x in inputs
+    ]
+    dtypes = [keras.backend.standardize_dtype(x.dtype) for x in inputs]
+
+    def outputs_of(inputs, params, state, rng):
+        result, _ = tree_fn(params, inputs, state, rng)
+        treedef = jax.tree_util.tree_structure(result)
+        return jax.tree_util.tree_unflatten(treedef, output_leaves(owner, result))
+
+    def evaluate(structs):
+        out = jax.eval_shape(outputs_of, structs, params, state, rng)
+        leaves, treedef = jax.tree_util.tree_flatten(out)
+        return treedef, leaves
+
+    try:
+        treedef, out = evaluate(symbolic_specs(shapes, dtypes))
+        return treedef, [
+            (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
+            for o in out
+        ]
+    except Exception as first_error:
+        if all(None not in shape for shape in shapes):
+            raise
+        try:
+            results = [
+                evaluate(
+                    [
+                        jax.ShapeDtypeStruct(
+                            tuple(size if d is None else d for d in shape), dt
+                        )
+                        for shape, dt in zip(shapes, dtypes, strict=True)
+                    ]
+                )
+                for size in (2, 3)
+            ]
+        except Exception:  # noqa: BLE001
+            return eval_at_called(evaluate, shapes, dtypes, called, first_error)
+        (treedef, x_out), (_, y_out) = results
+        return treedef, [
+            (
+                tuple(
+                    a if a == b else None for a, b in zip(x.shape, y.shape, strict=True)
+                ),
+                x.dtype,
+            )
+            for x, y in zip(x_out, y_out, strict=True)
+        ]
+
+
+def eval_at_called(evaluate, shapes, dtypes, called, error):
+    """`eval_outputs` at the concrete input shapes `called`; an output
+    dimension of the size of an unknown input dimension comes out None."""
+    fit = fill_unknown(shapes, called)
+    if fit is None:
+        raise error from None
+    filled, put_in = fit
+    try:
+        treedef, out = evaluate(
+            [
+                jax.ShapeDtypeStruct(shape, dt)
+                for shape, dt in zip(filled, dtypes, strict=True)
+            ]
+        )
+    except Exception:  # noqa: BLE001
+        raise error from None
+    return treedef, [
+        (tuple(None if d in put_in else int(d) for d in o.shape), o.dtype) for o in out
+    ]
+
+
+def struct(shape, dtype):
+    return jax.ShapeDtypeStruct(
+        tuple(int(d) for d in shape),
+        jax.dtypes.canonicalize_dtype(keras.backend.standardize_dtype(dtype)),
+    )

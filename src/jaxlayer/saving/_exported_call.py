@@ -1,0 +1,434 @@
+"""`ExportedCall`: a `call_fn` rebuilt from a `.keras` file's artifacts."""
+
+from __future__ import annotations
+
+import hashlib
+import inspect
+import json
+import os
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from jaxlayer import _artifact_check as check
+from jaxlayer import _variables as V
+from jaxlayer._record import input_template
+from jaxlayer.saving._manifest import FORMAT, KINDS, Artifacts, record_from_manifest
+
+# The manifest's helpers under the names this module's code used when it
+# was one file with them (`jaxlayer/saving.py`).
+from jaxlayer.saving._manifest import Spec as _Spec
+from jaxlayer.saving._manifest import first_line as _first_line
+from jaxlayer.saving._manifest import shapes_text as _shapes_text
+from jaxlayer.saving._manifest import version as _version
+
+
+class ExportedCall:
+    """A `call_fn` rebuilt from the computation saved in a `.keras` file.
+
+    It takes the arguments the original `call_fn` took, by the same names,
+    flattens them and calls the deserialized `jax.export.Exported` of the
+    training flag (or, for a function without `training`, of the `rng`
+    structure) it is called with; outputs and new state come back in the
+    saved structures.
+
+    Attributes:
+        owner: the layer, for messages.
+        manifest: the manifest saved in the layer's config.
+        fn_config: the saved config of the original `call_fn` (kept for
+            re-saving).
+        init_config: the saved config of the original `init_fn`.
+        module_class: the class of the module the layer was made from, for
+            messages (adapters), or None.
+    """
+
+    def __init__(
+        self,
+        manifest: dict,
+        owner: str,
+        fn_config: Any = None,
+        init_config: Any = None,
+        module_class: str | None = None,
+    ):
+        if manifest.get("format") != FORMAT:
+            raise ValueError(
+                f"{owner}: the computation saved in the `.keras` file has "
+                f"format {manifest.get('format')!r} (jaxlayer "
+                f"{manifest.get('jaxlayer_version')}), which this jaxlayer "
+                f"({_version()}, format {FORMAT}) cannot read; upgrade "
+                "jaxlayer, or load the model where its Python code is "
+                "importable."
+            )
+        self.owner = owner
+        self.manifest = manifest
+        self.fn_config = fn_config
+        self.init_config = init_config
+        self.module_class = module_class
+        self.kept: dict = {}
+        self.names = list(manifest["call_fn_arguments"])
+        self.__signature__ = inspect.Signature(
+            [
+                inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
+                for n in self.names
+            ]
+        )
+        name = fn_config.get("config") if isinstance(fn_config, dict) else None
+        self.__name__ = f"{name if isinstance(name, str) else 'call_fn'}_exported"
+        self._exported: dict = {}
+        self._artifacts: Artifacts | None = None
+        # Keras's `safe_mode` of the load that rebuilt the layer (read while
+        # `from_config` runs; the assets are read after it, outside its scope).
+        self.safe_mode = _in_safe_mode()
+        self._symbolic = 0
+        functions = manifest.get("functions", {})
+        self._out = {}
+        self._rng_defs = {}
+        for kind, entry in functions.items():
+            outputs = V.decode_tree(entry["outputs"], lambda b: _Spec(**b))
+            leaves, treedef = jax.tree_util.tree_flatten(
+                outputs, is_leaf=lambda x: isinstance(x, _Spec)
+            )
+            self._out[kind] = (treedef, leaves)
+            rng = V.decode_tree(entry["rng"], lambda b: _Spec(**b))
+            self._rng_defs[kind] = jax.tree_util.tree_structure(
+                rng, is_leaf=lambda x: isinstance(x, _Spec)
+            )
+
+    @property
+    def loaded(self) -> bool:
+        """Whether the artifacts were read (`load`)."""
+        return bool(self._exported)
+
+    def symbolic(self):
+        """A context in which calls answer with the saved output shapes."""
+        call = self
+
+        class _Scope:
+            def __enter__(self):
+                call._symbolic += 1
+
+            def __exit__(self, *exc):
+                call._symbolic -= 1
+
+        return _Scope()
+
+    def artifacts(self) -> Artifacts:
+        """The computation as saved again: serialized anew from what was
+        loaded (no copy of the file's bytes is kept), so the manifest's
+        byte counts and hashes are those of the new bytes."""
+        if self._artifacts is None:
+            manifest = json.loads(json.dumps(self.manifest))
+            blobs = {}
+            for kind, exp in self._exported.items():
+                entry = manifest["functions"][kind]
+                blob = bytes(exp.serialize(vjp_order=int(entry.get("vjp_order", 0))))
+                entry["sha256"] = hashlib.sha256(blob).hexdigest()
+                entry["bytes"] = len(blob)
+                blobs[entry["file"]] = blob
+            self._artifacts = Artifacts(manifest, blobs)
+        return self._artifacts
+
+    def share(self, other: ExportedCall) -> None:
+        """Takes the computation `other` loaded (a copy of its layer)."""
+        if other.manifest != self.manifest:
+            raise ValueError(
+                f"{self.owner}: cannot share the computation of "
+                f"{other.owner}, which was saved with another manifest."
+            )
+        self._exported = dict(other._exported)
+        self._artifacts = other._artifacts
+
+    # -- loading --
+
+    def load(self, dirpath: str | None) -> None:
+        """Reads, checks and deserializes the artifacts in `dirpath`.
+
+        Nothing is deserialized in this process before it was proven safe
+        (see `jaxlayer._artifact_check`): sizes first, then the verifying
+        child process (skipped under `safe_mode=False`), then the policy and
+        the manifest's shapes against the artifact's own.
+        """
+        functions = self.manifest.get("functions", {})
+        platforms = self.manifest.get("platforms")
+        if dirpath is None or not os.path.isdir(dirpath):
+            raise ValueError(
+                f"{self.owner}: the `.keras` file has no exported computation "
+                "for this layer (its assets folder is missing), and the "
+                "layer's Python code was not found; load the model where "
+                "that code is importable, or save it again with jaxlayer "
+                ">= 0.2."
+            )
+        current = jax.export.default_export_platform()
+        cap = check.max_artifact_bytes()
+        files, wheres, sizes = {}, {}, {}
+        for entry in functions.values():
+            name = entry["file"]
+            where = (
+                f"{self.owner}: the exported computation `{name}` in the `.keras` file"
+            )
+            made = (
+                f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')}"
+                f" for platforms {', '.join(entry.get('platforms', platforms))})"
+            )
+            path = os.path.join(dirpath, os.path.basename(name))
+            if not os.path.isfile(path):
+                raise ValueError(f"{where} is missing {made}; save the model again.")
+            size = os.path.getsize(path)
+            declared = entry.get("bytes")
+            if isinstance(declared, int) and size == declared and size > cap:
+                raise check.Refused(
+                    f"{where} is {size} bytes, more than the {cap} bytes "
+                    f"({cap / 2**20:g} MiB) a loaded computation may have "
+                    "(the weights are never part of it); refused. If the "
+                    "file is trusted, set JAXLAYER_MAX_ARTIFACT_MIB higher."
+                )
+            sha = check.sha256_of(path) if size == declared else None
+            if sha is None or sha != entry.get("sha256"):
+                raise ValueError(
+                    f"{where} is damaged or was changed after saving: its "
+                    f"{size} bytes do not match the {declared} "
+                    f"bytes and sha256 recorded when it was saved {made}. Save "
+                    "the model again from its source."
+                )
+            if current not in entry.get("platforms", []):
+                raise ValueError(
+                    f"{where} was exported for platforms "
+                    f"{', '.join(entry.get('platforms', []))}, and this process "
+                    f"runs JAX on {current} {made}. Save the model with "
+                    f"`native_serialization_platforms` naming {current!r} "
+                    "(the default names cpu and cuda), or load it where the "
+                    "layer's Python code is importable."
+                )
+            files[name] = (path, sha)
+            wheres[name] = where
+            sizes[name] = size
+        if self.safe_mode:
+            reports = check.reports(files, wheres)
+        else:
+            reports = {name: check.describe_here(p) for name, (p, _) in files.items()}
+        for kind, entry in functions.items():
+            name = entry["file"]
+            check.check(reports[name], wheres[name], sizes[name])
+            check.check_signature(
+                reports[name], wheres[name], self._signature(kind, current)
+            )
+        exported = {}
+        for kind, entry in functions.items():
+            name = entry["file"]
+            where = wheres[name]
+            made = f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')})"
+            blob = bytearray(sizes[name])
+            with open(files[name][0], "rb") as f:
+                f.readinto(blob)
+            if hashlib.sha256(blob).hexdigest() != files[name][1]:
+                raise check.Refused(f"{where} changed while it was checked; refused.")
+            try:
+                exp = jax.export.deserialize(blob)
+            except Exception as err:  # noqa: BLE001 - re-raised with context
+                raise ValueError(
+                    f"{where} cannot be read {made}: {_first_line(err)}."
+                ) from err
+            del blob  # the Exported holds its module; nothing else is kept
+            expected = self._counts()
+            n_in = len(exp.in_avals)
+            n_out = len(exp.out_avals)
+            want_out = len(self._out[kind][1]) + expected[2]
+            want_in = sum(expected) + self._rng_defs[kind].num_leaves
+            if n_in != want_in or n_out != want_out:
+                raise ValueError(
+                    f"{where} does not match the layer saved with it: it "
+                    f"takes {n_in} arrays and returns {n_out}, where the "
+                    f"layer's config says {want_in} and {want_out} {made}."
+                )
+            exported[kind] = exp
+        self._exported = exported
+
+    def _signature(self, kind: str, platform: str) -> dict:
+        """What the manifest says the `kind` artifact takes and returns:
+        `(shape, dtype)` per array, None where a dimension is symbolic."""
+        entry = self.manifest["functions"][kind]
+        variables = self.manifest.get("variables", [])
+
+        def described(tree):
+            return [
+                (tuple(x.shape), x.dtype)
+                for x in jax.tree_util.tree_leaves(
+                    tree, is_leaf=lambda x: isinstance(x, _Spec)
+                )
+            ]
+
+        record = record_from_manifest(self.manifest)
+        if record is None:
+            raise check.Refused(
+                f"{self.owner}: the `.keras` file's description of the layer's "
+                "inputs cannot be read; refused. Save the model again."
+            )
+        if entry.get("shapes") == "concrete":
+            shapes = [tuple(s) for s in entry.get("input_shapes", [])]
+        else:
+            shapes = input_template(record)
+        inputs = list(zip(shapes, record.dtypes, strict=True))
+        rng = [
+            (tuple(s), d)
+            for s, d in described(V.decode_tree(entry["rng"], lambda b: _Spec(**b)))
+        ]
+        params = [
+            (tuple(v["shape"]), v["dtype"]) for v in variables if v["tree"] == "params"
+        ]
+        state = [
+            (tuple(v["shape"]), v["dtype"]) for v in variables if v["tree"] != "params"
+        ]
+        outputs = described(V.decode_tree(entry["outputs"], lambda b: _Spec(**b)))
+        return {
+            "in": params + inputs + state + rng,
+            "out": outputs + state,
+            "platform": platform,
+        }
+
+    def _counts(self):
+        variables = self.manifest.get("variables", [])
+        n_params = sum(1 for v in variables if v["tree"] == "params")
+        n_state = len(variables) - n_params
+        inputs = V.decode_tree(self.manifest["inputs"], lambda b: _Spec(**b))
+        n_inputs = len(
+            jax.tree_util.tree_leaves(inputs, is_leaf=lambda x: isinstance(x, _Spec))
+        )
+        return n_params, n_inputs, n_state
+
+    # -- calling --
+
+    def _kind(self, values) -> str:
+        if "training" in values:
+            return "training" if values["training"] else "inference"
+        rng_def = jax.tree_util.tree_structure(values.get("rng"))
+        for kind in KINDS:
+            if self._rng_defs.get(kind) == rng_def:
+                return kind
+        return "training" if values.get("rng") is not None else "inference"
+
+    def __call__(self, *args):
+        values = dict(zip(self.names, args, strict=True))
+        kind = self._kind(values)
+        exp = self._exported.get(kind)
+        has_state = "state" in self.names
+        if exp is None:
+            if self._symbolic and kind in self._out:
+                return self._placeholder(kind, values, has_state)
+            raise self._missing(kind)
+        params = _arrays(values.get("params"))
+        state_leaves, state_def = jax.tree_util.tree_flatten(values.get("state"))
+        state = [x for x in state_leaves if _is_array(x)]
+        inputs = self._checked_inputs(exp, len(params), values["inputs"])
+        rng = jax.tree_util.tree_leaves(values.get("rng"))
+        first_rng = len(params) + len(inputs) + len(state)
+        rng = [_as(x, exp.in_avals[first_rng + i].dtype) for i, x in enumerate(rng)]
+        outputs, new_state = exp.call(params, inputs, state, rng)
+        treedef = self._out[kind][0]
+        outputs = jax.tree_util.tree_unflatten(treedef, outputs)
+        if not has_state:
+            return outputs
+        new = iter(new_state)
+        leaves = [next(new) if _is_array(x) else x for x in state_leaves]
+        return outputs, jax.tree_util.tree_unflatten(state_def, leaves)
+
+    def _checked_inputs(self, exp, n_params, inputs):
+        leaves = jax.tree_util.tree_leaves(inputs)
+        n_inputs = self._counts()[1]
+        avals = exp.in_avals[n_params : n_params + n_inputs]
+        ok = len(leaves) == len(avals)
+        for x, aval in zip(leaves, avals, strict=False):
+            shape = getattr(x, "shape", None)
+            if shape is None or len(shape) != len(aval.shape):
+                ok = False
+                break
+            for d, a in zip(shape, aval.shape, strict=True):
+                if isinstance(a, int) and isinstance(d, int) and a != d:
+                    ok = False
+        if not ok:
+            saved = _shapes_text(
+                [tuple(str(d) for d in a.shape) for a in avals]
+            ).replace("'", "")
+            got = _shapes_text([tuple(getattr(x, "shape", ())) for x in leaves])
+            raise ValueError(
+                f"{self.owner} runs the computation saved in its `.keras` "
+                f"file, which takes {len(avals)} input array(s) of shapes "
+                f"{saved}; it got {len(leaves)} of shapes {got}. A layer "
+                "rebuilt without its Python code accepts the input structure "
+                "it was saved with only (any batch size where the saved shapes "
+                "say `batch`)."
+            )
+        return [_as(x, a.dtype) for x, a in zip(leaves, avals, strict=True)]
+
+    def _placeholder(self, kind, values, has_state):
+        treedef, specs = self._out[kind]
+        dims = [
+            d
+            for x in jax.tree_util.tree_leaves(values["inputs"])
+            for d in getattr(x, "shape", ())
+            if not isinstance(d, int)
+        ]
+        first = jax.tree_util.tree_leaves(values["inputs"])
+        unknown = dims[0] if dims else (first[0].shape[0] if first else 1)
+        outputs = jax.tree_util.tree_unflatten(
+            treedef,
+            [
+                jnp.zeros(
+                    tuple(unknown if d is None else d for d in s.shape),
+                    jnp.dtype(s.dtype),
+                )
+                for s in specs
+            ],
+        )
+        return (outputs, values.get("state")) if has_state else outputs
+
+    def _missing(self, kind) -> ValueError:
+        if kind not in self.manifest.get("functions", {}):
+            return ValueError(
+                f"{self.owner} was rebuilt from the computation saved in its "
+                f"`.keras` file, which has no {kind} function (it could not "
+                "be exported when the model was saved; see the warning given "
+                "then); load the model where the layer's Python code is "
+                "importable."
+            )
+        return ValueError(
+            f"{self.owner}: its Python code was not found when it was rebuilt "
+            "from a config alone (`model_from_json`, a config written out), "
+            "which does not hold the computation a "
+            "`.keras` file saves: register `call_fn` and `init_fn` with "
+            "`@keras.saving.register_keras_serializable()` where they are "
+            "defined, or load the model from its `.keras` file with "
+            "`keras.saving.load_model`."
+        )
+
+    def __repr__(self) -> str:
+        return f"<call_fn of {self.owner}, rebuilt from its exported computation>"
+
+
+def _in_safe_mode() -> bool:
+    """Keras's `safe_mode` now: True unless a load said `safe_mode=False` or
+    `keras.config.enable_unsafe_deserialization()` was called."""
+    try:
+        from keras.src.saving import serialization_lib
+    except ImportError:  # a Keras without it: the safe choice
+        return True
+    return serialization_lib.in_safe_mode() is not False
+
+
+def _is_array(x) -> bool:
+    return hasattr(x, "shape") and hasattr(x, "dtype")
+
+
+def _arrays(tree) -> list:
+    return [x for x in jax.tree_util.tree_leaves(tree) if _is_array(x)]
+
+
+def _as(x, dtype):
+    """`x` as `dtype` (integer seeds and inputs of another width)."""
+    if x.dtype == dtype or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
+        return x
+    if jnp.issubdtype(x.dtype, jnp.integer) and jnp.issubdtype(dtype, jnp.integer):
+        return jnp.asarray(x).astype(dtype)
+    if jnp.issubdtype(x.dtype, jnp.floating) and jnp.issubdtype(dtype, jnp.floating):
+        return jnp.asarray(x).astype(dtype)
+    return x
