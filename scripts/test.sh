@@ -37,6 +37,12 @@ if [ -z "${JAX_COMPILATION_CACHE_DIR:-}" ]; then
   cache="$(mktemp -d)"
   export JAX_COMPILATION_CACHE_DIR="$cache"
 fi
+# Likewise one folder of load-safety reports (a `.keras` file's artifacts
+# verified once, by sha256, whichever backend's process loads it first),
+# inside the same temporary folder.
+if [ -z "${JAXLAYER_CACHE_DIR:-}" ] && [ -n "$cache" ]; then
+  export JAXLAYER_CACHE_DIR="$cache/jaxlayer"
+fi
 
 # A time budget for the whole run (CI sets one; see tests/conftest.py): one
 # deadline shared by every backend's process.
