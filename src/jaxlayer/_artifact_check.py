@@ -179,7 +179,7 @@ def sha256_of(path: str) -> str:
 _REPORTS: dict[str, dict] = {}
 
 
-def _cache_dir() -> str | None:
+def _cache_dir() -> str:
     root = os.environ.get("JAXLAYER_CACHE_DIR")
     if not root:
         base = os.environ.get("XDG_CACHE_HOME") or os.path.join(
@@ -200,11 +200,8 @@ def _key(sha: str) -> str:
 def _cached(key: str) -> dict | None:
     if key in _REPORTS:
         return _REPORTS[key]
-    folder = _cache_dir()
-    if folder is None:
-        return None
     try:
-        with open(os.path.join(folder, f"{key}.json")) as f:
+        with open(os.path.join(_cache_dir(), f"{key}.json")) as f:
             report = json.load(f)
     except (OSError, ValueError):
         return None
@@ -217,8 +214,6 @@ def _cached(key: str) -> dict | None:
 def _store(key: str, report: dict) -> None:
     _REPORTS[key] = report
     folder = _cache_dir()
-    if folder is None:
-        return
     try:
         os.makedirs(folder, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
