@@ -17,7 +17,11 @@ the three settings interleaved in each round:
 - `safe_mode=True`, nothing cached: a child process verifies the artifacts
   first (it imports jax: most of its cost);
 - `safe_mode=True`, cached: the same file again, its report read from the
-  cache folder (what every later load of a file costs).
+  cache folder (what every later load of a file costs);
+- `safe_mode=True`, another file: a second file (another function, nothing
+  cached) loaded by a process that has just loaded the first: the verifying
+  child started for the first serves it (what each further layer or model
+  costs).
 
 The report is printed and written to `benchmarks/out/load.md` (git-ignored);
 `--write` writes `benchmarks/results-load.md`.
@@ -44,7 +48,7 @@ import jax, keras, numpy as np
 from jaxlayer import JaxLayer
 from benchmarks import _workloads as W
 
-layer = JaxLayer(lambda params, inputs: W.mlp_apply(params, inputs),
+layer = JaxLayer(lambda params, inputs: W.mlp_apply(params, inputs) * {scale},
                  params=W.mlp_init(jax.random.key(0)))
 model = keras.Sequential([keras.Input((64,)), layer])
 model.predict(np.zeros((4, 64), "float32"), verbose=0)
@@ -58,6 +62,20 @@ import keras, numpy as np
 import jaxlayer
 start = time.perf_counter()
 model = keras.saving.load_model({path!r}, safe_mode={safe})
+loaded = time.perf_counter()
+model.predict(np.zeros((128, 64), "float32"), verbose=0)
+done = time.perf_counter()
+print("RESULT " + json.dumps([loaded - start, done - start]))
+"""
+
+_LOAD_SECOND = """
+import json, time, warnings
+warnings.simplefilter("ignore")
+import keras, numpy as np
+import jaxlayer
+keras.saving.load_model({first!r})
+start = time.perf_counter()
+model = keras.saving.load_model({path!r})
 loaded = time.perf_counter()
 model.predict(np.zeros((128, 64), "float32"), verbose=0)
 done = time.perf_counter()
@@ -86,9 +104,16 @@ def measure(backend: str, rounds: int) -> dict:
     """Per setting, the min over `rounds` of (load, load + first predict)."""
     with tempfile.TemporaryDirectory() as tmp:
         path = os.path.join(tmp, "mlp.keras")
+        other = os.path.join(tmp, "other.keras")
         env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
-        _run(_SAVE.format(root=str(_ROOT), path=path), env)
-        times: dict = {"safe_mode=False": [], "verified": [], "cached": []}
+        _run(_SAVE.format(root=str(_ROOT), path=path, scale=1.0), env)
+        _run(_SAVE.format(root=str(_ROOT), path=other, scale=2.0), env)
+        times: dict = {
+            "safe_mode=False": [],
+            "verified": [],
+            "cached": [],
+            "second": [],
+        }
         for i in range(rounds):
             cache = os.path.join(tmp, f"cache{i}")
             run_env = dict(env, JAXLAYER_CACHE_DIR=cache)
@@ -97,6 +122,10 @@ def measure(backend: str, rounds: int) -> dict:
             )
             times["verified"].append(_run(_LOAD.format(path=path, safe=True), run_env))
             times["cached"].append(_run(_LOAD.format(path=path, safe=True), run_env))
+            fresh = dict(env, JAXLAYER_CACHE_DIR=os.path.join(tmp, f"second{i}"))
+            times["second"].append(
+                _run(_LOAD_SECOND.format(first=path, path=other), fresh)
+            )
     return {
         key: [min(t[0] for t in rows), min(t[1] for t in rows)]
         for key, rows in times.items()
@@ -116,6 +145,7 @@ def render(backend: str, rounds: int, result: dict) -> str:
         "safe_mode=False": "`safe_mode=False` (no verifying child)",
         "verified": "`safe_mode=True`, first load (verified in a child)",
         "cached": "`safe_mode=True`, later loads (report cached)",
+        "second": "`safe_mode=True`, another file after a first (child reused)",
     }
     for key, (load, total) in result.items():
         lines.append(

@@ -292,9 +292,15 @@ def test_load_report_of_made_up_results():
     text = load.render(
         "jax",
         3,
-        {"safe_mode=False": [0.1, 0.3], "verified": [2.1, 2.4], "cached": [0.05, 0.25]},
+        {
+            "safe_mode=False": [0.1, 0.3],
+            "verified": [2.1, 2.4],
+            "cached": [0.05, 0.25],
+            "second": [0.3, 0.5],
+        },
     )
     assert "min of 3 fresh processes" in text
     rows = [line for line in text.splitlines() if line.startswith("| `safe_mode")]
-    assert len(rows) == 3
+    assert len(rows) == 4
     assert "| 2.100 | 2.400 | +2.000 |" in rows[1]
+    assert "child reused" in rows[3] and "| 0.300 | 0.500 | +0.200 |" in rows[3]

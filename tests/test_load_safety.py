@@ -18,6 +18,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import time
 import zipfile
 
 import jax
@@ -266,7 +267,17 @@ def files(tmp_path_factory):
     manifest_edit("output_shape", wider)
     manifest_edit("output_dtype", half)
     manifest_edit("variable_dtype", variable)
+    # A 250 MiB artifact of which a few KiB are its computation: a small
+    # `.keras` file (zeros compress).
+    copy = members(base)
+    name = artifact_name(copy, "training")
+    copy[name] = copy[name] + bytes(250 * 2**20)
+    fix_manifests(copy)
+    paths["padded"] = write(str(folder / "padded.keras"), copy)
+    padded_bytes = len(copy[name])
+    del copy
     return {
+        "padded_bytes": padded_bytes,
         "paths": paths,
         "marker": marker,
         "x": x,
@@ -281,23 +292,36 @@ warnings.simplefilter("ignore")
 import keras
 import numpy as np
 import jaxlayer
+from jaxlayer import _artifact_check
 
+asked = []
+real = _artifact_check._verify
+_artifact_check._verify = lambda *a: asked.append(1) or real(*a)
 x = np.load(sys.argv[1])
 out = {}
 for name, path in json.loads(sys.argv[2]).items():
+    # What a case sets: `trusted_*` loads inside `allow_solver_kernels`,
+    # `capped_*` under a tiny size cap, `unsafe_*` with `safe_mode=False`.
+    if name.startswith("capped"):
+        os.environ["JAXLAYER_MAX_ARTIFACT_MIB"] = "0.001"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    asked.clear()
     try:
         if name.startswith("trusted"):
             with jaxlayer.allow_solver_kernels():
                 model = keras.saving.load_model(path)
         else:
-            model = keras.saving.load_model(path)
+            model = keras.saving.load_model(
+                path, safe_mode=not name.startswith("unsafe")
+            )
         y = np.asarray(model.predict(x, verbose=0))
         out[name] = {"ok": True, "y": y.tolist()}
     except Exception as err:
         out[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
+    os.environ.pop("JAXLAYER_MAX_ARTIFACT_MIB", None)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out[name]["grew_kib"] = after - before
+    out[name]["verified"] = len(asked)
 print("RESULT " + json.dumps(out))
 """
 
@@ -325,7 +349,21 @@ def results(files, tmp_path_factory):
     paths = dict(files["paths"])
     if "solver" in paths:
         paths["trusted_solver"] = paths["solver"]
-    return load_in_fresh_process(paths, files["x"], str(tmp_path_factory.mktemp("run")))
+    # The padded file first: the process's peak memory is still its own;
+    # then `safe_mode=False` before any report of those files is cached.
+    paths = {
+        "padded": paths.pop("padded"),
+        "unsafe_base": paths["base"],
+        "unsafe_callback": paths["callback"],
+        **paths,
+        "capped_base": paths["base"],
+    }
+    # One process loads them all (a fresh Keras process per backend), with
+    # a cache of reports of its own.
+    run = str(tmp_path_factory.mktemp("run"))
+    return load_in_fresh_process(
+        paths, files["x"], run, env={"JAXLAYER_CACHE_DIR": os.path.join(run, "c")}
+    )
 
 
 def refused(results, name, *words):
@@ -341,6 +379,7 @@ def refused(results, name, *words):
 
 def test_legitimate_files_load_and_predict(files, results):
     assert results["base"]["ok"], results["base"]
+    assert results["base"]["verified"] == 1
     np.testing.assert_allclose(
         results["base"]["y"], files["base"], rtol=1e-5, atol=1e-5
     )
@@ -391,77 +430,26 @@ def test_saved_artifacts_carry_no_path_of_the_saving_machine(files):
             assert root.encode() not in blob
 
 
-def test_a_padded_artifact_is_refused_before_it_is_read(files, tmp_path):
-    # A 250 MiB artifact of which a few KiB are its computation: a small
-    # `.keras` file (zeros compress), refused without the loader reading it.
-    files_ = members(files["paths"]["base"])
-    name = artifact_name(files_, "training")
-    files_[name] = files_[name] + bytes(250 * 2**20)
-    fix_manifests(files_)
-    padded = write(str(tmp_path / "padded.keras"), files_)
-    assert os.path.getsize(padded) < 2 * 2**20
-    got = load_in_fresh_process(
-        {"base": files["paths"]["base"], "padded": padded}, files["x"], str(tmp_path)
-    )
-    message = refused(got, "padded", "not part of any computation")
-    assert str(len(files_[name])) in message
+def test_a_padded_artifact_is_refused_before_it_is_read(files, results):
+    # The padded artifact is refused without the loader reading it whole.
+    assert os.path.getsize(files["paths"]["padded"]) < 2 * 2**20
+    message = refused(results, "padded", "not part of any computation")
+    assert str(files["padded_bytes"]) in message
     # The loading process grew by much less than the artifact (ru_maxrss, KiB).
-    assert got["padded"]["grew_kib"] < 64 * 1024, got["padded"]["grew_kib"]
+    assert results["padded"]["grew_kib"] < 64 * 1024, results["padded"]["grew_kib"]
 
 
-def test_the_size_cap_is_checked_before_reading(files, tmp_path):
-    got = load_in_fresh_process(
-        {"base": files["paths"]["base"]},
-        files["x"],
-        str(tmp_path),
-        env={"JAXLAYER_MAX_ARTIFACT_MIB": "0.001"},
-    )
-    refused(got, "base", "JAXLAYER_MAX_ARTIFACT_MIB")
+def test_the_size_cap_is_checked_before_reading(results):
+    refused(results, "capped_base", "JAXLAYER_MAX_ARTIFACT_MIB")
+    assert results["capped_base"]["verified"] == 0
 
 
-def test_safe_mode_false_skips_the_child_but_not_the_checks(files, tmp_path):
-    script = textwrap.dedent(
-        """
-        import json, sys, warnings
-        warnings.simplefilter("ignore")
-        import keras, numpy as np
-        from jaxlayer import _artifact_check
-        calls = []
-        real = _artifact_check.reports
-        _artifact_check.reports = lambda *a: calls.append(1) or real(*a)
-        out = {}
-        for name in ("base", "callback"):
-            try:
-                m = keras.saving.load_model(sys.argv[2 if name == "base" else 3],
-                                            safe_mode=False)
-                m.predict(np.load(sys.argv[1]), verbose=0)
-                out[name] = "ok"
-            except ValueError as err:
-                out[name] = str(err)
-        out["children"] = len(calls)
-        print("RESULT " + json.dumps(out))
-        """
-    )
-    np.save(tmp_path / "x.npy", files["x"])
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-c",
-            script,
-            str(tmp_path / "x.npy"),
-            files["paths"]["base"],
-            files["paths"]["callback"],
-        ],
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    line = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
-    out = json.loads(line[len("RESULT ") :])
-    assert out["base"] == "ok"
-    assert "xla_ffi_python_cpu_callback" in out["callback"]
-    assert out["children"] == 0
+def test_safe_mode_false_skips_the_child_but_not_the_checks(files, results):
+    unsafe = results["unsafe_base"]
+    assert unsafe["ok"], unsafe
+    np.testing.assert_allclose(unsafe["y"], files["base"], rtol=1e-5, atol=1e-5)
+    assert "xla_ffi_python_cpu_callback" in refused(results, "unsafe_callback")
+    assert unsafe["verified"] == results["unsafe_callback"]["verified"] == 0
 
 
 def test_a_verified_file_is_not_verified_twice(files, tmp_path, monkeypatch):
@@ -469,13 +457,13 @@ def test_a_verified_file_is_not_verified_twice(files, tmp_path, monkeypatch):
 
     monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
     runs = []
-    real = subprocess.run
+    real = _artifact_check._verify
 
     def counting(*args, **kwargs):
         runs.append(args)
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(_artifact_check.subprocess, "run", counting)
+    monkeypatch.setattr(_artifact_check, "_verify", counting)
     monkeypatch.setattr(_artifact_check, "_REPORTS", {})
     first = keras.saving.load_model(files["paths"]["base"])
     assert len(runs) == 1
@@ -487,6 +475,40 @@ def test_a_verified_file_is_not_verified_twice(files, tmp_path, monkeypatch):
         keras.ops.convert_to_numpy(second(files["x"])),
         rtol=1e-6,
     )
+
+
+def test_one_verifying_process_serves_many_loads(files, tmp_path, monkeypatch):
+    """Loads in one process share a verifying process (its `import jax` is
+    most of a first load's cost); one that went idle is replaced."""
+    from jaxlayer import _artifact_check
+
+    started = []
+
+    class Counted(_artifact_check._Worker):
+        def __init__(self):
+            started.append(1)
+            super().__init__()
+
+    monkeypatch.setattr(_artifact_check, "_Worker", Counted)
+    monkeypatch.setattr(_artifact_check, "_WORKER", None)
+    monkeypatch.setattr(_artifact_check, "_IDLE_S", 0.5)
+    monkeypatch.setattr(_artifact_check, "_REPORTS", {})
+    monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
+    model = keras.saving.load_model(files["paths"]["base"])
+    with pytest.raises(ValueError, match="xla_ffi_python_cpu_callback"):
+        keras.saving.load_model(files["paths"]["callback"])
+    assert len(started) == 1
+    np.testing.assert_allclose(
+        keras.ops.convert_to_numpy(model(files["x"])), files["base"], rtol=1e-5
+    )
+    # Idle past `_IDLE_S`: it exits by itself, and the next load starts one.
+    monkeypatch.setattr(_artifact_check, "_REPORTS", {})
+    monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache2"))
+    time.sleep(2)
+    assert _artifact_check._WORKER._proc.poll() == 0
+    keras.saving.load_model(files["paths"]["base"])
+    assert len(started) == 2
+    _artifact_check._WORKER.stop()
 
 
 # -- random corruption ---------------------------------------------------------

@@ -10,13 +10,14 @@ process deserializes anything:
 
 1. the sizes: the manifest's byte count is at most `max_artifact_bytes()`
    and equals the file's size on disk (nothing larger is ever read);
-2. a short-lived child process (this file, run by path: it imports jax
-   only, never jaxlayer or Keras) deserializes each artifact and its VJPs,
-   parses the modules as jax would, lowers each for this platform, and
-   reports the operations, custom-call targets and signatures it found. A
-   signal, a time-out or too much memory there is a refusal; the loading
-   process is never at risk. The report is cached by the artifact's sha256
-   (in this process and in a folder on disk), so a file is verified once;
+2. a child process (this file, run by path: it imports jax only, never
+   jaxlayer or Keras; one serves every load of a process, see `_verify`)
+   deserializes each artifact and its VJPs, parses the modules as jax
+   would, lowers each for this platform, and reports the operations,
+   custom-call targets and signatures it found. A signal, a time-out or too
+   much memory there is a refusal; the loading process is never at risk.
+   The report is cached by the artifact's sha256 (in this process and in a
+   folder on disk), so a file is verified once;
 3. the report is checked here against the policy below and against the
    manifest: the operations, the custom-call targets (an allowlist), the
    file holding no bytes beyond its computation, and its platforms.
@@ -29,16 +30,20 @@ is skipped (the module is deserialized in this process, as before); 1 and
 
 from __future__ import annotations
 
+import atexit
 import contextlib
 import contextvars
 import hashlib
 import json
 import os
 import re
+import select
 import signal
 import subprocess
 import sys
 import tempfile
+import threading
+import time
 from collections.abc import Iterator
 
 # Bumped when the child's report changes, so that cached reports of an older
@@ -253,38 +258,26 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
         "files": {name: path for name, (path, _) in todo.items()},
         # Memory: jax itself, and a bounded multiple of what is checked.
         "memory": 4 * 2**30 + 16 * total,
-        # The child runs isolated (`-I`: no PYTHONPATH, no user site, no
-        # current folder) and imports jax from where this process did.
-        "path": [p for p in sys.path if p],
     }
-    env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    env.pop("PYTHONSTARTUP", None)
+    names = ", ".join(f"`{n}`" for n in todo)
+    first = where[next(iter(todo))]
     limit = timeout_s()
     try:
-        proc = subprocess.run(
-            [sys.executable, "-I", os.path.abspath(__file__)],
-            input=json.dumps(request).encode(),
-            capture_output=True,
-            timeout=limit,
-            env=env,
-        )
-    except subprocess.TimeoutExpired:
-        names = ", ".join(f"`{n}`" for n in todo)
+        found = _verify(request, limit)
+    except _TimedOut:
         raise Refused(
-            f"{where[next(iter(todo))]}: checking {names} before use did not "
+            f"{first}: checking {names} before use did not "
             f"finish in {limit:g} s (a corrupted or hostile module can make "
             "the deserializer loop); refused. If the file is trusted and "
             "large, set JAXLAYER_VERIFY_TIMEOUT to more seconds."
         ) from None
-    found = _parse(proc.stdout)
-    if proc.returncode != 0 or found is None:
-        names = ", ".join(f"`{n}`" for n in todo)
+    except _Died as death:
         raise Refused(
-            f"{where[next(iter(todo))]}: checking {names} before use "
-            f"{_death(proc)}: the file is corrupted or hostile; refused "
+            f"{first}: checking {names} before use "
+            f"{death}: the file is corrupted or hostile; refused "
             "(this process never deserialized it). Save the model again "
             "from its source."
-        )
+        ) from None
     for name, (_, key) in todo.items():
         report = found.get(name)
         if not isinstance(report, dict):
@@ -295,30 +288,157 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
     return out
 
 
-def _parse(stdout: bytes) -> dict | None:
-    lines = stdout.decode("utf-8", "replace").strip().splitlines()
-    if not lines:
-        return None
-    try:
-        found = json.loads(lines[-1])
-    except ValueError:
-        return None
-    return found if isinstance(found, dict) else None
+# -- the verifying process, seen from the loading process ----------------------
+
+# A verifying process that got no request for this long exits; the next
+# load starts a new one (about 2 s on a 2-core machine, its `import jax`).
+_IDLE_S = 30.0
+
+_WORKER_LOCK = threading.Lock()
+_WORKER: _Worker | None = None
 
 
-def _death(proc) -> str:
-    code = proc.returncode
-    if code < 0:
+class _TimedOut(Exception):
+    pass
+
+
+class _Died(Exception):
+    """The verifying process ended while checking; `str` says how."""
+
+
+class _Idle(Exception):
+    """The verifying process had exited while idle, before reading."""
+
+
+def _verify(request: dict, limit: float) -> dict:
+    """The verifying process's reports on `request["files"]`.
+
+    One process serves every load of this process, so a model with many
+    layers (or many models) pays for its `import jax` once. It is stopped
+    after a request it could not answer cleanly (a time-out, a death, or an
+    artifact it failed to parse: hostile input gets a fresh process), and
+    it exits by itself when idle (`_IDLE_S`) or when this process ends.
+    """
+    global _WORKER
+    with _WORKER_LOCK:
+        for _ in range(2):
+            worker = _WORKER
+            if worker is None or not worker.usable():
+                worker = _WORKER = _Worker()
+            try:
+                found = worker.ask(request, limit)
+            except _Idle:
+                _WORKER = None
+                continue
+            except (_TimedOut, _Died):
+                _WORKER = None
+                raise
+            if any(not isinstance(r, dict) or "error" in r for r in found.values()):
+                worker.stop()
+                _WORKER = None
+            return found
+        raise _Died("could not start the verifying process")
+
+
+@atexit.register
+def _stop_worker() -> None:
+    # The child would exit on its own when its stdin closes; stopping it
+    # here spares Python's warning about a child still running at exit.
+    if _WORKER is not None:
+        _WORKER.stop()
+
+
+class _Worker:
+    """A verifying child: `python -I _artifact_check.py --serve`.
+
+    One JSON request per line on its stdin, one JSON answer per line on its
+    stdout (its own stdout goes to stderr, so nothing else is read as an
+    answer); its stderr goes to a temporary file, read back for messages.
+    """
+
+    def __init__(self) -> None:
+        env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("PYTHONSTARTUP", None)
+        self._stderr = tempfile.TemporaryFile()
+        self._pid = os.getpid()
+        self._buffer = b""
+        self._proc = subprocess.Popen(
+            [sys.executable, "-I", os.path.abspath(__file__), "--serve"],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=self._stderr,
+            env=env,
+        )
+        # The child runs isolated (`-I`: no PYTHONPATH, no user site, no
+        # current folder) and imports jax from where this process did.
+        self._send({"path": [p for p in sys.path if p], "idle": _IDLE_S})
+
+    def usable(self) -> bool:
+        # A forked process does not share its parent's child.
+        return self._pid == os.getpid() and self._proc.poll() is None
+
+    def _send(self, message: dict) -> bool:
         try:
-            name = signal.Signals(-code).name
+            self._proc.stdin.write(json.dumps(message).encode() + b"\n")
+            self._proc.stdin.flush()
+        except OSError:  # it had exited: the answer's EOF says how
+            return False
+        return True
+
+    def ask(self, request: dict, limit: float) -> dict:
+        start = self._stderr.tell()
+        self._send(request)
+        deadline = time.monotonic() + limit
+        fd = self._proc.stdout.fileno()
+        while b"\n" not in self._buffer:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                self.stop()
+                raise _TimedOut
+            if not select.select([fd], [], [], left)[0]:
+                continue
+            chunk = os.read(fd, 1 << 16)
+            if not chunk:
+                code = self._proc.wait()
+                if code == 0:  # it had timed out idle before this request
+                    raise _Idle
+                raise _Died(self._death(code, start))
+            self._buffer += chunk
+        line, _, self._buffer = self._buffer.partition(b"\n")
+        try:
+            found = json.loads(line)
         except ValueError:
-            name = f"signal {-code}"
-        return f"crashed the verifying process ({name})"
-    tail = proc.stderr.decode("utf-8", "replace").strip().splitlines()
-    last = tail[-1][:200] if tail else ""
-    if "MemoryError" in last or "memory" in last.lower():
-        return "ran the verifying process out of memory"
-    return f"failed in the verifying process (exit {code}: {last or 'no output'})"
+            found = None
+        if not isinstance(found, dict):
+            self.stop()
+            raise _Died("gave an answer that is not a report")
+        return found
+
+    def _death(self, code: int, start: int) -> str:
+        if code < 0:
+            try:
+                name = signal.Signals(-code).name
+            except ValueError:
+                name = f"signal {-code}"
+            return f"crashed the verifying process ({name})"
+        self._stderr.seek(start)
+        tail = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
+        last = tail[-1][:200] if tail else ""
+        if "MemoryError" in last or "memory" in last.lower():
+            return "ran the verifying process out of memory"
+        return f"failed in the verifying process (exit {code}: {last or 'no output'})"
+
+    def stop(self) -> None:
+        if self._pid != os.getpid():
+            return
+        with contextlib.suppress(OSError):
+            self._proc.stdin.close()
+        if self._proc.poll() is None:
+            self._proc.kill()
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self._proc.wait(timeout=5)
+        self._proc.stdout.close()
+        self._stderr.close()
 
 
 # -- checking a report ----------------------------------------------------------
@@ -457,32 +577,64 @@ def _avals_text(avals) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
-# -- the child: run as `python -I _artifact_check.py`, a request on stdin ------
+# -- the child: `python -I _artifact_check.py --serve`, requests on stdin -------
 
 
-def _child() -> None:  # pragma: no cover - runs in the verifying process
-    request = json.loads(sys.stdin.read())
-    try:  # no core file from a crash; a bounded heap
-        import resource
+def _serve() -> None:  # pragma: no cover - runs in the verifying process
+    """The verifying process: a set-up line, then one request per line."""
+    import resource
 
-        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
-        memory = int(request["memory"])
-        resource.setrlimit(resource.RLIMIT_DATA, (memory, memory))
-    except (ImportError, ValueError, OSError):
-        pass
-    sys.path[:] = [str(p) for p in request.get("path", sys.path)]
+    # Answers go to a private copy of stdout; anything else printed here
+    # (jax's or XLA's own output) goes to stderr, never into an answer.
+    answers = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_CORE, (0, 0))  # no core file
+    buffer = bytearray()
+    setup = json.loads(_read_line(0, buffer, None) or "{}")
+    sys.path[:] = [str(p) for p in setup.get("path", sys.path)]
+    idle = float(setup.get("idle", 30.0))
     import jax
 
-    found = {}
-    for name, path in request["files"].items():
-        try:
-            found[name] = _describe_file(jax, path)
-        except Exception as err:  # noqa: BLE001 - reported, refused by the parent
-            lines = str(err).strip().splitlines()
-            text = f"{type(err).__name__}: {lines[0] if lines else ''}"
-            found[name] = {"error": text[:300]}
-    sys.stdout.write("\n" + json.dumps(found) + "\n")
-    sys.stdout.flush()
+    while True:
+        line = _read_line(0, buffer, idle)
+        if not line:
+            # Idle (None) or the loading process ended (""): exit 0; a later
+            # load starts another.
+            return
+        request = json.loads(line)
+        with contextlib.suppress(ValueError, OSError):  # a bounded heap
+            memory = int(request["memory"])
+            hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            if hard != resource.RLIM_INFINITY:
+                memory = min(memory, hard)
+            resource.setrlimit(resource.RLIMIT_DATA, (memory, hard))
+        found = {}
+        for name, path in request["files"].items():
+            try:
+                found[name] = _describe_file(jax, path)
+            except Exception as err:  # noqa: BLE001 - reported, refused by the parent
+                text_lines = str(err).strip().splitlines()
+                text = f"{type(err).__name__}: {text_lines[0] if text_lines else ''}"
+                found[name] = {"error": text[:300]}
+        answers.write(json.dumps(found) + "\n")
+        answers.flush()
+
+
+def _read_line(fd: int, buffer: bytearray, timeout: float | None) -> str | None:
+    """The next line from `fd` (Python's own buffering would hide a waiting
+    line from `select`); "" when `fd` ends, None after `timeout` seconds
+    without one."""  # pragma: no cover - in the child
+    while b"\n" not in buffer:
+        if timeout is not None and not select.select([fd], [], [], timeout)[0]:
+            return None
+        chunk = os.read(fd, 1 << 16)
+        if not chunk:
+            return ""
+        buffer += chunk
+    line, _, rest = bytes(buffer).partition(b"\n")
+    buffer[:] = rest
+    return line.decode()
 
 
 def describe_here(path: str) -> dict:
@@ -592,4 +744,4 @@ def _exercise(jax, exp) -> None:  # pragma: no cover - in the child
 
 
 if __name__ == "__main__":  # pragma: no cover - the verifying process
-    _child()
+    _serve()
