@@ -12,6 +12,9 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # The reports of verified artifacts (load safety) go to a folder of this run,
 # not the user's cache: each run verifies the files it loads afresh.
 os.environ.setdefault("JAXLAYER_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlayer-cache-"))
+# One verifying process for the whole run of a backend's tests (loads are
+# often more than the default 30 s apart).
+os.environ.setdefault("JAXLAYER_VERIFY_IDLE", "3600")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

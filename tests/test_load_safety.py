@@ -491,7 +491,7 @@ def test_one_verifying_process_serves_many_loads(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(_artifact_check, "_Worker", Counted)
     monkeypatch.setattr(_artifact_check, "_WORKER", None)
-    monkeypatch.setattr(_artifact_check, "_IDLE_S", 0.5)
+    monkeypatch.setenv("JAXLAYER_VERIFY_IDLE", "0.5")
     monkeypatch.setattr(_artifact_check, "_REPORTS", {})
     monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
     model = keras.saving.load_model(files["paths"]["base"])

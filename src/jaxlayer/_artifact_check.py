@@ -166,6 +166,16 @@ def timeout_s() -> float:
         return _DEFAULT_TIMEOUT_S
 
 
+def idle_s() -> float:
+    """How long the verifying process waits for another load before it
+    exits: `JAXLAYER_VERIFY_IDLE` (s), 30 by default."""
+    text = os.environ.get("JAXLAYER_VERIFY_IDLE", "")
+    try:
+        return float(text) if text else _IDLE_S
+    except ValueError:
+        return _IDLE_S
+
+
 class Refused(ValueError):
     """An artifact failed a check; the message says which and why."""
 
@@ -290,8 +300,9 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
 
 # -- the verifying process, seen from the loading process ----------------------
 
-# A verifying process that got no request for this long exits; the next
-# load starts a new one (about 2 s on a 2-core machine, its `import jax`).
+# A verifying process that got no request for this long exits (`idle_s`);
+# the next load starts a new one (about 2 s on a 2-core machine, its
+# `import jax`).
 _IDLE_S = 30.0
 
 _WORKER_LOCK = threading.Lock()
@@ -317,7 +328,7 @@ def _verify(request: dict, limit: float) -> dict:
     layers (or many models) pays for its `import jax` once. It is stopped
     after a request it could not answer cleanly (a time-out, a death, or an
     artifact it failed to parse: hostile input gets a fresh process), and
-    it exits by itself when idle (`_IDLE_S`) or when this process ends.
+    it exits by itself when idle (`idle_s()`) or when this process ends.
     """
     global _WORKER
     with _WORKER_LOCK:
@@ -371,7 +382,7 @@ class _Worker:
         )
         # The child runs isolated (`-I`: no PYTHONPATH, no user site, no
         # current folder) and imports jax from where this process did.
-        self._send({"path": [p for p in sys.path if p], "idle": _IDLE_S})
+        self._send({"path": [p for p in sys.path if p], "idle": idle_s()})
 
     def usable(self) -> bool:
         # A forked process does not share its parent's child.
