@@ -230,3 +230,31 @@ def test_init_fn_params_unused_by_call_fn_are_not_dropped_silently():
     layer = JaxLayer(call_fn, empty_init)
     layer(np.ones((1, 2), "float32"))
     assert layer.params is None and len(layer.non_trainable_weights) == 1
+
+
+def test_an_unsaveable_layer_fails_with_one_type_in_every_adapter():
+    # A module that cannot be written to a config, in a layer never called
+    # (so no computation to export): one failure, one exception type, a
+    # TypeError (as Keras raises for what it cannot serialize) and a
+    # ValueError, whichever adapter raises it.
+    import equinox as eqx
+    import flax.linen as nn
+    from flax import nnx
+
+    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer
+    from jaxlayer._errors import CannotSave
+
+    class Plain(nn.Module):
+        @nn.compact
+        def __call__(self, x):
+            return nn.Dense(2)(x)
+
+    layers = [
+        FlaxLayer(Plain(), seed=0, name="f"),
+        NNXLayer(nnx.Linear(2, 2, rngs=nnx.Rngs(0)), name="n"),
+        EquinoxLayer(eqx.nn.Linear(2, 2, key=jax.random.key(0)), name="e"),
+    ]
+    for layer in layers:
+        with pytest.raises(CannotSave, match=f"{type(layer).__name__} '{layer.name}'"):
+            layer.get_config()
+    assert issubclass(CannotSave, TypeError) and issubclass(CannotSave, ValueError)

@@ -776,7 +776,7 @@ class JaxLayer(keras.layers.Layer):
         trees = self._tree_configs()
         for err in trees.pop("undescribable").values():
             if artifacts is None and self.init_fn is None:
-                raise ValueError(
+                raise _errors.CannotSave(
                     f"{self._owner} cannot be saved in a `.keras` file: "
                     f"`{err.path}` is {err.what}, and its computation "
                     f"could not be exported ({why}). Use dicts, lists, "

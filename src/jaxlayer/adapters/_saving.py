@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from jaxlayer import saving
 from jaxlayer._config import LayerName
-from jaxlayer._errors import named, owner
+from jaxlayer._errors import CannotSave, named, owner
 
 
 def module_layer_config(
@@ -26,10 +26,11 @@ def module_layer_config(
             (`saving.export_failure`).
 
     Raises:
-        ValueError: the computation could not be exported.
+        CannotSave: the computation could not be exported (a `TypeError`
+            and a `ValueError`).
     """
     if config.get("exported") is None:
-        raise ValueError(
+        raise CannotSave(
             f"{owner(layer)} cannot be saved in a `.keras` file: {module} "
             "cannot be written to a config, so the file must hold the layer's "
             "exported computation, which could not be made "

@@ -196,7 +196,7 @@ class FlaxLayer(JaxLayer):
         if not hasattr(self.module, "get_config"):
             cls = type(self.module)
             if config.get("exported") is None:
-                raise TypeError(
+                raise _errors.CannotSave(
                     f"{self._owner}: the Flax module {cls.__name__} has no "
                     "`get_config()`, so the config can hold only the layer's "
                     "exported computation, which could not be made "
