@@ -32,11 +32,13 @@ How a block is run is set by an HTML comment on the line just before it
 
 from __future__ import annotations
 
+import builtins
 import os
 import re
 import shlex
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import keras
@@ -119,6 +121,39 @@ def _write_files(example: CodeExample, where: Path) -> None:
         name = settings(ex).get("file") if ex.path == example.path else None
         if name:
             (where / name).write_text(ex.source, "utf-8")
+
+
+@pytest.fixture(autouse=True)
+def _quick_print_mock(monkeypatch):
+    """pytest-examples' print mock calls `inspect.stack()` (which reads the
+    source file of every frame) on each `print` in the process while an
+    example runs, libraries' own included: torch.compile's logging prints
+    thousands of lines into buffers, which made a 50 s example take 300 s.
+    Here a print into a file goes to the real `print`, one from outside the
+    example is dropped at once (the mock dropped those too), and only the
+    example's own reach the mock, which checks them."""
+    from pytest_examples import run_code
+
+    real_print = builtins.print
+
+    def call(self, *args, sep=" ", **kwargs):
+        if kwargs.get("file") is not None:
+            return real_print(*args, sep=sep, **kwargs)
+        # The caller of `print`, as the mock finds it (`inspect.stack()`
+        # at the same depth), without reading every frame's source.
+        frame = sys._getframe(run_code.parent_frame_id)
+        name = frame.f_code.co_filename
+        ours = str(self.file)
+        if name != ours and not (os.path.exists(name) and os.path.samefile(name, ours)):
+            return None
+        info = types.SimpleNamespace(frame=frame, filename=name)
+        if self._include_file(info, args):
+            line = self._find_line_number(info)
+            arguments = [run_code.Arg(arg) for arg in args]
+            self.statements.append(run_code.PrintStatement(line, sep, arguments))
+        return None
+
+    monkeypatch.setattr(run_code.MockPrintFunction, "__call__", call)
 
 
 @pytest.mark.parametrize("example", EXAMPLES, ids=_id)
