@@ -298,3 +298,16 @@ def test_load_report_of_made_up_results():
     rows = [line for line in text.splitlines() if line.startswith("| `safe_mode")]
     assert len(rows) == 3
     assert "| 2.100 | 2.400 | +2.000 |" in rows[1]
+
+
+def test_transforms_quick_run_reports_both_steps(tmp_path):
+    from benchmarks import transforms
+
+    out = tmp_path / "transforms.md"
+    rows = transforms.main(["--quick", "--output", str(out)])
+    assert [(r["step"], r["label"]) for r in rows] == [
+        ("fit", "LoRA"),
+        ("predict", "int8"),
+    ]
+    assert all(r["plain"] > 0 and r["transformed"] > 0 for r in rows)
+    assert "| mlp | fit (LoRA) |" in out.read_text()
