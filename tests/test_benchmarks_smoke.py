@@ -304,3 +304,16 @@ def test_load_report_of_made_up_results():
     assert len(rows) == 4
     assert "| 2.100 | 2.400 | +2.000 |" in rows[1]
     assert "child reused" in rows[3] and "| 0.300 | 0.500 | +0.200 |" in rows[3]
+
+
+def test_transforms_quick_run_reports_both_steps(tmp_path):
+    from benchmarks import transforms
+
+    out = tmp_path / "transforms.md"
+    rows = transforms.main(["--quick", "--output", str(out)])
+    assert [(r["step"], r["label"]) for r in rows] == [
+        ("fit", "LoRA"),
+        ("predict", "int8"),
+    ]
+    assert all(r["plain"] > 0 and r["transformed"] > 0 for r in rows)
+    assert "| mlp | fit (LoRA) |" in out.read_text()

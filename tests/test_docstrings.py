@@ -15,6 +15,7 @@ from conftest import BACKEND
 
 MODULES = [
     "jaxlayer.layer",
+    "jaxlayer._transform_methods",
     "jaxlayer.adapters.flax_linen",
     "jaxlayer.adapters.flax_nnx",
     "jaxlayer.adapters.equinox",

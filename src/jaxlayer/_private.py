@@ -12,6 +12,9 @@ Keras (3.10 - 3.15):
   pytree path). If it goes: `layer.weights` would miss the variables.
   Fallback: the variables are tracked by assigning them to a list attribute,
   which Keras's attribute tracking picks up.
+- `Layer._untrack_variable(variable)`: drops a variable from the layer (the
+  float leaf `quantize("int8")` replaces). If it goes: quantizing raises
+  (naming the versions supported) rather than keep a float copy.
 
 TensorFlow (2.17 - 2.21), used by `bridges/tensorflow.py`:
 
@@ -64,6 +67,17 @@ def track_variable(layer: Any, variable: Any) -> None:
         layer._jaxlayer_variables = []
         extra = layer._jaxlayer_variables
     extra.append(variable)
+
+
+def untrack_variable(layer: Any, variable: Any) -> None:
+    """Drops `variable` from `layer`'s weights (see the module docstring)."""
+    untrack = getattr(layer, "_untrack_variable", None)
+    if untrack is None:
+        raise unsupported(
+            "Keras's Layer._untrack_variable",
+            AttributeError("keras.layers.Layer has no _untrack_variable"),
+        )
+    untrack(variable)
 
 
 def is_tracer(value: Any) -> bool:

@@ -166,6 +166,34 @@ def create_variables(
     return TreeSpec(treedef, slots, static, paths, variables, tree)
 
 
+def add_variable(
+    layer, parts: list[str], value, *, trainable: bool, taken: set
+) -> tuple[Any, str]:
+    """One more `params` variable of `layer`, named by `parts` (name scopes,
+    then the name; made unique against `taken`, which is updated), as
+    `create_variables` makes them: floating values take the layer's variable
+    dtype, other values keep theirs and are never trainable.
+
+    Returns:
+        `(variable, name)`, the name relative to the layer
+        (`"dense/kernel_lora_a"`).
+    """
+    dtype = keras.backend.standardize_dtype(value.dtype)
+    floating = is_float(dtype)
+    if floating:
+        dtype = layer.variable_dtype
+    parts = unique_parts(parts, taken)
+    variable = _new_variable(
+        layer,
+        parts,
+        _cast(value, dtype, copy=False),
+        dtype=dtype,
+        trainable=trainable and floating,
+        autocast=True,
+    )
+    return variable, "/".join(parts)
+
+
 def _cast(value, dtype, copy):
     """`value` as an array of `dtype` that the layer may own."""
     if keras.backend.backend() == "jax" and isinstance(value, jax.Array):

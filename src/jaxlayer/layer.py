@@ -14,12 +14,14 @@ from jaxlayer import _config as C
 from jaxlayer import _contract as K
 from jaxlayer import _errors, _private, _record, _signature, bridges, saving
 from jaxlayer import _shapes as S
+from jaxlayer import _transforms as T
 from jaxlayer import _variables as V
 from jaxlayer._pure import PureFunction
+from jaxlayer._transform_methods import TransformMethods
 
 
 @keras.saving.register_keras_serializable(package="jaxlayer")
-class JaxLayer(keras.layers.Layer):
+class JaxLayer(TransformMethods, keras.layers.Layer):
     """A Keras layer that runs a JAX model, on every Keras backend.
 
     A drop-in replacement for `keras.layers.JaxLayer`: the same arguments,
@@ -98,9 +100,14 @@ class JaxLayer(keras.layers.Layer):
         native_serialization_platforms: Sequence[str] | None = None,
         **kwargs,
     ):
+        # Set by `from_config`: the transforms (`enable_lora`, `quantize`)
+        # to replay once the weights exist, making the same variables.
+        replay = T.steps_from_config(kwargs.pop("weight_transforms", None))
         super().__init__(**kwargs)
         owner = self._owner
         self._pure_fns: dict = {}
+        self._set_untracked("_replay_steps", replay)
+        self._set_untracked("_inherited_steps", ())
         self.call_fn = call_fn
         self.init_fn = init_fn
         self.seed = K.check_seed(seed, owner)
@@ -156,6 +163,7 @@ class JaxLayer(keras.layers.Layer):
         if params is not None or state is not None:
             self._create_weights(params, state, copy=True)
             self.built = True
+            self._replay()
 
     # -- the function and what depends on it -----------------------------
 
@@ -278,6 +286,7 @@ class JaxLayer(keras.layers.Layer):
             else:
                 initialize()
         self.built = True
+        self._replay()
 
     def _initialize_weights(self, input_shape):
         # Keras may build the layer while tracing (a subclassed model's
@@ -801,6 +810,9 @@ class JaxLayer(keras.layers.Layer):
                 "exported": artifacts.manifest if artifacts is not None else None,
             }
         )
+        steps = self._weight_steps()
+        if steps:
+            config["weight_transforms"] = [step.to_config() for step in steps]
         return config
 
     def _export_source(self) -> saving.ExportSource:
@@ -812,7 +824,7 @@ class JaxLayer(keras.layers.Layer):
             call_fn_arguments=tuple(self.call_fn_arguments),
             built=self.built,
             record=self._input_record,
-            trees=(self._params_spec, self._state_spec),
+            trees=(T.export_view(self._params_spec), self._state_spec),
             dtype_policy=self.dtype_policy.name,
             native_serialization_platforms=self.native_serialization_platforms,
             trainable=frozenset(id(v) for v in self.trainable_variables),
@@ -831,7 +843,10 @@ class JaxLayer(keras.layers.Layer):
         `"undescribable"`.
         """
         trees: dict = {"undescribable": {}}
-        for root, spec in (("params", self._params_spec), ("state", self._state_spec)):
+        for root, spec in (
+            ("params", T.described(self._params_spec)),
+            ("state", self._state_spec),
+        ):
             try:
                 trees[root] = V.spec_to_config(spec, root)
             except V.UndescribableTree as err:
@@ -938,7 +953,7 @@ class JaxLayer(keras.layers.Layer):
             config.get("state_spec"),
         ):
             return None
-        return V.numpy_tree(self.params), V.numpy_tree(self.state)
+        return self._effective_params(), V.numpy_tree(self.state)
 
     def save_assets(self, dir_path: str) -> None:
         """Writes the exported computation to the layer's asset folder.
@@ -965,8 +980,14 @@ class JaxLayer(keras.layers.Layer):
         `__init__` takes a module, which a rebuilt layer has not. Adapters
         extend this to set what their `__init__` would have.
         """
+        config = dict(config)
+        steps = T.steps_from_config(config.pop("weight_transforms", None))
         layer = cls.__new__(cls)
         JaxLayer.__init__(layer, call_fn=call_fn, params=params, state=state, **config)
+        if steps:
+            # The saved computation applies the transforms itself: the layer
+            # holds the stored variables, trainable as they were saved.
+            layer._inherit_steps(steps, call_fn.manifest)
         layer._set_untracked("_input_record", record)
         # (Watched until the artifacts are read: see `_watched_call`.)
         layer._set_untracked("_saving_watch", True)

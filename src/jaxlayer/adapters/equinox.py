@@ -217,7 +217,7 @@ class EquinoxLayer(JaxLayer):
         as_jax = lambda tree: jax.tree_util.tree_map(
             lambda x: jax.numpy.asarray(np.asarray(x)), V.numpy_tree(tree)
         )
-        module = eqx.combine(as_jax(self.params), self._static)
+        module = eqx.combine(as_jax(self._effective_params()), self._static)
         if self._template is None:
             return module
         state = _to_eqx_state(self._template, self._indices, as_jax(self.state))

@@ -158,7 +158,7 @@ class FlaxLayer(JaxLayer):
             >>> bool(np.allclose(out, y))
             True
         """
-        return _merge(V.numpy_tree(self.params), V.numpy_tree(self.state))
+        return _merge(self._effective_params(), V.numpy_tree(self.state))
 
     # -- saving ----------------------------------------------------------
 

@@ -149,7 +149,7 @@ class NNXLayer(JaxLayer):
         """
         if saving.rebuilt(self):
             raise module_error(self._owner, self.call_fn.module_class)
-        params = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.params))
+        params = jax.tree_util.tree_map(np.asarray, self._effective_params())
         state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
         to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)
         return self._merge(to_jax(params), to_jax(state), self._rng_data)

@@ -53,7 +53,12 @@ def from_artifacts(
         module_class=module_class,
     )
     config.pop("init_on_build", None)  # the artifacts have no init_fn
-    params = placeholders(config.pop("params_spec", None), manifest, "params")
+    params_config = config.pop("params_spec", None)
+    if config.get("weight_transforms"):
+        # A layer with weight transforms (LoRA, int8) stores other variables
+        # than its tree's leaves: the artifacts take them flat, by name.
+        params_config = dict(V.FLAT)
+    params = placeholders(params_config, manifest, "params")
     state = placeholders(config.pop("state_spec", None), manifest, "state")
     if values is not None:
         params, state = values
