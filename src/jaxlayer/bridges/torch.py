@@ -140,6 +140,7 @@ import torch
 from torch.utils import dlpack as _torch_dlpack
 
 from jaxlayer._errors import owner as _owner_of
+from jaxlayer.bridges import torch_export
 
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
@@ -1306,7 +1307,12 @@ def layer_call(layer, inputs, training):
     # this is.
     params, state, cast = layer._call_values(True)  # run.casts_params
     site = _site_id(layer, training, in_key, rng_key, cast)
-    flat = _call_op(site, params, leaves, state, rng)
+    if torch.compiler.is_exporting():
+        # A program that may run elsewhere: the computation goes in it.
+        fn = _site(site).pure_fn(params, leaves, state, rng)
+        flat = torch_export.call(fn, cast, params, leaves, state, rng)
+    else:
+        flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)
     layer._assign_state(flat[n_out:])
     outputs = flat[:n_out]
