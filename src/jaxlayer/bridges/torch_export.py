@@ -6,7 +6,8 @@ captured as
 
     torch.ops.jaxlayer.call_exported(artifact, sha256, params, inputs, state, rng)
 
-where `artifact` is a 1-D `uint8` tensor constant holding the serialized
+where `artifact` is a 1-D `int8` tensor constant (int8, not uint8: LiteRT's
+MLIR accepts only signless integer constants) holding the serialized
 `jax.export.Exported` of the layer's computation (made from its pure
 function at the traced shapes, a symbolic size where torch's is symbolic;
 the weights are not in it, they are the program's parameters), `sha256` is
@@ -180,9 +181,9 @@ def artifact_for(
 
 @torch.compiler.assume_constant_result
 def artifact_tensor(sha: str) -> torch.Tensor:
-    """The artifact made in this process under `sha`, as a uint8 tensor
+    """The artifact made in this process under `sha`, as an int8 tensor
     (a constant of the traced program)."""
-    return torch.frombuffer(bytearray(_LOADED[sha].blob), dtype=torch.uint8)
+    return torch.frombuffer(bytearray(_LOADED[sha].blob), dtype=torch.int8)
 
 
 def call(fn, cast, params, inputs, state, rng) -> list[torch.Tensor]:
@@ -205,10 +206,10 @@ def _loaded(artifact: torch.Tensor, sha: str, tensors, where: str) -> _Loaded:
     found = _LOADED.get(sha)
     if found is not None:
         return found
-    if artifact.dtype != torch.uint8 or artifact.dim() != 1:
+    if artifact.dtype not in (torch.int8, torch.uint8) or artifact.dim() != 1:
         raise ValueError(
             f"{where}: its artifact is a {artifact.dtype} tensor of shape "
-            f"{tuple(artifact.shape)}, not the 1-D uint8 tensor jaxlayer writes."
+            f"{tuple(artifact.shape)}, not the 1-D int8 tensor jaxlayer writes."
         )
     blob = artifact.detach().cpu().contiguous().numpy().tobytes()
     exported = deserialize_checked(blob, sha, where, _signature(tensors))

@@ -15,7 +15,10 @@ imported `litert_torch`; importing it imports litert-torch.
 
 from __future__ import annotations
 
+import dataclasses
+
 import torch
+from litert_converter.mlir import ir
 from litert_torch.backend import jax_bridge
 from litert_torch.backend.lowerings import registry
 
@@ -30,7 +33,14 @@ def _lowering(lctx, artifact, sha256, params, inputs, state, rng):
         flat = (*params, *inputs, *state, *rng)
         return tuple(exp.call(*flat))
 
-    return jax_bridge.wrap(jaxlayer_call)(lctx, params, inputs, state, rng)
+    # Without the node, the bridge returns the call's results as they are
+    # (with it, it reads the node's value as one tensor, and this node's is
+    # a list); the results' dtypes are the artifact's, those of the node.
+    bare = dataclasses.replace(lctx, node=None)
+    results = jax_bridge.wrap(jaxlayer_call)(bare, params, inputs, state, rng)
+    if isinstance(results, ir.Value):
+        return [results]
+    return list(results)
 
 
 registry.lower(torch.ops.jaxlayer.call_exported.default)(_lowering)
