@@ -212,7 +212,9 @@ def test_program_carries_the_computation(mlp, mlp_files):
     h = x @ to_np(mlp.layers[0].weights[0]) + to_np(mlp.layers[0].weights[1])
     np.testing.assert_allclose(
         np.asarray(live(*params, h)[0]),
-        np.asarray(jax.jit(mlp_call)(dict(zip(("b1", "w1", "w2"), params)), h)),
+        np.asarray(
+            jax.jit(mlp_call)(dict(zip(("b1", "w1", "w2"), params, strict=True)), h)
+        ),
         **TOL,
     )
 
@@ -301,7 +303,8 @@ runner.allocate_tensors()
 (inp,), (outp,) = runner.get_input_details(), runner.get_output_details()
 runner.set_tensor(inp["index"], np.load({x!r}))
 runner.invoke()
-print(json.dumps(float(np.abs(runner.get_tensor(outp["index"]) - np.load({y!r})).max())))
+error = np.abs(runner.get_tensor(outp["index"]) - np.load({y!r})).max()
+print(json.dumps(float(error)))
 """
 
 

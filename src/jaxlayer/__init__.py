@@ -20,9 +20,11 @@ Haiku models need no adapter: pass `hk.transform(f).apply` and `.init` to
 
 # First, before anything imports Keras: importing `_backend` falls back to the
 # JAX backend when the one Keras would pick is not installed.
-from jaxlayer import _backend  # noqa: F401
+from jaxlayer import (
+    _backend,  # noqa: F401
+    _torch_ops,
+)
 from jaxlayer._artifact_check import allow_solver_kernels as allow_solver_kernels
-from jaxlayer import _torch_ops
 from jaxlayer._torch_ops import register_torch_operators as register_torch_operators
 from jaxlayer._version import __version__ as __version__
 from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer

@@ -1113,6 +1113,25 @@ def _site_out(site_id: int):
     return _site(site_id).out
 
 
+def _described(tensors) -> tuple:
+    """`(shape, dtype)` of each tensor, constants for `_site_artifact`."""
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+@torch.compiler.assume_constant_result
+def _site_artifact(site_id, params, inputs, state, rng) -> str:
+    """The sha256 of the site's computation exported at the traced shapes
+    (`torch_export.artifact_for`), from `(shape, dtype)` per tensor; run
+    while torch.export traces."""
+    site = _site(site_id)
+    params, inputs, state, rng = (
+        [torch_export.Described(*d) for d in group]
+        for group in (params, inputs, state, rng)
+    )
+    fn = site.pure_fn(params, inputs, state, rng)
+    return torch_export.artifact_for(fn, site.cast, params, inputs, state, rng)
+
+
 def _plain_run(site, params, inputs, state, rng):
     """The operator's real implementation: the plain forward, flat."""
     fn = site.pure_fn(params, inputs, state, rng)
@@ -1309,8 +1328,10 @@ def layer_call(layer, inputs, training):
     site = _site_id(layer, training, in_key, rng_key, cast)
     if torch.compiler.is_exporting():
         # A program that may run elsewhere: the computation goes in it.
-        fn = _site(site).pure_fn(params, leaves, state, rng)
-        flat = torch_export.call(fn, cast, params, leaves, state, rng)
+        sha = _site_artifact(
+            site, *[_described(g) for g in (params, leaves, state, rng)]
+        )
+        flat = torch_export.call(sha, params, leaves, state, rng)
     else:
         flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)

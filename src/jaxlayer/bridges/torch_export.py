@@ -38,6 +38,7 @@ import importlib
 import sys
 import weakref
 from collections.abc import Callable, Sequence
+from typing import NamedTuple
 
 import jax
 import numpy as np
@@ -59,6 +60,16 @@ _LOADED: dict[str, _Loaded] = {}
 _LIVE: dict[str, _Live] = {}
 
 _NARROW = {torch.int64: torch.int32, torch.float64: torch.float32}
+
+
+class Described(NamedTuple):
+    """A tensor's shape (torch's sizes, symbolic ones kept) and dtype."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
 
 
 class _Loaded:
@@ -120,7 +131,7 @@ def _jax_dtype(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _structs(tensors: Sequence[torch.Tensor], scope) -> list[jax.ShapeDtypeStruct]:
+def _structs(tensors: Sequence[Described], scope) -> list[jax.ShapeDtypeStruct]:
     """Shapes for `jax.export`; a symbolic torch size keeps its name."""
     structs = []
     for t in tensors:
@@ -144,10 +155,10 @@ def _structs(tensors: Sequence[torch.Tensor], scope) -> list[jax.ShapeDtypeStruc
 def artifact_for(
     fn,
     cast: str | None,
-    params: Sequence[torch.Tensor],
-    inputs: Sequence[torch.Tensor],
-    state: Sequence[torch.Tensor],
-    rng: Sequence[torch.Tensor],
+    params: Sequence[Described],
+    inputs: Sequence[Described],
+    state: Sequence[Described],
+    rng: Sequence[Described],
 ) -> str:
     """Exports `fn` at the (traced) shapes of the tensors; its sha256.
 
@@ -186,9 +197,9 @@ def artifact_tensor(sha: str) -> torch.Tensor:
     return torch.frombuffer(bytearray(_LOADED[sha].blob), dtype=torch.int8)
 
 
-def call(fn, cast, params, inputs, state, rng) -> list[torch.Tensor]:
-    """The layer call while torch.export traces: one `call_exported`."""
-    sha = artifact_for(fn, cast, params, inputs, state, rng)
+def call(sha, params, inputs, state, rng) -> list[torch.Tensor]:
+    """The layer call while torch.export traces: one `call_exported` of the
+    artifact `sha` (from `artifact_for`)."""
     if "litert_torch" in sys.modules:  # litert_torch.convert is tracing
         importlib.import_module("jaxlayer.bridges.torch_litert")
     return _call_op(artifact_tensor(sha), sha, params, inputs, state, rng)
@@ -233,8 +244,7 @@ def _run(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
     avals = loaded.exported.in_avals
     if len(avals) != len(tensors):
         raise ValueError(
-            f"{where} takes {len(avals)} tensors; the program passes it "
-            f"{len(tensors)}."
+            f"{where} takes {len(avals)} tensors; the program passes it {len(tensors)}."
         )
     flat = [_to_jax(t, a.dtype) for t, a in zip(tensors, avals, strict=True)]
     results = loaded.call(*flat)
