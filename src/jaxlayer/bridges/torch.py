@@ -1132,6 +1132,14 @@ def _site_artifact(site_id, params, inputs, state, rng) -> str:
     return torch_export.artifact_for(fn, site.cast, params, inputs, state, rng)
 
 
+@torch.compiler.assume_constant_result
+def _artifact_tensor(sha: str) -> torch.Tensor:
+    """The artifact `sha` as an int8 tensor: a constant of the traced
+    program (int8, not uint8: LiteRT's MLIR takes signless integers only)."""
+    blob = bytearray(torch_export.artifact_blob(sha))
+    return torch.frombuffer(blob, dtype=torch.int8)
+
+
 def _plain_run(site, params, inputs, state, rng):
     """The operator's real implementation: the plain forward, flat."""
     fn = site.pure_fn(params, inputs, state, rng)
@@ -1331,7 +1339,7 @@ def layer_call(layer, inputs, training):
         sha = _site_artifact(
             site, *[_described(g) for g in (params, leaves, state, rng)]
         )
-        flat = torch_export.call(sha, params, leaves, state, rng)
+        flat = torch_export.call(_artifact_tensor(sha), sha, params, leaves, state, rng)
     else:
         flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)

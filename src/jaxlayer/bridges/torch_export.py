@@ -190,19 +190,17 @@ def artifact_for(
     return sha
 
 
-@torch.compiler.assume_constant_result
-def artifact_tensor(sha: str) -> torch.Tensor:
-    """The artifact made in this process under `sha`, as an int8 tensor
-    (a constant of the traced program)."""
-    return torch.frombuffer(bytearray(_LOADED[sha].blob), dtype=torch.int8)
+def artifact_blob(sha: str) -> bytes:
+    """The serialized artifact made in this process under `sha`."""
+    return _LOADED[sha].blob
 
 
-def call(sha, params, inputs, state, rng) -> list[torch.Tensor]:
-    """The layer call while torch.export traces: one `call_exported` of the
-    artifact `sha` (from `artifact_for`)."""
+def call(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
+    """`torch.ops.jaxlayer.call_exported`: the layer call while torch.export
+    traces (the bridge passes `artifact`, the constant of `sha`)."""
     if "litert_torch" in sys.modules:  # litert_torch.convert is tracing
         importlib.import_module("jaxlayer.bridges.torch_litert")
-    return _call_op(artifact_tensor(sha), sha, params, inputs, state, rng)
+    return _call_op(artifact, sha, params, inputs, state, rng)
 
 
 # -- reading artifacts ---------------------------------------------------------
