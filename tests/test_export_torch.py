@@ -321,3 +321,24 @@ def test_litert_from_the_torch_backend(mlp, tmp_path):
     np.save(xs, x)
     np.save(ys, mlp.predict(x, verbose=0))
     assert run_fresh(LOAD_TFLITE.format(path=path, x=xs, y=ys)) <= 1e-4
+
+
+def test_a_computation_jax_cannot_export_is_one_clear_error(tmp_path):
+    import torch
+
+    from jaxlayer import JaxLayer
+
+    def host(x):
+        return np.tanh(x)
+
+    def callback_call(params, inputs):
+        shape = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+        return jax.pure_callback(host, shape, inputs @ params["w"])
+
+    layer = JaxLayer(callback_call, params={"w": np.eye(16, dtype="float32")})
+    model = around(layer)
+    model.predict(batch(2), verbose=0)  # no gradient: a callback has none
+    with pytest.raises(ValueError, match=r"JaxLayer .*torch\.export.*jax\.export"):
+        torch.export.export(model, (torch.tensor(batch(2)),), strict=False)
+    # The model itself still runs, eagerly.
+    model.predict(batch(2), verbose=0)

@@ -1129,7 +1129,19 @@ def _site_artifact(site_id, params, inputs, state, rng) -> str:
         for group in (params, inputs, state, rng)
     )
     fn = site.pure_fn(params, inputs, state, rng)
-    return torch_export.artifact_for(fn, site.cast, params, inputs, state, rng)
+    try:
+        return torch_export.artifact_for(fn, site.cast, params, inputs, state, rng)
+    except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{site.owner}: torch.export (format='torch', and the LiteRT and "
+            "ONNX exporters that trace with it) puts the layer's computation "
+            "in the program with `jax.export`, which failed: "
+            f"{type(err).__name__}: {first[:300]}. The model still runs in "
+            "this process, eagerly or under torch.compile; to deploy it, make "
+            "`call_fn` exportable by `jax.export` (no host callbacks), or give "
+            "torch.export static shapes where the error names a dimension."
+        ) from err
 
 
 @torch.compiler.assume_constant_result
