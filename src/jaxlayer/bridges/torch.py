@@ -118,6 +118,12 @@ inside the layer. What cannot be captured (an input or rng structure other
 than tensors in tuples, lists, dicts and NamedTuples, a device JAX does not
 serve) runs eagerly with one warning, a graph break at the layer.
 
+torch.export is the exception: a program may run in another process, where
+no call site exists, so while torch.export traces, the call becomes
+`torch.ops.jaxlayer.call_exported` instead, whose arguments carry the
+site's computation itself (its `jax.export` artifact as an int8 tensor
+constant, and its sha256); see `jaxlayer.bridges.torch_export`.
+
 Module-level state: the `counters`, the probed DLPack functions, whether XLA
 refused the CPU options, and the weak index of call sites; everything else
 is in the layer's pure functions.
