@@ -23,6 +23,7 @@ MODULES = [
     "jaxlayer.__main__",
     "jaxlayer._deps",
     "jaxlayer._artifact_check",
+    "jaxlayer._torch_ops",
 ]
 
 

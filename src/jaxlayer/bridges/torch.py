@@ -118,6 +118,12 @@ inside the layer. What cannot be captured (an input or rng structure other
 than tensors in tuples, lists, dicts and NamedTuples, a device JAX does not
 serve) runs eagerly with one warning, a graph break at the layer.
 
+torch.export is the exception: a program may run in another process, where
+no call site exists, so while torch.export traces, the call becomes
+`torch.ops.jaxlayer.call_exported` instead, whose arguments carry the
+site's computation itself (its `jax.export` artifact as an int8 tensor
+constant, and its sha256); see `jaxlayer.bridges.torch_export`.
+
 Module-level state: the `counters`, the probed DLPack functions, whether XLA
 refused the CPU options, and the weak index of call sites; everything else
 is in the layer's pure functions.
@@ -140,6 +146,7 @@ import torch
 from torch.utils import dlpack as _torch_dlpack
 
 from jaxlayer._errors import owner as _owner_of
+from jaxlayer.bridges import torch_export
 
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
@@ -1112,6 +1119,45 @@ def _site_out(site_id: int):
     return _site(site_id).out
 
 
+def _described(tensors) -> tuple:
+    """`(shape, dtype)` of each tensor, constants for `_site_artifact`."""
+    return tuple((tuple(t.shape), t.dtype) for t in tensors)
+
+
+@torch.compiler.assume_constant_result
+def _site_artifact(site_id, params, inputs, state, rng) -> str:
+    """The sha256 of the site's computation exported at the traced shapes
+    (`torch_export.artifact_for`), from `(shape, dtype)` per tensor; run
+    while torch.export traces."""
+    site = _site(site_id)
+    params, inputs, state, rng = (
+        [torch_export.Described(*d) for d in group]
+        for group in (params, inputs, state, rng)
+    )
+    fn = site.pure_fn(params, inputs, state, rng)
+    try:
+        return torch_export.artifact_for(fn, site.cast, params, inputs, state, rng)
+    except Exception as err:  # noqa: BLE001 - re-raised with what to do
+        first = str(err).strip().splitlines()[0] if str(err).strip() else ""
+        raise ValueError(
+            f"{site.owner}: torch.export (format='torch', and the LiteRT and "
+            "ONNX exporters that trace with it) puts the layer's computation "
+            "in the program with `jax.export`, which failed: "
+            f"{type(err).__name__}: {first[:300]}. The model still runs in "
+            "this process, eagerly or under torch.compile; to deploy it, make "
+            "`call_fn` exportable by `jax.export` (no host callbacks), or give "
+            "torch.export static shapes where the error names a dimension."
+        ) from err
+
+
+@torch.compiler.assume_constant_result
+def _artifact_tensor(sha: str) -> torch.Tensor:
+    """The artifact `sha` as an int8 tensor: a constant of the traced
+    program (int8, not uint8: LiteRT's MLIR takes signless integers only)."""
+    blob = bytearray(torch_export.artifact_blob(sha))
+    return torch.frombuffer(blob, dtype=torch.int8)
+
+
 def _plain_run(site, params, inputs, state, rng):
     """The operator's real implementation: the plain forward, flat."""
     fn = site.pure_fn(params, inputs, state, rng)
@@ -1306,7 +1352,14 @@ def layer_call(layer, inputs, training):
     # this is.
     params, state, cast = layer._call_values(True)  # run.casts_params
     site = _site_id(layer, training, in_key, rng_key, cast)
-    flat = _call_op(site, params, leaves, state, rng)
+    if torch.compiler.is_exporting():
+        # A program that may run elsewhere: the computation goes in it.
+        sha = _site_artifact(
+            site, *[_described(g) for g in (params, leaves, state, rng)]
+        )
+        flat = torch_export.call(_artifact_tensor(sha), sha, params, leaves, state, rng)
+    else:
+        flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)
     layer._assign_state(flat[n_out:])
     outputs = flat[:n_out]

@@ -1,0 +1,382 @@
+"""torch.export programs that carry a layer's computation in the file.
+
+While `torch.export` traces a model (`model.export(path, format="torch")`,
+`torch.export.export`, `litert_torch.convert`), a jaxlayer layer's call is
+captured as
+
+    torch.ops.jaxlayer.call_exported(artifact, sha256, params, inputs, state, rng)
+
+where `artifact` is a 1-D `int8` tensor constant (int8, not uint8: LiteRT's
+MLIR accepts only signless integer constants) holding the serialized
+`jax.export.Exported` of the layer's computation (made from its pure
+function at the traced shapes, a symbolic size where torch's is symbolic;
+the weights are not in it, they are the program's parameters), `sha256` is
+the hex sha256 of those bytes, and the four lists are the tensors the
+artifact takes, in that order. The artifact is a flat function: its
+arguments are `(*params, *inputs, *state, *rng)`, its results
+`(*outputs, *new_state)`; floating parameters are cast inside it where the
+layer computes in another dtype (mixed precision). `torch.export.save`
+writes the constant into the `.pt2` file, so the program runs in any
+process where the operator is registered (`import jaxlayer` with torch
+imported, or `jaxlayer.register_torch_operators()`), without the model's
+code.
+
+Bytes that come from a program (a real `artifact` tensor whose hash is not
+in this process's cache) go through the same checks as a `.keras` file's
+artifacts before JAX deserializes them (`saving._blob.deserialize_checked`:
+size cap, hash, the verifying child process, the policy, the argument
+types); the result is cached by its sha256 for the life of the process.
+
+This module imports torch; `jaxlayer` imports it only where torch is already
+imported (see `jaxlayer.register_torch_operators`).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import sys
+import weakref
+from collections.abc import Callable, Sequence
+from typing import NamedTuple
+
+import jax
+import numpy as np
+import torch
+
+from jaxlayer.saving._blob import deserialize_checked
+from jaxlayer.saving._manifest import DEFAULT_PLATFORMS
+
+#: The operator's qualified name and schema.
+NAME = "jaxlayer::call_exported"
+SCHEMA = (
+    "(Tensor artifact, str sha256, Tensor[] params, Tensor[] inputs, "
+    "Tensor[] state, Tensor[] rng) -> Tensor[]"
+)
+
+# sha256 -> `_Loaded`: artifacts made or checked in this process.
+_LOADED: dict[str, _Loaded] = {}
+# sha256 -> `_Live`: the function an artifact was made from, in this process.
+_LIVE: dict[str, _Live] = {}
+
+_NARROW = {torch.int64: torch.int32, torch.float64: torch.float32}
+
+
+class Described(NamedTuple):
+    """A tensor's shape (torch's sizes, symbolic ones kept) and dtype."""
+
+    shape: tuple
+    dtype: torch.dtype
+
+    def dim(self) -> int:
+        return len(self.shape)
+
+
+class _Loaded:
+    """A deserialized artifact and its compiled call."""
+
+    __slots__ = ("blob", "call", "exported")
+
+    def __init__(self, exported: jax.export.Exported, blob: bytes | None):
+        self.exported = exported
+        self.blob = blob  # kept only for artifacts made here (the constant)
+        self.call = jax.jit(exported.call)
+
+
+class _Live:
+    """The pure JAX function an artifact was exported from (weakly)."""
+
+    __slots__ = ("cast", "counts", "fn")
+
+    def __init__(self, fn, cast, counts):
+        self.fn = weakref.ref(fn)
+        self.cast = cast
+        self.counts = counts
+
+    def __call__(self, *flat):
+        fn = self.fn()
+        if fn is None:
+            raise RuntimeError("jaxlayer: the layer of this artifact was deleted.")
+        return _flat_call(fn, self.cast, self.counts)(*flat)
+
+
+def _flat_call(fn, cast, counts) -> Callable:
+    """`fn(params, inputs, state, rng)` as a flat function of arrays."""
+    dtype = jax.dtypes.canonicalize_dtype(cast) if cast is not None else None
+
+    def flat_fn(*flat):
+        groups, start = [], 0
+        for n in counts:
+            groups.append(list(flat[start : start + n]))
+            start += n
+        params, inputs, state, rng = groups
+        if dtype is not None:
+            params = [
+                p.astype(dtype)
+                if jax.numpy.issubdtype(p.dtype, jax.numpy.floating)
+                and p.dtype != dtype
+                else p
+                for p in params
+            ]
+        outputs, new_state = fn(params, inputs, state, rng)
+        return (*outputs, *new_state)
+
+    flat_fn.__name__ = f"{getattr(fn, '__name__', 'call_fn')}_flat"
+    return flat_fn
+
+
+def _jax_dtype(dtype: torch.dtype) -> str:
+    if not jax.config.jax_enable_x64:
+        dtype = _NARROW.get(dtype, dtype)
+    return str(dtype).rsplit(".", 1)[-1]
+
+
+def _structs(tensors: Sequence[Described], scope) -> list[jax.ShapeDtypeStruct]:
+    """Shapes for `jax.export`; a symbolic torch size keeps its name."""
+    structs = []
+    for t in tensors:
+        dims = []
+        for d in t.shape:
+            if isinstance(d, int):
+                dims.append(str(d))
+                continue
+            name = str(d)
+            if not name.isidentifier():
+                raise ValueError(
+                    f"the size {name} is an expression torch.export derived; "
+                    "give the batch dimension its own `torch.export.Dim`"
+                )
+            dims.append(name)
+        shape = jax.export.symbolic_shape(",".join(dims), scope=scope) if dims else ()
+        structs.append(jax.ShapeDtypeStruct(shape, _jax_dtype(t.dtype)))
+    return structs
+
+
+def artifact_for(
+    fn,
+    cast: str | None,
+    params: Sequence[Described],
+    inputs: Sequence[Described],
+    state: Sequence[Described],
+    rng: Sequence[Described],
+) -> str:
+    """Exports `fn` at the (traced) shapes of the tensors; its sha256.
+
+    Called while torch.export traces a layer. The serialized artifact and
+    its deserialized form are cached by the hash (and per function and
+    shapes in `fn.slot("torch_export")`, so tracing again exports nothing).
+    """
+    tensors = (*params, *inputs, *state, *rng)
+    key = (
+        cast,
+        tuple((tuple(str(d) for d in t.shape), t.dtype) for t in tensors),
+        (len(params), len(inputs), len(state), len(rng)),
+    )
+    made = fn.slot("torch_export", dict)
+    sha = made.get(key)
+    if sha is not None and sha in _LOADED:
+        return sha
+    counts = key[2]
+    structs = _structs(tensors, jax.export.SymbolicScope())
+    platforms = fn.native_serialization_platforms or DEFAULT_PLATFORMS
+    exported = jax.export.export(
+        jax.jit(_flat_call(fn, cast, counts)), platforms=tuple(platforms)
+    )(*structs)
+    blob = bytes(exported.serialize())
+    sha = hashlib.sha256(blob).hexdigest()
+    _LOADED[sha] = _Loaded(exported, blob)
+    _LIVE[sha] = _Live(fn, cast, counts)
+    made[key] = sha
+    return sha
+
+
+def artifact_blob(sha: str) -> bytes:
+    """The serialized artifact made in this process under `sha`."""
+    return _LOADED[sha].blob
+
+
+def call(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
+    """`torch.ops.jaxlayer.call_exported`: the layer call while torch.export
+    traces (the bridge passes `artifact`, the constant of `sha`)."""
+    if "litert_torch" in sys.modules:  # litert_torch.convert is tracing
+        importlib.import_module("jaxlayer.bridges.torch_litert")
+    return _call_op(artifact, sha, params, inputs, state, rng)
+
+
+# -- reading artifacts ---------------------------------------------------------
+
+
+def _signature(tensors) -> list[tuple]:
+    return [((None,) * t.dim(), _jax_dtype(t.dtype)) for t in tensors]
+
+
+def _loaded(artifact: torch.Tensor, sha: str, tensors, where: str) -> _Loaded:
+    """The checked artifact `sha`, from the cache or from `artifact`'s bytes."""
+    found = _LOADED.get(sha)
+    if found is not None:
+        return found
+    if artifact.dtype not in (torch.int8, torch.uint8) or artifact.dim() != 1:
+        raise ValueError(
+            f"{where}: its artifact is a {artifact.dtype} tensor of shape "
+            f"{tuple(artifact.shape)}, not the 1-D int8 tensor jaxlayer writes."
+        )
+    blob = artifact.detach().cpu().contiguous().numpy().tobytes()
+    exported = deserialize_checked(blob, sha, where, _signature(tensors))
+    found = _LOADED[sha] = _Loaded(exported, None)
+    return found
+
+
+def _to_jax(t: torch.Tensor, dtype) -> jax.Array:
+    t = t.detach()
+    narrow = _NARROW.get(t.dtype)
+    if narrow is not None and not jax.config.jax_enable_x64:
+        t = t.to(narrow)
+    array = jax.dlpack.from_dlpack(t.contiguous())
+    return array if array.dtype == dtype else array.astype(dtype)
+
+
+def _run(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
+    tensors = (*params, *inputs, *state, *rng)
+    where = f"the jaxlayer computation {sha[:12]} in a torch.export program"
+    loaded = _loaded(artifact, sha, tensors, where)
+    avals = loaded.exported.in_avals
+    if len(avals) != len(tensors):
+        raise ValueError(
+            f"{where} takes {len(avals)} tensors; the program passes it {len(tensors)}."
+        )
+    flat = [_to_jax(t, a.dtype) for t, a in zip(tensors, avals, strict=True)]
+    results = loaded.call(*flat)
+    device = tensors[0].device if tensors else torch.device("cpu")
+    taken = {t.data_ptr() for t in tensors if t.numel()}
+    out = []
+    for r in results:
+        t = torch.from_dlpack(r)
+        if t.numel() and t.data_ptr() in taken:
+            t = t.clone()  # an operator's results never alias its arguments
+        taken.add(t.data_ptr())
+        out.append(t if t.device == device else t.to(device))
+    return out
+
+
+def _fake(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
+    found = _LOADED.get(sha)
+    if found is None:
+        raise RuntimeError(
+            f"the jaxlayer computation {sha[:12]} of this torch.export program "
+            "was not read yet, so its output shapes are unknown; call "
+            "`jaxlayer.bridges.torch_export.prepare(program)` first (it reads "
+            "and checks the program's artifacts)."
+        )
+    exp = found.exported
+    tensors = (*params, *inputs, *state, *rng)
+    sizes = {}
+    for aval, t in zip(exp.in_avals, tensors, strict=True):
+        for d, size in zip(aval.shape, t.shape, strict=True):
+            if not isinstance(d, int):
+                sizes.setdefault(str(d), size)
+    anchor = tensors[0] if tensors else torch.empty(0)
+    out = []
+    for aval in exp.out_avals:
+        shape = []
+        for d in aval.shape:
+            if isinstance(d, int):
+                shape.append(d)
+            elif str(d) in sizes:
+                shape.append(sizes[str(d)])
+            else:
+                raise RuntimeError(
+                    f"the jaxlayer computation {sha[:12]} returns a size "
+                    f"{d} that is not one of its arguments' sizes; export "
+                    "with a static shape there."
+                )
+        dtype = getattr(torch, np.dtype(aval.dtype).name)
+        out.append(anchor.new_empty(shape, dtype=dtype))
+    return out
+
+
+def _define():
+    op = torch.library.custom_op(NAME, mutates_args=(), schema=SCHEMA)(_run)
+    op.register_fake(_fake)
+    return op
+
+
+_call_op = _define()
+
+
+# -- for exporters (ONNX, LiteRT) ------------------------------------------------
+
+
+def nodes(program) -> list:
+    """The `call_exported` nodes of an `ExportedProgram` (or a GraphModule)."""
+    graph = program.graph
+    target = torch.ops.jaxlayer.call_exported.default
+    return [n for n in graph.nodes if n.op == "call_function" and n.target is target]
+
+
+def artifact_bytes(program, node) -> bytes:
+    """The serialized artifact a `call_exported` node of `program` names.
+
+    The node's first argument is a placeholder for one of the program's
+    lifted constants; made in this process, the bytes come from the cache.
+    The bytes are not checked here: `exported(...)` checks them.
+    """
+    sha = node.args[1]
+    found = _LOADED.get(sha)
+    if found is not None and found.blob is not None:
+        return found.blob
+    return _constant(program, node).detach().cpu().contiguous().numpy().tobytes()
+
+
+def _constant(program, node) -> torch.Tensor:
+    name = node.args[0].name
+    sig = program.graph_signature
+    for spec in sig.input_specs:
+        if spec.arg.name == name and spec.target is not None:
+            if spec.target in program.constants:
+                return program.constants[spec.target]
+            return program.state_dict[spec.target]
+    raise ValueError(f"the program has no constant for the artifact {name}")
+
+
+def exported(program, node) -> jax.export.Exported:
+    """The `jax.export.Exported` of a `call_exported` node, checked (the
+    same checks as a `.keras` file's artifacts) and cached by its sha256."""
+    sha = node.args[1]
+    found = _LOADED.get(sha)
+    if found is None:
+        blob = artifact_bytes(program, node)
+        where = f"the jaxlayer computation {sha[:12]} in a torch.export program"
+        tensors = [a.meta["val"] for group in node.args[2:] for a in group]
+        found = _LOADED[sha] = _Loaded(
+            deserialize_checked(blob, sha, where, _signature(tensors)), None
+        )
+    return found.exported
+
+
+def exported_by_hash(sha: str) -> jax.export.Exported:
+    """The artifact `sha` made or read (and checked) in this process."""
+    found = _LOADED.get(sha)
+    if found is None:
+        raise ValueError(
+            f"the jaxlayer computation {sha[:12]} was not made or read in this "
+            "process; call `prepare(program)` on its program first."
+        )
+    return found.exported
+
+
+def prepare(program) -> None:
+    """Reads and checks every jaxlayer artifact of a loaded program, so its
+    fake implementation knows the output shapes (`run_decompositions`,
+    re-exporting); running the program needs no call to it."""
+    for node in nodes(program):
+        exported(program, node)
+
+
+def live_function(sha: str) -> Callable | None:
+    """The flat pure JAX function the artifact `sha` was made from, in the
+    process that made it (`(*params, *inputs, *state, *rng) -> (*outputs,
+    *new_state)`), or None elsewhere or once its layer is gone."""
+    live = _LIVE.get(sha)
+    if live is None or live.fn() is None:
+        return None
+    return live

@@ -1,0 +1,344 @@
+"""Deployment from the torch backend: `.pt2` programs and LiteRT.
+
+A model holding a jaxlayer layer is exported with `model.export(format=
+"torch")` (static batch, as Keras makes it) and with `torch.export.export`
+given a dynamic batch; each program is loaded in a fresh process that
+imports torch and jaxlayer and nothing of this file, and must predict what
+`model.predict` does (which is checked against a pure-JAX reference). The
+artifact inside a program goes through the load-safety checks there: a
+changed byte is refused. `model.export(format="litert")` is loaded by the
+LiteRT interpreter in a fresh process (where litert-torch is installed).
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.skipif(
+    BACKEND != "torch",
+    reason="torch.export and litert-torch trace torch models: torch backend only",
+)
+IN = 8
+TOL = dict(rtol=1e-5, atol=1e-5)
+
+
+# Not registered: reloaded from its `.keras` file, the layer runs its export.
+def mlp_init(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    return {
+        "w1": jax.random.normal(k1, (inputs.shape[-1], 32)) / 3,
+        "b1": jnp.full((32,), 0.1),
+        "w2": jax.random.normal(k2, (32, 16)) / 5,
+    }
+
+
+def mlp_call(params, inputs):
+    return jnp.tanh(inputs @ params["w1"] + params["b1"]) @ params["w2"]
+
+
+def around(layer):
+    model = keras.Sequential(
+        [keras.Input((IN,)), keras.layers.Dense(16), layer, keras.layers.Dense(3)]
+    )
+    return model
+
+
+def to_np(x):
+    return np.asarray(keras.ops.convert_to_numpy(x))
+
+
+def batch(n, seed=0):
+    return np.random.default_rng(seed).normal(size=(n, IN)).astype("float32")
+
+
+def run_fresh(script: str, timeout=600, **env) -> dict:
+    """Runs `script` in a fresh process (none of this file's code); its last
+    line of output, JSON."""
+    env = dict(os.environ, **env)
+    proc = subprocess.run(
+        [sys.executable, "-c", textwrap.dedent(script)],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+# The fresh process: loads each program and reports its outputs' errors.
+LOAD_PT2 = """
+import json
+import numpy as np
+import torch
+import jaxlayer  # registers torch.ops.jaxlayer.call_exported (torch imported)
+from jaxlayer.bridges import torch_export
+
+cases = json.load(open({cases!r}))
+out = {{}}
+for name, case in cases.items():
+    program = torch.export.load(case["path"])
+    if case.get("tamper"):
+        node = torch_export.nodes(program)[0]
+        arg = node.args[0].name
+        spec = next(s for s in program.graph_signature.input_specs if s.arg.name == arg)
+        program.constants[spec.target][100] += 1
+        try:
+            program.module()(torch.tensor(np.load(case["inputs"][0])))
+            out[name] = "ran"
+        except ValueError as err:
+            out[name] = str(err)
+        continue
+    module = program.module()
+    errors = []
+    for x, y in zip(case["inputs"], case["expected"]):
+        got = module(torch.tensor(np.load(x))).detach().numpy()
+        errors.append(float(np.abs(got - np.load(y)).max()))
+    out[name] = errors
+print(json.dumps(out))
+"""
+
+
+def export_all(models, folder, dynamic=True):
+    """Each model as `model.export(format="torch")` (batch 1) and, with
+    `dynamic`, `torch.export.export` with a dynamic batch; the cases for
+    `LOAD_PT2`."""
+    import torch
+
+    cases = {}
+    sizes = {"static": [1], "dynamic": [5, 7]}
+    for name, model in models.items():
+        paths = {"static": os.path.join(folder, f"{name}.pt2")}
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            model.export(paths["static"], format="torch", verbose=False)
+            if dynamic:
+                paths["dynamic"] = os.path.join(folder, f"{name}-dyn.pt2")
+                program = torch.export.export(
+                    model,
+                    (torch.tensor(batch(4)),),
+                    dynamic_shapes=(({0: torch.export.Dim("batch", max=1024)},),),
+                    strict=False,
+                )
+                torch.export.save(program, paths["dynamic"])
+        for kind, path in paths.items():
+            inputs, expected = [], []
+            for n in sizes[kind]:
+                x = batch(n, seed=n)
+                inputs.append(os.path.join(folder, f"{name}-{kind}-{n}-x.npy"))
+                expected.append(os.path.join(folder, f"{name}-{kind}-{n}-y.npy"))
+                np.save(inputs[-1], x)
+                np.save(expected[-1], model.predict(x, verbose=0))
+            cases[f"{name}/{kind}"] = {
+                "path": path,
+                "inputs": inputs,
+                "expected": expected,
+            }
+    return cases
+
+
+def load_fresh(cases, folder):
+    path = os.path.join(folder, "cases.json")
+    with open(path, "w") as f:
+        json.dump(cases, f)
+    return run_fresh(LOAD_PT2.format(cases=path))
+
+
+@pytest.fixture(scope="module")
+def mlp():
+    keras.utils.set_random_seed(0)
+    from jaxlayer import JaxLayer
+
+    model = around(JaxLayer(mlp_call, mlp_init, seed=0, name="mlp"))
+    model(batch(2))
+    return model
+
+
+def reference(model, x):
+    """`model` computed in JAX alone: the Dense kernels and the layer's
+    params through `jax.jit` of the same functions."""
+    d1, layer, d2 = model.layers
+    k1, b1 = (to_np(w) for w in d1.weights)
+    k2, b2 = (to_np(w) for w in d2.weights)
+    params = jax.tree_util.tree_map(to_np, layer.params)
+    params = {k: to_np(v) for k, v in params.items()}
+
+    @jax.jit
+    def f(x):
+        return mlp_call(params, x @ k1 + b1) @ k2 + b2
+
+    return np.asarray(f(x))
+
+
+@pytest.fixture(scope="module")
+def mlp_files(mlp, tmp_path_factory):
+    folder = str(tmp_path_factory.mktemp("pt2"))
+    return export_all({"mlp": mlp}, folder), folder
+
+
+def test_program_carries_the_computation(mlp, mlp_files):
+    import torch
+
+    from jaxlayer.bridges import torch_export
+
+    cases, _ = mlp_files
+    program = torch.export.load(cases["mlp/dynamic"]["path"])
+    targets = [str(n.target) for n in program.graph.nodes if n.op == "call_function"]
+    assert "jaxlayer.call_exported.default" in targets
+    assert not any(t.startswith("jaxlayer.call.") for t in targets)
+    (node,) = torch_export.nodes(program)
+    blob = torch_export.artifact_bytes(program, node)
+    exp = torch_export.exported(program, node)
+    # The weights are the program's tensors, not the artifact's bytes.
+    w1 = to_np(mlp.layers[1].params["w1"]).astype("float32").tobytes()
+    assert w1[:64] not in blob and w1[-64:] not in blob
+    assert [len(a.shape) for a in exp.in_avals] == [1, 2, 2, 2]
+    assert not isinstance(exp.in_avals[-1].shape[0], int)  # the batch
+    # In this process, the live function is at hand (for exporters).
+    live = torch_export.live_function(node.args[1])
+    x = batch(5)
+    layer = mlp.layers[1]
+    params = [to_np(layer.params[k]) for k in ("b1", "w1", "w2")]
+    h = x @ to_np(mlp.layers[0].weights[0]) + to_np(mlp.layers[0].weights[1])
+    np.testing.assert_allclose(
+        np.asarray(live(*params, h)[0]),
+        np.asarray(
+            jax.jit(mlp_call)(dict(zip(("b1", "w1", "w2"), params, strict=True)), h)
+        ),
+        **TOL,
+    )
+
+
+def test_pt2_loads_and_predicts_in_a_fresh_process(mlp, mlp_files):
+    cases, folder = mlp_files
+    x = batch(7, seed=7)
+    np.testing.assert_allclose(mlp.predict(x, verbose=0), reference(mlp, x), **TOL)
+    cases = dict(cases)
+    cases["tampered"] = dict(cases["mlp/static"], tamper=True)
+    # The changed copy first: a good load must not have cached its hash.
+    cases = {"tampered": cases.pop("tampered"), **cases}
+    out = load_fresh(cases, folder)
+    assert "do not have the sha256" in out["tampered"], out["tampered"]
+    assert max(out["mlp/static"]) <= 1e-5, out
+    assert max(out["mlp/dynamic"]) <= 1e-5, out  # batches 5 and 7
+
+
+def test_import_registers_the_operator_only_where_torch_is_imported():
+    script = """
+    import json, sys
+    import jaxlayer
+    before = "torch" in sys.modules
+    jaxlayer.register_torch_operators()
+    import torch
+    print(json.dumps([before, hasattr(torch.ops.jaxlayer, "call_exported")]))
+    """
+    before, registered = run_fresh(script, KERAS_BACKEND="jax")
+    assert before is False and registered is True
+
+
+@pytest.mark.slow
+def test_adapters_and_a_reloaded_layer_export_to_pt2(mlp, tmp_path):
+    import equinox as eqx
+    from flax import linen, nnx
+
+    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer, saving
+
+    class Linen(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(16)(linen.tanh(linen.Dense(32)(x)))
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(16, 32, rngs=rngs)
+            self.b = nnx.Linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    path = str(tmp_path / "mlp.keras")
+    mlp.save(path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        reloaded = keras.saving.load_model(path)
+    assert isinstance(reloaded.layers[1].call_fn, saving.ExportedCall)
+    models = {
+        "flax": around(FlaxLayer(Linen(), seed=0)),
+        "nnx": around(NNXLayer(Nnx(nnx.Rngs(0)))),
+        "equinox": around(
+            EquinoxLayer(eqx.nn.MLP(16, 16, 32, 1, key=jax.random.key(0)))
+        ),
+        "reloaded": reloaded,
+    }
+    for model in models.values():
+        model(batch(2))
+    x = batch(3)
+    np.testing.assert_allclose(
+        reloaded.predict(x, verbose=0), mlp.predict(x, verbose=0), **TOL
+    )
+    cases = export_all(models, str(tmp_path))
+    out = load_fresh(cases, str(tmp_path))
+    for name, errors in out.items():
+        assert max(errors) <= 1e-5, (name, errors)
+    assert len(out) == 2 * len(models)
+
+
+LOAD_TFLITE = """
+import json
+import numpy as np
+from ai_edge_litert.interpreter import Interpreter
+
+runner = Interpreter({path!r})
+runner.allocate_tensors()
+(inp,), (outp,) = runner.get_input_details(), runner.get_output_details()
+runner.set_tensor(inp["index"], np.load({x!r}))
+runner.invoke()
+error = np.abs(runner.get_tensor(outp["index"]) - np.load({y!r})).max()
+print(json.dumps(float(error)))
+"""
+
+
+@pytest.mark.slow
+def test_litert_from_the_torch_backend(mlp, tmp_path):
+    pytest.importorskip("litert_torch", reason="needs litert-torch")
+    pytest.importorskip("ai_edge_litert", reason="needs ai-edge-litert")
+    path = str(tmp_path / "mlp.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        mlp.export(path, format="litert", verbose=False)
+    x = batch(1, seed=3)
+    xs, ys = str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
+    np.save(xs, x)
+    np.save(ys, mlp.predict(x, verbose=0))
+    assert run_fresh(LOAD_TFLITE.format(path=path, x=xs, y=ys)) <= 1e-4
+
+
+def test_a_computation_jax_cannot_export_is_one_clear_error(tmp_path):
+    import torch
+
+    from jaxlayer import JaxLayer
+
+    def host(x):
+        return np.tanh(x)
+
+    def callback_call(params, inputs):
+        shape = jax.ShapeDtypeStruct(inputs.shape, inputs.dtype)
+        return jax.pure_callback(host, shape, inputs @ params["w"])
+
+    layer = JaxLayer(callback_call, params={"w": np.eye(16, dtype="float32")})
+    model = around(layer)
+    model.predict(batch(2), verbose=0)  # no gradient: a callback has none
+    with pytest.raises(ValueError, match=r"JaxLayer .*torch\.export.*jax\.export"):
+        torch.export.export(model, (torch.tensor(batch(2)),), strict=False)
+    # The model itself still runs, eagerly.
+    model.predict(batch(2), verbose=0)
