@@ -66,3 +66,10 @@ def has_subgraphs(graph) -> bool:
 
     kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
     return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
+def as_file_object(proto):
+    """An `onnx.ModelProto` as an in-memory file (OpenVINO reads those)."""
+    import io
+
+    return io.BytesIO(proto.SerializeToString())
