@@ -19,6 +19,7 @@ import threading
 _INSTALLERS = {
     "tf2onnx": "jaxlayer.export._tf2onnx",
     "openvino": "jaxlayer.export._openvino",
+    "jax2onnx": "jaxlayer.export._jax2onnx",
 }
 _lock = threading.RLock()
 _busy: set = set()

@@ -28,7 +28,14 @@ def symbolic_inputs(specs: Sequence) -> list:
     return out
 
 
-def to_onnx(fn: Callable, specs: Sequence, *, opset: int, feature: str):
+def to_onnx(
+    fn: Callable,
+    specs: Sequence,
+    *,
+    opset: int,
+    feature: str,
+    input_names: Sequence[str] | None = None,
+):
     """The ONNX model (`onnx.ModelProto`) of `fn(*flat) -> list` on `specs`."""
     jax2onnx = jax2onnx_module(feature)
     return jax2onnx.to_onnx(
@@ -37,6 +44,7 @@ def to_onnx(fn: Callable, specs: Sequence, *, opset: int, feature: str):
         opset=opset,
         model_name="jaxlayer_call",
         return_mode="proto",
+        input_names=input_names,
     )
 
 

@@ -23,6 +23,8 @@ from jaxlayer.export import _onnx, _registry
 
 # The ONNX opset of the intermediate model (OpenVINO reads up to 23 here).
 OPSET = 18
+# The wrappers made (so that installing twice wraps once).
+_WRAPPED: set = set()
 
 
 def jaxlayer_modules(model) -> list:
@@ -87,7 +89,7 @@ def via_onnx(model, sources):
 def wrap(convert_model):
     """`convert_model` that converts a TensorFlow function with jaxlayer ops
     through ONNX."""
-    if getattr(convert_model, "_jaxlayer_wrapped", False):
+    if convert_model in _WRAPPED:
         return convert_model
 
     @functools.wraps(convert_model)
@@ -97,7 +99,7 @@ def wrap(convert_model):
             input_model = via_onnx(input_model, sources)
         return convert_model(input_model, *args, **kwargs)
 
-    convert_model_jaxlayer._jaxlayer_wrapped = True
+    _WRAPPED.add(convert_model_jaxlayer)
     return convert_model_jaxlayer
 
 

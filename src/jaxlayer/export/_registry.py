@@ -54,3 +54,39 @@ def remember(module: bytes, source: ForwardSource) -> None:
 def lookup(module: bytes) -> ForwardSource | None:
     """The source of a module, or None when no live layer made it."""
     return _BY_MODULE.get(module_key(module))
+
+
+# The ONNX graph saved in a `.keras` file beside each reloaded layer's
+# `jax.export.Exported` (by the Exported's id; the entry goes with it).
+_SAVED: dict = {}
+
+
+@dataclasses.dataclass(eq=False)
+class SavedOnnx:
+    """What a `.keras` file holds for ONNX beside one exported function.
+
+    Attributes:
+        owner: the layer, for messages.
+        blob: the ONNX model's bytes (checked against the manifest's size
+            and sha256 when the file was loaded; parsed only when
+            exporting), or None when the file has none.
+        opset: the model's opset.
+        why: why the file has none (saved without jax2onnx, ...).
+    """
+
+    owner: str
+    blob: bytes | None
+    opset: int | None
+    why: str | None
+
+
+def remember_saved(exported, saved: SavedOnnx) -> None:
+    """Records what the file holds for ONNX beside `exported`."""
+    key = id(exported)
+    _SAVED[key] = saved
+    weakref.finalize(exported, _SAVED.pop, key, None)
+
+
+def saved_onnx(exported) -> SavedOnnx | None:
+    """What was recorded for `exported`, or None (not from a file)."""
+    return _SAVED.get(id(exported))

@@ -105,11 +105,15 @@ def _convert(ctx, node) -> None:
         )
 
 
+_installed = False
+
+
 def install() -> None:
     """Registers the handler with tf2onnx (once)."""
     from tf2onnx import handler, tf_utils
 
-    if getattr(install, "done", False):
+    global _installed
+    if _installed:
         return
     # The op's output shapes (`Sout`, a list of shapes: an attribute of
     # `XlaCallModule` only) cannot be written as an ONNX attribute, and
@@ -123,4 +127,4 @@ def install() -> None:
         def version_1(cls, ctx, node, **kwargs):
             convert(ctx, node)
 
-    install.done = True
+    _installed = True
