@@ -173,6 +173,7 @@ def models():
     return {kind: _model(kind) for kind in ("native", "jaxlayer")}
 
 
+@pytest.mark.slow
 def test_matrix_native_and_jaxlayer(models, tmp_path):
     artifacts = {
         f"{kind}:{fmt}": _export(model, tmp_path, f"{kind}-{fmt}", fmt)
