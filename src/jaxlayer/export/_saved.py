@@ -10,11 +10,17 @@ where the layer's call is (`_jax2onnx`). It is data (an ONNX protobuf),
 listed in the manifest with its size and sha256, read only by the
 exporters, and checked before use (`onnx.checker`, no external data, only
 standard ONNX domains).
+
+Cost: jax2onnx's first conversion in a process imports all its plugins
+(measured 15-60 s on a busy 2-core machine; then ~0.05 s a function), paid
+by the first `model.save` when jax2onnx is installed.
+`JAXLAYER_SAVE_ONNX=0` turns the ONNX form off.
 """
 
 from __future__ import annotations
 
 import importlib.util
+import os
 
 from jaxlayer.export import _onnx
 
@@ -28,6 +34,11 @@ def make(fn, specs) -> tuple[bytes | None, str | None]:
     """`(bytes, None)`, the ONNX model of `fn(params, inputs, state, rng)`
     on the flat `specs` (`[params, inputs, state, rng]` lists), or
     `(None, why)`."""
+    if os.environ.get("JAXLAYER_SAVE_ONNX", "1") == "0":
+        return None, (
+            "the model was saved with JAXLAYER_SAVE_ONNX=0 (save it again "
+            "from its source without it)"
+        )
     if importlib.util.find_spec("jax2onnx") is None:
         return None, (
             "jax2onnx was not installed when the model was saved (install "
