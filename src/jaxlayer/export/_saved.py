@@ -12,8 +12,9 @@ exporters, and checked before use (`onnx.checker`, no external data, only
 standard ONNX domains).
 
 Cost: jax2onnx's first conversion in a process imports all its plugins
-(measured about 60 s on a 2-core machine shared with other work, load average 9; then about 0.05 s a function), paid
-by the first `model.save` when jax2onnx is installed.
+(measured about 60 s on a 2-core machine shared with other work, load
+average 9; then about 0.05 s a function), paid by the first `model.save`
+when jax2onnx is installed.
 `JAXLAYER_SAVE_ONNX=0` turns the ONNX form off.
 """
 
