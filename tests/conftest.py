@@ -15,6 +15,10 @@ os.environ.setdefault("JAXLAYER_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlayer-ca
 # One verifying process for the whole run of a backend's tests (loads are
 # often more than the default 30 s apart).
 os.environ.setdefault("JAXLAYER_VERIFY_IDLE", "3600")
+# No ONNX form in saved files (with jax2onnx installed, every save would
+# convert its layer to ONNX: seconds each); the tests of that form turn it
+# on (tests/test_export_onnx.py).
+os.environ.setdefault("JAXLAYER_SAVE_ONNX", "0")
 
 import keras  # noqa: E402
 import pytest  # noqa: E402

@@ -30,7 +30,12 @@ from jaxlayer._version import __version__ as __version__
 from jaxlayer.adapters.equinox import EquinoxLayer as EquinoxLayer
 from jaxlayer.adapters.flax_linen import FlaxLayer as FlaxLayer
 from jaxlayer.adapters.flax_nnx import NNXLayer as NNXLayer
+from jaxlayer.export import _hooks as _export_hooks
 from jaxlayer.layer import JaxLayer as JaxLayer
+
+# `model.export(format="onnx"/"openvino")` from the tensorflow backend: the
+# converters are installed in tf2onnx and OpenVINO when those are imported.
+_export_hooks.install()
 
 __all__ = [
     "EquinoxLayer",

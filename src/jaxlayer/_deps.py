@@ -16,6 +16,10 @@ _EXTRAS = {
     "torch": "torch",
     "sklearn": "demo",
     "optax": "test",
+    "jax2onnx": "export",
+    "tf2onnx": "export",
+    "onnx": "export",
+    "openvino": "export",
 }
 
 

@@ -67,6 +67,7 @@ import tensorflow as tf
 
 from jaxlayer import _private
 from jaxlayer._pure import fill_unknown
+from jaxlayer.export import _registry
 
 _call_module = _private.tf_call_module()
 _could_possibly_record = _private.tf_could_possibly_record()
@@ -657,6 +658,7 @@ class _Conversion:
         self.counts = counts
         self._platforms = _platform_choices(fn)
         self._forward = None
+        self._source = None
         self._train = {}
         self._vjp = {}
         self._train_failed = {}
@@ -702,6 +704,7 @@ class _Conversion:
                 return [*outputs, *new_state]
 
             call = _Call(_export(forward, self.specs, self._platforms))
+            self._remember(call, forward)
             n_outputs = len(call.out_avals) - self.counts[2]
             self._float_outs = [
                 j
@@ -711,6 +714,19 @@ class _Conversion:
             self._n_outputs = n_outputs
             self._forward = call
         return self._forward
+
+    def _remember(self, call, forward):
+        """Records the forward's function for the ONNX/OpenVINO converters
+        (`jaxlayer.export`), which read the op's module from a graph."""
+        # The conversion owns the source (in the layer's function's slot);
+        # the registry holds it weakly.
+        self._source = _registry.ForwardSource(
+            owner=self.owner,
+            function=lambda: forward,
+            specs=list(self.specs),
+            kept=call.kept,
+        )
+        _registry.remember(call.attrs["module"], self._source)
 
     def _of_diff(self, fn, flat, diff, float_outs):
         """`f(*diff_values) -> (float outputs, (outputs, new_state))`."""

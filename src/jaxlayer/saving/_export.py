@@ -13,6 +13,7 @@ import keras
 
 from jaxlayer import _variables as V
 from jaxlayer._record import InputRecord, input_template
+from jaxlayer.export import _saved
 from jaxlayer.saving._exported_call import ExportedCall
 from jaxlayer.saving._manifest import (
     DEFAULT_PLATFORMS,
@@ -195,7 +196,7 @@ def _export(layer, record: InputRecord):
     for kind in KINDS:
         try:
             with _no_source_paths():
-                entry, blob, note = _export_one(
+                entry, blob, note, extra = _export_one(
                     layer, kind, record, params, state, platforms
                 )
         except _NotExported as err:
@@ -205,6 +206,7 @@ def _export(layer, record: InputRecord):
             notes.append(note)
         manifest["functions"][kind] = entry
         blobs[entry["file"]] = blob
+        blobs.update(extra)
     if not manifest["functions"]:
         return None, notes
     for kind in KINDS:
@@ -258,6 +260,7 @@ def _export_one(layer, kind, record, params, state, platforms):
     symbolic = _symbolic_structs(record)
     exported, used, error = _lower(fn, params, symbolic, state, rng, platforms)
     shapes = "symbolic"
+    lowered_with = symbolic
     if exported is None and record.called is not None:
         concrete = [
             jax.ShapeDtypeStruct(s, jnp.dtype(d))
@@ -266,6 +269,7 @@ def _export_one(layer, kind, record, params, state, platforms):
         exported, used, _ = _lower(fn, params, concrete, state, rng, platforms)
         if exported is not None:
             shapes = "concrete"
+            lowered_with = concrete
             note = (
                 f"({kind}) is for inputs of the shapes the layer was first "
                 f"called with, {_shapes_text(record.called)}, not for any "
@@ -304,7 +308,22 @@ def _export_one(layer, kind, record, params, state, platforms):
     }
     if shapes == "concrete":
         entry["input_shapes"] = [list(s) for s in record.called]
-    return entry, blob, note
+    extra = {}
+    if not training:
+        with _no_source_paths():
+            onnx_blob, why = _saved.make(fn, [params, lowered_with, state, rng])
+        if onnx_blob is None:
+            entry["onnx"] = {"missing": why}
+        else:
+            name = f"{kind}{_saved.SUFFIX}"
+            entry["onnx"] = {
+                "file": name,
+                "sha256": hashlib.sha256(onnx_blob).hexdigest(),
+                "bytes": len(onnx_blob),
+                "opset": _saved.OPSET,
+            }
+            extra[name] = onnx_blob
+    return entry, blob, note, extra
 
 
 def _output_spec(layer, training, record):

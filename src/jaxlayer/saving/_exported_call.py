@@ -14,6 +14,7 @@ import jax.numpy as jnp
 from jaxlayer import _artifact_check as check
 from jaxlayer import _variables as V
 from jaxlayer._record import input_template
+from jaxlayer.export import _registry
 from jaxlayer.saving._manifest import FORMAT, KINDS, Artifacts, record_from_manifest
 
 # The manifest's helpers under the names this module's code used when it
@@ -77,6 +78,7 @@ class ExportedCall:
         self.__name__ = f"{name if isinstance(name, str) else 'call_fn'}_exported"
         self._exported: dict = {}
         self._artifacts: Artifacts | None = None
+        self._onnx: dict = {}
         # Keras's `safe_mode` of the load that rebuilt the layer (read while
         # `from_config` runs; the assets are read after it, outside its scope).
         self.safe_mode = _in_safe_mode()
@@ -126,6 +128,7 @@ class ExportedCall:
                 entry["sha256"] = hashlib.sha256(blob).hexdigest()
                 entry["bytes"] = len(blob)
                 blobs[entry["file"]] = blob
+            blobs.update(self._onnx)
             self._artifacts = Artifacts(manifest, blobs)
         return self._artifacts
 
@@ -137,6 +140,7 @@ class ExportedCall:
                 f"{other.owner}, which was saved with another manifest."
             )
         self._exported = dict(other._exported)
+        self._onnx = dict(other._onnx)
         self._artifacts = other._artifacts
 
     # -- loading --
@@ -242,7 +246,60 @@ class ExportedCall:
                     f"layer's config says {want_in} and {want_out} {made}."
                 )
             exported[kind] = exp
+        saved = {
+            kind: self._saved_onnx(entry, dirpath, cap)
+            for kind, entry in functions.items()
+        }
+        for kind, exp in exported.items():
+            _registry.remember_saved(exp, saved[kind])
+        self._onnx = {
+            entry["onnx"]["file"]: saved[kind].blob
+            for kind, entry in functions.items()
+            if saved[kind].blob is not None
+        }
         self._exported = exported
+
+    def _saved_onnx(self, entry, dirpath, cap) -> _registry.SavedOnnx:
+        """The ONNX form saved beside a function (bytes checked against the
+        manifest's size and sha256; parsed only by an export)."""
+        onnx = entry.get("onnx")
+        version = self.manifest.get("jaxlayer_version")
+        if not isinstance(onnx, dict):
+            return _registry.SavedOnnx(
+                self.owner,
+                None,
+                None,
+                f"the file was saved by jaxlayer {version}, which saved no ONNX "
+                "form of the layer's computation; save the model again from "
+                "its source with `jaxlayer[export]` installed",
+            )
+        if "file" not in onnx:
+            return _registry.SavedOnnx(
+                self.owner, None, None, str(onnx.get("missing", "not saved"))
+            )
+        name = os.path.basename(str(onnx["file"]))
+        where = f"{self.owner}: the ONNX form `{name}` in the `.keras` file"
+        path = os.path.join(dirpath, name)
+        if not os.path.isfile(path):
+            raise ValueError(f"{where} is missing; save the model again.")
+        size = os.path.getsize(path)
+        if size == onnx.get("bytes") and size > cap:
+            raise check.Refused(
+                f"{where} is {size} bytes, more than the {cap} bytes a loaded "
+                "computation may have; refused. If the file is trusted, set "
+                "JAXLAYER_MAX_ARTIFACT_MIB higher."
+            )
+        with open(path, "rb") as f:
+            blob = f.read(cap + 1)
+        if len(blob) != onnx.get("bytes") or (
+            hashlib.sha256(blob).hexdigest() != onnx.get("sha256")
+        ):
+            raise ValueError(
+                f"{where} is damaged or was changed after saving: its bytes do "
+                "not match the size and sha256 recorded when it was saved. "
+                "Save the model again from its source."
+            )
+        return _registry.SavedOnnx(self.owner, blob, onnx.get("opset"), None)
 
     def _signature(self, kind: str, platform: str) -> dict:
         """What the manifest says the `kind` artifact takes and returns:

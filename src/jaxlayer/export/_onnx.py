@@ -1,0 +1,83 @@
+"""A layer's JAX function as an ONNX graph (jax2onnx), and ONNX graphs
+spliced into another converter's graph."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import jax
+import numpy as np
+
+from jaxlayer._deps import require
+
+# The opset jax2onnx targets when the host converter does not say.
+DEFAULT_OPSET = 23
+
+
+def jax2onnx_module(feature: str):
+    """jax2onnx, or the missing-extra error naming `feature`."""
+    return require("jax2onnx", feature, extra="export")
+
+
+def symbolic_inputs(specs: Sequence) -> list:
+    """`specs` with each symbolic dimension as its name (jax2onnx's dims)."""
+    out = []
+    for s in specs:
+        shape = tuple(d if isinstance(d, int) else str(d) for d in s.shape)
+        out.append(jax.ShapeDtypeStruct(shape, s.dtype))
+    return out
+
+
+def to_onnx(
+    fn: Callable,
+    specs: Sequence,
+    *,
+    opset: int,
+    feature: str,
+    input_names: Sequence[str] | None = None,
+):
+    """The ONNX model (`onnx.ModelProto`) of `fn(*flat) -> list` on `specs`."""
+    jax2onnx = jax2onnx_module(feature)
+    return jax2onnx.to_onnx(
+        fn,
+        inputs=symbolic_inputs(specs),
+        opset=opset,
+        model_name="jaxlayer_call",
+        return_mode="proto",
+        input_names=input_names,
+    )
+
+
+def attribute_values(node) -> dict:
+    """An `onnx.NodeProto`'s attributes as Python values."""
+    import onnx
+
+    values = {}
+    for attr in node.attribute:
+        value = onnx.helper.get_attribute_value(attr)
+        if attr.type == onnx.AttributeProto.TENSOR:
+            value = onnx.numpy_helper.to_array(value)
+        values[attr.name] = value
+    return values
+
+
+def initializer_arrays(graph) -> dict[str, np.ndarray]:
+    """The graph's initializers as numpy arrays, by name."""
+    import onnx
+
+    return {t.name: onnx.numpy_helper.to_array(t) for t in graph.initializer}
+
+
+def has_subgraphs(graph) -> bool:
+    """Whether some node of `graph` holds a graph attribute (If, Loop, Scan)."""
+    import onnx
+
+    kinds = (onnx.AttributeProto.GRAPH, onnx.AttributeProto.GRAPHS)
+    return any(a.type in kinds for n in graph.node for a in n.attribute)
+
+
+def as_file_object(proto):
+    """An `onnx.ModelProto` as an in-memory file (OpenVINO reads those)."""
+    import io
+
+    return io.BytesIO(proto.SerializeToString())

@@ -1,0 +1,241 @@
+"""Deployment exports to ONNX and OpenVINO (issue 23), on the current backend.
+
+`Sequential([Input(8), Dense(16), <layer>, Dense(3)])`, `<layer>` a
+`JaxLayer` MLP (and Flax, NNX and Equinox layers), beside the same model
+with a native `Dense`; each artifact is loaded by its own runtime
+(onnxruntime, OpenVINO) in one fresh process and compared with
+`model.predict` (1e-4) at the exported batch and another one (the dynamic
+batch). Also: a layer reloaded from its `.keras` file without its source.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+import jaxlayer
+
+pytest.importorskip("jax2onnx")
+pytest.importorskip("onnxruntime")
+
+BACKEND = keras.backend.backend()
+pytestmark = pytest.mark.skipif(
+    BACKEND not in ("jax", "tensorflow"),
+    reason="the torch backend's ONNX/OpenVINO route is not done (docs/saving.md)",
+)
+ATOL = 1e-4
+
+# Formats that export from this backend: every cell where a native model
+# exports (on jax, Keras's OpenVINO export fails for native layers too).
+FORMATS = {"jax": ["onnx"], "tensorflow": ["onnx", "openvino"]}[BACKEND]
+
+
+def init_fn(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    return {
+        "w1": jax.random.normal(k1, (16, 32)) * 0.3,
+        "b1": jnp.zeros(32),
+        "w2": jax.random.normal(k2, (32, 16)) * 0.3,
+        "b2": jnp.zeros(16),
+    }
+
+
+def call_fn(params, inputs):
+    h = jnp.tanh(inputs @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def _middle(kind):
+    if kind == "native":
+        return keras.layers.Dense(16)
+    if kind == "jaxlayer":
+        return jaxlayer.JaxLayer(call_fn, init_fn=init_fn)
+    if kind == "flax":
+        nn = pytest.importorskip("flax.linen")
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(16)(jnp.tanh(nn.Dense(32)(x)))
+
+        return jaxlayer.FlaxLayer(MLP())
+    if kind == "nnx":
+        nnx = pytest.importorskip("flax.nnx")
+
+        class Block(nnx.Module):
+            def __init__(self, rngs):
+                self.a = nnx.Linear(16, 32, rngs=rngs)
+                self.b = nnx.Linear(32, 16, rngs=rngs)
+
+            def __call__(self, x):
+                return self.b(jnp.tanh(self.a(x)))
+
+        return jaxlayer.NNXLayer(Block(nnx.Rngs(0)))
+    eqx = pytest.importorskip("equinox")
+    return jaxlayer.EquinoxLayer(
+        eqx.nn.MLP(16, 16, 32, 1, activation=jnp.tanh, key=jax.random.key(0))
+    )
+
+
+def _model(kind):
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [
+            keras.Input((8,)),
+            keras.layers.Dense(16),
+            _middle(kind),
+            keras.layers.Dense(3),
+        ]
+    )
+    model(X)  # Keras's ONNX export on jax wants the model called
+    return model
+
+
+X = np.random.RandomState(0).randn(5, 8).astype("float32")
+X7 = np.random.RandomState(1).randn(7, 8).astype("float32")
+
+_LOADER = textwrap.dedent(
+    """
+    import json, sys
+    import numpy as np
+    results = {}
+    for name, fmt, path, inputs in json.load(open(sys.argv[1])):
+        outs = []
+        try:
+            if fmt == "onnx":
+                import onnxruntime as ort
+                s = ort.InferenceSession(path, providers=["CPUExecutionProvider"])
+                run = lambda a: s.run(None, {s.get_inputs()[0].name: a})[0]
+            else:
+                import openvino as ov
+                c = ov.Core().compile_model(
+                    path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"}
+                )
+                run = lambda a: c(a)[0]
+            for x in inputs:
+                outs.append(np.asarray(run(np.load(x))).tolist())
+            results[name] = outs
+        except Exception as err:
+            results[name] = f"{type(err).__name__}: {err}"
+    print("RESULTS" + json.dumps(results))
+    """
+)
+
+
+def _load_in_fresh_process(tmp_path, artifacts):
+    """`{name: [outputs per input]}` (or the error text) from one child
+    process that imports neither jaxlayer nor keras."""
+    inputs = []
+    for i, x in enumerate((X, X7)):
+        inputs.append(str(tmp_path / f"x{i}.npy"))
+        np.save(inputs[-1], x)
+    jobs = [(name, fmt, path, inputs) for name, (fmt, path) in artifacts.items()]
+    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
+    (tmp_path / "load.py").write_text(_LOADER)
+    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
+    done = subprocess.run(
+        [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "jobs.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULTS")]
+    assert line, done.stderr[-3000:]
+    return json.loads(line[0][len("RESULTS") :])
+
+
+def _export(model, tmp_path, name, fmt):
+    path = str(tmp_path / (f"{name}.onnx" if fmt == "onnx" else f"{name}.xml"))
+    model.export(path, format=fmt, verbose=False)
+    return fmt, path
+
+
+def _check(results, models, artifacts):
+    for name in artifacts:
+        got = results[name]
+        assert not isinstance(got, str), f"{name}: {got}"
+        model = models[name.split(":")[0]]
+        for x, y in zip((X, X7), got, strict=True):
+            want = model.predict(x, verbose=0)
+            np.testing.assert_allclose(np.asarray(y), want, atol=ATOL, err_msg=name)
+
+
+@pytest.fixture(scope="module")
+def models():
+    return {kind: _model(kind) for kind in ("native", "jaxlayer")}
+
+
+@pytest.mark.slow
+def test_matrix_native_and_jaxlayer(models, tmp_path):
+    artifacts = {
+        f"{kind}:{fmt}": _export(model, tmp_path, f"{kind}-{fmt}", fmt)
+        for kind, model in models.items()
+        for fmt in FORMATS
+    }
+    _check(_load_in_fresh_process(tmp_path, artifacts), models, artifacts)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="the jax backend's OpenVINO cell")
+def test_openvino_from_jax_fails_for_native_too(models, tmp_path):
+    # Keras's jax2tf path gives OpenVINO an `XlaCallModule` for any model.
+    pytest.importorskip("openvino")
+    for model in models.values():
+        with pytest.raises(Exception, match="XlaCallModule"):
+            model.export(str(tmp_path / "m.xml"), format="openvino", verbose=False)
+
+
+@pytest.mark.slow
+def test_adapters(tmp_path):
+    built = {kind: _model(kind) for kind in ("flax", "nnx", "equinox")}
+    artifacts = {
+        f"{kind}:{fmt}": _export(model, tmp_path, f"{kind}-{fmt}", fmt)
+        for kind, model in built.items()
+        for fmt in FORMATS
+    }
+    _check(_load_in_fresh_process(tmp_path, artifacts), built, artifacts)
+
+
+def test_reloaded_without_source(models, tmp_path, monkeypatch):
+    # The functions are not registered: the reloaded layer runs its saved
+    # computation, and exports the ONNX form saved beside it (what a save
+    # writes by default with jax2onnx installed; conftest.py turns it off).
+    monkeypatch.setenv("JAXLAYER_SAVE_ONNX", "1")
+    path = str(tmp_path / "m.keras")
+    models["jaxlayer"].save(path)
+    reloaded = keras.saving.load_model(path)
+    layer = reloaded.layers[1]
+    assert isinstance(layer.call_fn, jaxlayer.saving.ExportedCall)
+    reloaded(X)
+    artifacts = {
+        f"jaxlayer:{fmt}": _export(reloaded, tmp_path, f"reloaded-{fmt}", fmt)
+        for fmt in FORMATS
+    }
+    _check(_load_in_fresh_process(tmp_path, artifacts), models, artifacts)
+    # Saved again from the reloaded layer, the ONNX form travels on.
+    again = str(tmp_path / "again.keras")
+    reloaded.save(again)
+    twice = keras.saving.load_model(again)
+    twice(X)
+    artifacts = {"jaxlayer:onnx": _export(twice, tmp_path, "twice", "onnx")}
+    _check(_load_in_fresh_process(tmp_path, artifacts), models, artifacts)
+
+
+def test_file_without_onnx_form_says_to_save_again(tmp_path):
+    data = os.path.join(os.path.dirname(__file__), "data")
+    model = keras.saving.load_model(
+        os.path.join(data, "jaxlayer-0.2.0.dev0-exported.keras")
+    )
+    config = model.get_config()["layers"]
+    shape = config[0]["config"]["batch_shape"]
+    x = np.zeros((2, *shape[1:]), "float32")
+    model(x)
+    with pytest.raises(BaseException, match=r"saved no ONNX form.*jaxlayer\[export\]"):
+        model.export(str(tmp_path / "old.onnx"), format="onnx", verbose=False)
