@@ -308,8 +308,17 @@ print(json.dumps(float(error)))
 """
 
 
+@pytest.fixture
+def keeps_x64():
+    """Importing litert-torch turns on `jax_enable_x64` for the whole process
+    (its own doing); the tests after this one run with the flag as it was."""
+    before = jax.config.jax_enable_x64
+    yield
+    jax.config.update("jax_enable_x64", before)
+
+
 @pytest.mark.slow
-def test_litert_from_the_torch_backend(mlp, tmp_path):
+def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
     pytest.importorskip("litert_torch", reason="needs litert-torch")
     pytest.importorskip("ai_edge_litert", reason="needs ai-edge-litert")
     path = str(tmp_path / "mlp.tflite")
