@@ -351,3 +351,20 @@ def test_a_computation_jax_cannot_export_is_one_clear_error(tmp_path):
         torch.export.export(model, (torch.tensor(batch(2)),), strict=False)
     # The model itself still runs, eagerly.
     model.predict(batch(2), verbose=0)
+
+
+@pytest.mark.parametrize("fmt", ["onnx", "openvino"])
+def test_onnx_and_openvino_from_torch_are_one_clear_error(mlp, tmp_path, fmt):
+    # Not done on torch yet (Keras's exporters trace with torch.jit.trace):
+    # one error naming the layer, the format's route and where it works,
+    # never an artifact without the layer.
+    pytest.importorskip({"onnx": "onnxscript", "openvino": "openvino"}[fmt])
+    path = str(tmp_path / ("m.onnx" if fmt == "onnx" else "m.xml"))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        with pytest.raises(ValueError) as caught:
+            mlp.export(path, format=fmt, verbose=False)
+    text = str(caught.value)
+    assert "JaxLayer '" in text and "torch.jit.trace" in text, text
+    assert "tensorflow backend" in text and "format='torch'" in text, text
+    assert not os.path.exists(path)

@@ -777,6 +777,18 @@ def _arguments(entry, params, inputs, state, rng, device_type):
     return flat, key
 
 
+# TorchScript's tracer records torch operations only; a jaxlayer layer is a
+# JAX computation run through DLPack, which it would bake in as constants.
+_JIT_TRACE = (
+    "{owner}: `torch.jit.trace` (what Keras's torch-backend exports to "
+    "`onnx` with a dynamic batch and to `openvino` use) cannot record a "
+    "jaxlayer layer. Export the model from the jax backend (`onnx`) or the "
+    "tensorflow backend (`onnx`, `openvino`), where jaxlayer converts the "
+    "layer (a `.keras` file saved on torch loads there); on torch, "
+    "`format='torch'` (.pt2) and `format='litert'` work."
+)
+
+
 def run(
     fn: Callable,
     params: Sequence[torch.Tensor],
@@ -803,7 +815,13 @@ def run(
         arguments. `outputs` are differentiable with respect to the floating
         `params` and `inputs` that require grad; `new_state` carries no
         gradient.
+
+    Raises:
+        ValueError: called while `torch.jit.trace` records (Keras's torch
+            exporters to ONNX and OpenVINO), which cannot record the layer.
     """
+    if torch.jit.is_tracing():
+        raise ValueError(_JIT_TRACE.format(owner=fn.owner))
     entry = fn.slot("torch", lambda: _Entry(fn))
     device_type = _device_type(fn, entry, params, inputs, state)
     if device_type is None:
