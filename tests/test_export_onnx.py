@@ -34,7 +34,7 @@ ATOL = 1e-4
 
 # Formats that export from this backend: every cell where a native model
 # exports (on jax, Keras's OpenVINO export fails for native layers too).
-FORMATS = {"jax": ["onnx"], "tensorflow": ["onnx", "openvino"]}[BACKEND]
+FORMATS = {"jax": ["onnx"], "tensorflow": ["onnx", "openvino"]}.get(BACKEND, [])
 
 
 def init_fn(rng, inputs):
