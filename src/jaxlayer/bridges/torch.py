@@ -1138,7 +1138,10 @@ def _site_out(site_id: int):
 
 
 def _described(tensors) -> tuple:
-    """`(shape, dtype)` of each tensor, constants for `_site_artifact`."""
+    """`(shape, dtype)` of each tensor, constants for `_site_artifact`
+    (static sizes under `torch.jit.trace`, whose sizes are traced values)."""
+    if torch.jit.is_tracing():
+        return tuple((tuple(int(d) for d in t.shape), t.dtype) for t in tensors)
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
@@ -1338,7 +1341,8 @@ def layer_call(layer, inputs, training):
     Returns NotImplemented outside torch.compile and torch.export (the layer
     then runs its eager path, which calls `run`).
     """
-    if not torch.compiler.is_compiling():
+    jit_tracing = torch.jit.is_tracing()
+    if not (jit_tracing or torch.compiler.is_compiling()):
         return NotImplemented
 
     training = bool(training)
@@ -1370,8 +1374,15 @@ def layer_call(layer, inputs, training):
     # this is.
     params, state, cast = layer._call_values(True)  # run.casts_params
     site = _site_id(layer, training, in_key, rng_key, cast)
-    if torch.compiler.is_exporting():
+    if jit_tracing or torch.compiler.is_exporting():
         # A program that may run elsewhere: the computation goes in it.
+        # Under `torch.jit.trace` (Keras's exports to onnx and openvino),
+        # the same node, which TorchScript's ONNX exporter converts with
+        # jaxlayer's symbolic (`export._torch_onnx`).
+        if jit_tracing:
+            from jaxlayer.export import _torch_onnx
+
+            _torch_onnx.install()
         sha = _site_artifact(
             site, *[_described(g) for g in (params, leaves, state, rng)]
         )

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import functools
 
-from jaxlayer.export import _onnx, _registry
+from jaxlayer.export import _onnx, _registry, _torch_onnx
 
 # The ONNX opset of the intermediate model (OpenVINO reads up to 23 here).
 OPSET = 18
@@ -97,6 +97,8 @@ def wrap(convert_model):
         sources = jaxlayer_modules(input_model)
         if sources:
             input_model = via_onnx(input_model, sources)
+        elif _torch_onnx.has_jaxlayer_node(input_model):
+            input_model = _torch_onnx.to_onnx_file(input_model)
         return convert_model(input_model, *args, **kwargs)
 
     _WRAPPED.add(convert_model_jaxlayer)
