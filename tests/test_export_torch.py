@@ -455,19 +455,28 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     mlp, tmp_path, monkeypatch
 ):
     # A static batch (Keras tries torch's dynamo exporter first, which has
-    # no translation of the op, then TorchScript); FlaxLayer, EquinoxLayer;
+    # no translation of the op, then TorchScript); FlaxLayer, NNXLayer,
+    # EquinoxLayer;
     # a layer reloaded from its `.keras` file without its source (the ONNX
     # form saved in the file).
     needs_onnx_openvino()
     import equinox as eqx
-    from flax import linen
+    from flax import linen, nnx
 
-    from jaxlayer import EquinoxLayer, FlaxLayer, saving
+    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer, saving
 
     class Linen(linen.Module):
         @linen.compact
         def __call__(self, x):
             return linen.Dense(16)(linen.tanh(linen.Dense(32)(x)))
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(16, 32, rngs=rngs)
+            self.b = nnx.Linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
 
     path = str(tmp_path / "mlp.keras")
     monkeypatch.setenv("JAXLAYER_SAVE_ONNX", "1")  # the suite turns it off
@@ -479,6 +488,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     models = {
         "mlp": mlp,
         "flax": around(FlaxLayer(Linen(), seed=0)),
+        "nnx": around(NNXLayer(Nnx(nnx.Rngs(0)))),
         "equinox": around(
             EquinoxLayer(eqx.nn.MLP(16, 16, 32, 1, key=jax.random.key(0)))
         ),
@@ -496,7 +506,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     cases.update(export_onnx_openvino({"mlp": mlp}, str(tmp_path), static=["mlp"]))
     del cases["mlp/onnx"], cases["mlp/openvino"]  # the fast test has them
     out = load_onnx_openvino(cases, str(tmp_path))
-    assert len(out) == 7, sorted(out)
+    assert len(out) == 9, sorted(out)
     for name, errors in out.items():
         assert max(errors) <= 1e-4, (name, errors)
 
