@@ -463,7 +463,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     import equinox as eqx
     from flax import linen, nnx
 
-    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer, saving
+    from jaxlayer import EquinoxLayer, FlaxLayer, JaxLayer, NNXLayer, saving
 
     class Linen(linen.Module):
         @linen.compact
@@ -480,7 +480,10 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
 
     path = str(tmp_path / "mlp.keras")
     monkeypatch.setenv("JAXLAYER_SAVE_ONNX", "1")  # the suite turns it off
-    mlp.save(path)
+    # A layer not saved before (a saved layer keeps its first inference export).
+    source = around(JaxLayer(mlp_call, mlp_init, seed=1, name="mlp"))
+    source(batch(2))
+    source.save(path)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         reloaded = keras.saving.load_model(path)
@@ -498,7 +501,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
         model(batch(2))
     x = batch(3)
     np.testing.assert_allclose(
-        reloaded.predict(x, verbose=0), mlp.predict(x, verbose=0), **TOL
+        reloaded.predict(x, verbose=0), source.predict(x, verbose=0), **TOL
     )
     cases = export_onnx_openvino(
         {k: v for k, v in models.items() if k != "mlp"}, str(tmp_path)
