@@ -11,7 +11,9 @@ OpenVINO reads that ONNX model instead.
 OpenVINO has no registry of converters to add to, and Keras calls
 `openvino.convert_model` itself: `_hooks`, when the program imports
 openvino, wraps `openvino.convert_model` so that it does the above for a
-TensorFlow function with a jaxlayer op, and passes everything else through
+TensorFlow function with a jaxlayer op, converts a traced torch module
+holding a `jaxlayer::call_exported` node (Keras's torch-backend export)
+through ONNX too (`_torch_onnx`), and passes everything else through
 untouched.
 """
 
@@ -87,8 +89,8 @@ def via_onnx(model, sources):
 
 
 def wrap(convert_model):
-    """`convert_model` that converts a TensorFlow function with jaxlayer ops
-    through ONNX."""
+    """`convert_model` that converts a TensorFlow function with jaxlayer ops,
+    or a traced torch module with a jaxlayer node, through ONNX."""
     if convert_model in _WRAPPED:
         return convert_model
 
