@@ -777,15 +777,16 @@ def _arguments(entry, params, inputs, state, rng, device_type):
     return flat, key
 
 
-# TorchScript's tracer records torch operations only; a jaxlayer layer is a
-# JAX computation run through DLPack, which it would bake in as constants.
+# Under `torch.jit.trace` a layer call is one `jaxlayer::call_exported` node
+# (`layer_call`); a call that cannot be one would be baked in as constants.
 _JIT_TRACE = (
     "{owner}: `torch.jit.trace` (what Keras's torch-backend exports to "
-    "`onnx` with a dynamic batch and to `openvino` use) cannot record a "
-    "jaxlayer layer. Export the model from the jax backend (`onnx`) or the "
-    "tensorflow backend (`onnx`, `openvino`), where jaxlayer converts the "
-    "layer (a `.keras` file saved on torch loads there); on torch, "
-    "`format='torch'` (.pt2) and `format='litert'` work."
+    "`onnx` and `openvino` use) records a jaxlayer layer's call as one "
+    "operator, which it cannot do for this call ({reason}). Pass the layer "
+    "tensors (in tuples, lists, dicts or NamedTuples) on a device JAX has, "
+    "or export the model from the jax backend (`onnx`) or the tensorflow "
+    "backend (`onnx`, `openvino`), where jaxlayer converts the layer (a "
+    "`.keras` file saved on torch loads there)."
 )
 
 
@@ -817,11 +818,12 @@ def run(
         gradient.
 
     Raises:
-        ValueError: called while `torch.jit.trace` records (Keras's torch
-            exporters to ONNX and OpenVINO), which cannot record the layer.
+        ValueError: called while `torch.jit.trace` records (where
+            `layer_call` records the call as one operator instead).
     """
-    if torch.jit.is_tracing():
-        raise ValueError(_JIT_TRACE.format(owner=fn.owner))
+    if torch.jit.is_tracing():  # `layer_call` records the call instead
+        reason = "it did not reach the layer's `call`"
+        raise ValueError(_JIT_TRACE.format(owner=fn.owner, reason=reason))
     entry = fn.slot("torch", lambda: _Entry(fn))
     device_type = _device_type(fn, entry, params, inputs, state)
     if device_type is None:
@@ -1138,7 +1140,12 @@ def _site_out(site_id: int):
 
 
 def _described(tensors) -> tuple:
-    """`(shape, dtype)` of each tensor, constants for `_site_artifact`."""
+    """`(shape, dtype)` of each tensor, constants for `_site_artifact`
+    (static sizes under `torch.jit.trace`, whose sizes are traced values)."""
+    if torch.jit.is_tracing():
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", torch.jit.TracerWarning)
+            return tuple((tuple(int(d) for d in t.shape), t.dtype) for t in tensors)
     return tuple((tuple(t.shape), t.dtype) for t in tensors)
 
 
@@ -1335,10 +1342,14 @@ _call_op = _define_operators()
 def layer_call(layer, inputs, training):
     """`JaxLayer.call`'s hook: the call as one operator while torch traces.
 
-    Returns NotImplemented outside torch.compile and torch.export (the layer
-    then runs its eager path, which calls `run`).
+    Returns NotImplemented outside torch.compile, torch.export and
+    torch.jit.trace (the layer then runs its eager path, which calls `run`).
+    Under torch.export and torch.jit.trace the call is one
+    `jaxlayer::call_exported` node carrying the computation (torch.jit.trace:
+    at the traced shapes).
     """
-    if not torch.compiler.is_compiling():
+    jit_tracing = torch.jit.is_tracing()
+    if not (jit_tracing or torch.compiler.is_compiling()):
         return NotImplemented
 
     training = bool(training)
@@ -1370,8 +1381,15 @@ def layer_call(layer, inputs, training):
     # this is.
     params, state, cast = layer._call_values(True)  # run.casts_params
     site = _site_id(layer, training, in_key, rng_key, cast)
-    if torch.compiler.is_exporting():
+    if jit_tracing or torch.compiler.is_exporting():
         # A program that may run elsewhere: the computation goes in it.
+        # Under `torch.jit.trace` (Keras's exports to onnx and openvino),
+        # the same node, which TorchScript's ONNX exporter converts with
+        # jaxlayer's symbolic (`export._torch_onnx`).
+        if jit_tracing:
+            from jaxlayer.export import _torch_onnx
+
+            _torch_onnx.install()
         sha = _site_artifact(
             site, *[_described(g) for g in (params, leaves, state, rng)]
         )
@@ -1388,7 +1406,10 @@ def layer_call(layer, inputs, training):
 
 @torch.compiler.disable
 def _eager_call(layer, inputs, training, reason):
-    """A layer call torch cannot capture: run eagerly (a graph break)."""
+    """A layer call torch cannot capture: run eagerly (a graph break); under
+    `torch.jit.trace`, which has no graph breaks, one clear error."""
+    if torch.jit.is_tracing():
+        raise ValueError(_JIT_TRACE.format(owner=_owner_of(layer), reason=reason))
     counters["eager_fallbacks"] += 1
     sites = layer.__dict__.get(_SITES_ATTR)
     if sites is None:

@@ -77,29 +77,34 @@ def lower(ctx, eqn) -> None:
 
     model = checked_model(saved, int(ctx.opset))
     graph = model.graph
-    inputs = {v.name: i for i, v in enumerate(graph.input)}
-    names = {}
-    for name, i in inputs.items():
-        names[name] = ctx.get_value_for_var(eqn.invars[int(name.split("_")[1])])
-        del i
-    for name, array in _onnx.initializer_arrays(graph).items():
-        names[name] = ctx.builder.add_initializer_from_array(
+    names = {
+        v.name: ctx.get_value_for_var(eqn.invars[int(v.name.split("_")[1])])
+        for v in graph.input
+    }
+
+    def constant(name, array):
+        del name
+        return ctx.builder.add_initializer_from_array(
             ctx.fresh_name("jaxlayer_const"), array
         )
-    for node in graph.node:
+
+    def make(node, inputs):
         attrs = {}
         for key, value in _onnx.attribute_values(node).items():
             attrs[key] = ir.tensor(value) if hasattr(value, "dtype") else value
         outs = [ctx.fresh_name(f"jaxlayer_{node.op_type}") for _ in node.output]
         result = getattr(ctx.builder, node.op_type)(
-            *[names[x] if x else None for x in node.input],
-            _domain=node.domain,
-            _outputs=outs,
-            **attrs,
+            *inputs, _domain=node.domain, _outputs=outs, **attrs
         )
-        results = [result] if len(outs) == 1 else list(result)
-        names.update(zip(node.output, results, strict=True))
-    outputs = [names[v.name] for v in graph.output]
+        return [result] if len(outs) == 1 else list(result)
+
+    def missing(name):
+        return ValueError(
+            f"{saved.owner}: the ONNX form saved in its `.keras` file reads "
+            f"{name!r}, which no input or node makes; save the model again."
+        )
+
+    outputs = _onnx.splice(graph, names, constant, make, missing)
     if len(outputs) != len(eqn.outvars):
         raise ValueError(
             f"{saved.owner}: the ONNX form saved in its `.keras` file returns "

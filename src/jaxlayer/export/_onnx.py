@@ -81,3 +81,35 @@ def as_file_object(proto):
     import io
 
     return io.BytesIO(proto.SerializeToString())
+
+
+def splice(
+    graph,
+    names: dict,
+    constant: Callable,
+    node: Callable,
+    missing: Callable[[str], Exception],
+) -> list:
+    """Puts the nodes of the ONNX `graph` into a host converter's graph.
+
+    Args:
+        graph: an `onnx.GraphProto` (no subgraphs).
+        names: the host's value for each input of `graph`, by input name.
+        constant: `(name, array) -> value`, an initializer made in the host.
+        node: `(node_proto, host_inputs) -> list of values`, one node made
+            in the host (`host_inputs` has None for an omitted input).
+        missing: `(name) -> Exception` for a value no input or node makes.
+
+    Returns:
+        The host's values of the graph's outputs, in order.
+    """
+    names = dict(names)
+    for name, array in initializer_arrays(graph).items():
+        names[name] = constant(name, array)
+    for n in graph.node:
+        absent = [x for x in n.input if x and x not in names]
+        if absent:
+            raise missing(absent[0])
+        results = node(n, [names[x] if x else None for x in n.input])
+        names.update(zip(n.output, results, strict=True))
+    return [names[v.name] for v in graph.output]

@@ -11,7 +11,9 @@ OpenVINO reads that ONNX model instead.
 OpenVINO has no registry of converters to add to, and Keras calls
 `openvino.convert_model` itself: `_hooks`, when the program imports
 openvino, wraps `openvino.convert_model` so that it does the above for a
-TensorFlow function with a jaxlayer op, and passes everything else through
+TensorFlow function with a jaxlayer op, converts a traced torch module
+holding a `jaxlayer::call_exported` node (Keras's torch-backend export)
+through ONNX too (`_torch_onnx`), and passes everything else through
 untouched.
 """
 
@@ -19,7 +21,7 @@ from __future__ import annotations
 
 import functools
 
-from jaxlayer.export import _onnx, _registry
+from jaxlayer.export import _onnx, _registry, _torch_onnx
 
 # The ONNX opset of the intermediate model (OpenVINO reads up to 23 here).
 OPSET = 18
@@ -87,8 +89,8 @@ def via_onnx(model, sources):
 
 
 def wrap(convert_model):
-    """`convert_model` that converts a TensorFlow function with jaxlayer ops
-    through ONNX."""
+    """`convert_model` that converts a TensorFlow function with jaxlayer ops,
+    or a traced torch module with a jaxlayer node, through ONNX."""
     if convert_model in _WRAPPED:
         return convert_model
 
@@ -97,6 +99,8 @@ def wrap(convert_model):
         sources = jaxlayer_modules(input_model)
         if sources:
             input_model = via_onnx(input_model, sources)
+        elif _torch_onnx.has_jaxlayer_node(input_model):
+            input_model = _torch_onnx.to_onnx_file(input_model)
         return convert_model(input_model, *args, **kwargs)
 
     _WRAPPED.add(convert_model_jaxlayer)

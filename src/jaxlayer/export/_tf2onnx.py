@@ -68,27 +68,30 @@ def _convert(ctx, node) -> None:
         if i in kept:
             names[value.name] = node.input[kept.index(i)]
     prefix = f"{node.name}/jaxlayer/"
-    for name, array in _onnx.initializer_arrays(graph).items():
-        names[name] = ctx.make_const(make_name(prefix + "const"), array).output[0]
-    for n in graph.node:
-        missing = [x for x in n.input if x and x not in names]
-        if missing:
-            raise ValueError(
-                f"{source.owner}: its ONNX graph reads {missing[0]!r}, an "
-                "argument the `XlaCallModule` op drops; export the model to "
-                "ONNX from the jax backend."
-            )
+
+    def constant(name, array):
+        return ctx.make_const(make_name(prefix + "const"), array).output[0]
+
+    def make(n, inputs):
         outputs = [make_name(prefix + n.op_type) for _ in n.output]
         ctx.make_node(
             n.op_type,
-            [names[x] if x else "" for x in n.input],
+            ["" if x is None else x for x in inputs],
             attr=_onnx.attribute_values(n),
             outputs=outputs,
             domain=n.domain or None,
             op_name_scope=node.name,
         )
-        names.update(zip(n.output, outputs, strict=True))
-    results = [names[v.name] for v in graph.output]
+        return outputs
+
+    def missing(name):
+        return ValueError(
+            f"{source.owner}: its ONNX graph reads {name!r}, an argument the "
+            "`XlaCallModule` op drops; export the model to ONNX from the jax "
+            "backend."
+        )
+
+    results = _onnx.splice(graph, names, constant, make, missing)
     if len(results) != len(node.output):
         raise ValueError(
             f"{source.owner}: its ONNX graph returns {len(results)} arrays "

@@ -1,0 +1,241 @@
+"""torch -> onnx and openvino through TorchScript, for a jaxlayer layer.
+
+Keras's torch-backend exports to ONNX (with a dynamic batch, or when the
+dynamo exporter fails) and to OpenVINO trace the model with
+`torch.jit.trace`. While it traces, the torch bridge records a layer's call
+as one `jaxlayer::call_exported` node (the operator `torch.export` records,
+`bridges.torch_export`). TorchScript's ONNX exporter knows no such op; the
+symbolic registered here puts in its place the ONNX graph jax2onnx makes of
+the layer's flat function (`torch_export.live_function`, in the process that
+traced it) at the export's opset, its inputs' leading dimension symbolic
+(`batch`) so that a dynamic batch stays dynamic. A layer reloaded from its
+`.keras` file without its source calls its saved computation, which
+jaxlayer's jax2onnx plugin (`_jax2onnx`) replaces by the ONNX form saved in
+the file.
+
+OpenVINO's PyTorch frontend takes conversion rules only as arguments of
+`convert_model`, which Keras calls itself; `_openvino`'s wrapper of
+`openvino.convert_model` sends a traced module holding the node here
+(`to_onnx_file`): exported to ONNX with the symbolic, then read by OpenVINO.
+
+The dynamo ONNX exporter (what Keras tries first for static shapes) takes
+translations only per call (`custom_translation_table`), so it fails on the
+node and Keras falls back to TorchScript, which this serves.
+"""
+
+from __future__ import annotations
+
+import io
+
+from jaxlayer.export import _onnx
+
+#: The node's kind in a TorchScript graph.
+KIND = "jaxlayer::call_exported"
+# The lowest opset jax2onnx converts to.
+_MIN_OPSET = 9
+# The opset of the intermediate model for OpenVINO.
+OPENVINO_OPSET = 18
+_installed = False
+
+
+def install() -> None:
+    """Registers the symbolic with TorchScript's ONNX exporter (once)."""
+    global _installed
+    if _installed:
+        return
+    import torch
+
+    torch.onnx.register_custom_op_symbolic(KIND, _symbolic, _MIN_OPSET)
+    _installed = True
+
+
+def _list(value) -> list:
+    """The elements of a TorchScript list value (a `prim::ListConstruct`)."""
+    node = value.node()
+    if node.kind() != "prim::ListConstruct":
+        raise ValueError(
+            f"jaxlayer: the {KIND} node takes a list built by {node.kind()}, "
+            "which the ONNX export cannot read."
+        )
+    return list(node.inputs())
+
+
+def _specs(exported, counts, symbolic: bool) -> list:
+    """The flat argument shapes: the traced ones, with the inputs' leading
+    size as the symbol `batch` when `symbolic`."""
+    import jax
+
+    specs = list(exported.in_avals)
+    if not symbolic:
+        return specs
+    start = counts[0]
+    for i in range(start, start + counts[1]):
+        aval = specs[i]
+        if aval.shape:
+            shape = ("batch", *aval.shape[1:])
+            specs[i] = jax.ShapeDtypeStruct(shape, aval.dtype)
+    return specs
+
+
+def function_proto(sha: str, opset: int):
+    """The ONNX model of the computation `sha` (made in this process)."""
+    from jaxlayer.bridges import torch_export
+
+    live = torch_export.live_function(sha)
+    if live is None:
+        raise ValueError(
+            f"jaxlayer: the TorchScript graph calls the jaxlayer computation "
+            f"{sha[:12]}, whose layer is not in this process (a module traced "
+            "elsewhere, or its layer deleted), so it cannot be converted to "
+            "ONNX; export the model with `model.export(..., format='onnx')` "
+            "in the process that holds it."
+        )
+    exported = torch_export.exported_by_hash(sha)
+    feature = "exporting to ONNX or OpenVINO from the torch backend"
+    try:
+        return _onnx.to_onnx(
+            live, _specs(exported, live.counts, True), opset=opset, feature=feature
+        )
+    except ImportError:
+        raise
+    except Exception:  # noqa: BLE001 - not batch-polymorphic: traced shapes
+        return _onnx.to_onnx(
+            live, _specs(exported, live.counts, False), opset=opset, feature=feature
+        )
+
+
+def _attributes(node) -> dict:
+    """An `onnx.NodeProto`'s attributes as `g.op` keywords (typed names)."""
+    import numpy as np
+    import torch
+
+    out = {}
+    for key, value in _onnx.attribute_values(node).items():
+        if isinstance(value, np.ndarray):
+            out[f"{key}_t"] = torch.from_numpy(np.array(value))
+        elif isinstance(value, bytes):
+            out[f"{key}_s"] = value.decode()
+        elif isinstance(value, float):
+            out[f"{key}_f"] = value
+        elif isinstance(value, int):
+            out[f"{key}_i"] = value
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, int) for v in value
+        ):
+            out[f"{key}_i"] = list(value)
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, float) for v in value
+        ):
+            out[f"{key}_f"] = list(value)
+        elif isinstance(value, (list, tuple)) and all(
+            isinstance(v, bytes) for v in value
+        ):
+            out[f"{key}_s"] = [v.decode() for v in value]
+        else:
+            raise ValueError(
+                f"jaxlayer: the ONNX node {node.op_type} has an attribute "
+                f"{key} of a kind the TorchScript ONNX exporter cannot write."
+            )
+    return out
+
+
+def _symbolic(g, artifact, sha, params, inputs, state, rng):
+    """The ONNX nodes of one `jaxlayer::call_exported` node."""
+    import numpy as np
+    import torch
+
+    del artifact  # the computation comes from its layer, by `sha`
+    if not isinstance(sha, str):
+        node = sha.node()
+        kinds = ("prim::Constant", "onnx::Constant")
+        sha = node.s("value") if node.kind() in kinds else None
+    if not isinstance(sha, str):
+        raise ValueError(f"jaxlayer: the {KIND} node's sha256 is not a constant.")
+    proto = function_proto(sha, int(g.opset))
+    graph = proto.graph
+    if _onnx.has_subgraphs(graph):
+        raise ValueError(
+            "jaxlayer: the layer's ONNX graph has control flow (If/Loop/Scan), "
+            "which jaxlayer does not put into a TorchScript ONNX export; "
+            "export the model to ONNX from the jax backend."
+        )
+    values = [v for group in (params, inputs, state, rng) for v in _list(group)]
+    if len(values) != len(graph.input):
+        raise ValueError(
+            f"jaxlayer: the computation {sha[:12]} takes {len(graph.input)} "
+            f"arrays; the {KIND} node passes {len(values)}."
+        )
+    names = {v.name: value for v, value in zip(graph.input, values, strict=True)}
+
+    def constant(name, array):
+        del name
+        return g.op("Constant", value_t=torch.from_numpy(np.array(array)))
+
+    def make(n, host_inputs):
+        if any(x is None for x in host_inputs):
+            raise ValueError(
+                f"jaxlayer: the layer's ONNX node {n.op_type} omits an input, "
+                "which the TorchScript ONNX exporter cannot write."
+            )
+        kind = n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
+        made = g.op(kind, *host_inputs, outputs=len(n.output), **_attributes(n))
+        return [made] if len(n.output) == 1 else list(made)
+
+    def missing(name):
+        return ValueError(f"jaxlayer: the layer's ONNX graph reads {name!r}.")
+
+    results = _onnx.splice(graph, names, constant, make, missing)
+    return g.op("prim::ListConstruct", *results)
+
+
+# -- OpenVINO ----------------------------------------------------------------
+
+
+def has_jaxlayer_node(model) -> bool:
+    """Whether `model` is a TorchScript module whose graph has the node."""
+    import sys
+
+    torch = sys.modules.get("torch")
+    if torch is None or not isinstance(model, torch.jit.ScriptModule):
+        return False
+    try:
+        graph = model.inlined_graph
+    except Exception:  # noqa: BLE001 - not a traced graph: left to OpenVINO
+        return False
+    return any(n.kind() == KIND for n in graph.nodes())
+
+
+def to_onnx_file(module) -> io.BytesIO:
+    """The ONNX model (an in-memory file) of a traced module with the node,
+    its inputs' leading dimension dynamic."""
+    import torch
+
+    install()
+    graph_inputs = list(module.graph.inputs())[1:]  # the first is `self`
+    examples, names, axes = [], [], {}
+    for i, value in enumerate(graph_inputs):
+        kind = value.type()
+        sizes = kind.sizes() if hasattr(kind, "sizes") else None
+        dtype = kind.dtype() if hasattr(kind, "dtype") else None
+        if sizes is None or dtype is None:
+            raise ValueError(
+                "jaxlayer: converting a traced module with a jaxlayer layer "
+                f"to OpenVINO needs its inputs' shapes; input {i} has none. "
+                "Trace it with `torch.jit.trace` on example tensors."
+            )
+        examples.append(torch.zeros(sizes, dtype=dtype))
+        names.append(f"input_{i}")
+        if sizes:
+            axes[names[-1]] = {0: "batch"}
+    buffer = io.BytesIO()
+    torch.onnx.export(
+        module,
+        tuple(examples),
+        buffer,
+        input_names=names,
+        dynamic_axes=axes,
+        opset_version=OPENVINO_OPSET,
+        dynamo=False,
+    )
+    buffer.seek(0)
+    return buffer
