@@ -166,6 +166,11 @@ def artifact_for(
     its deserialized form are cached by the hash (and per function and
     shapes in `fn.slot("torch_export")`, so tracing again exports nothing).
     """
+    # litert_torch.convert may be what traces: its lowering of the operator
+    # is registered here, outside what TorchDynamo traces (strict mode
+    # cannot trace an import; this function runs as a constant).
+    if "litert_torch" in sys.modules:
+        importlib.import_module("jaxlayer.bridges.torch_litert")
     tensors = (*params, *inputs, *state, *rng)
     key = (
         cast,
@@ -198,8 +203,6 @@ def artifact_blob(sha: str) -> bytes:
 def call(artifact, sha, params, inputs, state, rng) -> list[torch.Tensor]:
     """`torch.ops.jaxlayer.call_exported`: the layer call while torch.export
     traces (the bridge passes `artifact`, the constant of `sha`)."""
-    if "litert_torch" in sys.modules:  # litert_torch.convert is tracing
-        importlib.import_module("jaxlayer.bridges.torch_litert")
     return _call_op(artifact, sha, params, inputs, state, rng)
 
 
