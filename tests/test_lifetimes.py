@@ -144,7 +144,11 @@ def test_dropped_layers_free_their_arrays_and_caches():
     # 40 layers of 4 MiB: a leak of their weights would show as 160+ MiB.
     # RSS can also shrink while the Dense layers run (the allocator handing
     # pages back: -43 MiB seen once); the baseline is then no growth at all.
-    assert growth <= max(dense_growth, 0) + 48, (growth, dense_growth)
+    # On TensorFlow with the export extras installed (CI's environment) the
+    # growth was 50 MiB in 2 of 3 runs, with the jaxlayer of before the
+    # exports too (under 48 in 2 of 2 runs without the extras): the margin
+    # stays well under a leak's 160.
+    assert growth <= max(dense_growth, 0) + 64, (growth, dense_growth)
 
 
 @pytest.mark.skipif(
