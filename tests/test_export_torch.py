@@ -132,26 +132,34 @@ def export_all(models, folder, dynamic=True):
                 )
                 torch.export.save(program, paths["dynamic"])
         for kind, path in paths.items():
-            inputs, expected = [], []
-            for n in sizes[kind]:
-                x = batch(n, seed=n)
-                inputs.append(os.path.join(folder, f"{name}-{kind}-{n}-x.npy"))
-                expected.append(os.path.join(folder, f"{name}-{kind}-{n}-y.npy"))
-                np.save(inputs[-1], x)
-                np.save(expected[-1], model.predict(x, verbose=0))
-            cases[f"{name}/{kind}"] = {
-                "path": path,
-                "inputs": inputs,
-                "expected": expected,
-            }
+            cases[f"{name}/{kind}"] = case(model, path, sizes[kind], folder, name, kind)
     return cases
 
 
-def load_fresh(cases, folder):
-    path = os.path.join(folder, "cases.json")
+def case(model, path, sizes, folder, name, kind):
+    """One artifact to check in a fresh process: its path, and per batch
+    size an input and `model.predict` of it, saved as `.npy` files."""
+    inputs, expected = [], []
+    for n in sizes:
+        x = batch(n, seed=n)
+        inputs.append(os.path.join(folder, f"{name}-{kind}-{n}-x.npy"))
+        expected.append(os.path.join(folder, f"{name}-{kind}-{n}-y.npy"))
+        np.save(inputs[-1], x)
+        np.save(expected[-1], model.predict(x, verbose=0))
+    return {"path": path, "inputs": inputs, "expected": expected}
+
+
+def run_cases(script, cases, folder, file):
+    """Runs `script` (its `{cases}`: the JSON file of `cases`) in a fresh
+    process."""
+    path = os.path.join(folder, file)
     with open(path, "w") as f:
         json.dump(cases, f)
-    return run_fresh(LOAD_PT2.format(cases=path))
+    return run_fresh(script.format(cases=path))
+
+
+def load_fresh(cases, folder):
+    return run_cases(LOAD_PT2, cases, folder, "cases.json")
 
 
 @pytest.fixture(scope="module")
@@ -402,26 +410,12 @@ def export_onnx_openvino(models, folder, static=()):
             with warnings.catch_warnings():
                 warnings.simplefilter("ignore")
                 model.export(path, format=fmt, verbose=False, input_signature=signature)
-            inputs, expected = [], []
-            for n in sizes:
-                x = batch(n, seed=n)
-                inputs.append(os.path.join(folder, f"{name}-{kind}-{n}-x.npy"))
-                expected.append(os.path.join(folder, f"{name}-{kind}-{n}-y.npy"))
-                np.save(inputs[-1], x)
-                np.save(expected[-1], model.predict(x, verbose=0))
-            cases[f"{name}/{kind}"] = {
-                "path": path,
-                "inputs": inputs,
-                "expected": expected,
-            }
+            cases[f"{name}/{kind}"] = case(model, path, sizes, folder, name, kind)
     return cases
 
 
 def load_onnx_openvino(cases, folder):
-    path = os.path.join(folder, "onnx-cases.json")
-    with open(path, "w") as f:
-        json.dump(cases, f)
-    return run_fresh(LOAD_ONNX_OPENVINO.format(cases=path))
+    return run_cases(LOAD_ONNX_OPENVINO, cases, folder, "onnx-cases.json")
 
 
 def needs_onnx_openvino():

@@ -69,7 +69,7 @@ class TransformMethods:
         """
         owner = self._owner
         self._check_transformable("enable_lora")
-        if any(step.mode == "lora" for step in self._weight_steps()):
+        if self.lora_enabled:
             raise ValueError(
                 f"{owner}: LoRA is already enabled; `enable_lora` can be "
                 "called once per layer."
