@@ -1,10 +1,10 @@
 """Shape inference: one builder of symbolic specs, one shape probe.
 
-`symbolic_specs` makes the `jax.ShapeDtypeStruct`s of inputs with unknown
-dimensions (the batch, a `keras.Input`'s None) for `jax.eval_shape` and
-`jax.export`; `eval_outputs` finds the shapes of a function's outputs,
-symbolically where it can, else at two batch sizes, else at the shapes of
-a call it is known to run with.
+`structs_of_dims` makes every symbolic `jax.ShapeDtypeStruct` of the package;
+`symbolic_specs` names the unknown dimensions of inputs (the batch, a
+`keras.Input`'s None) for `jax.eval_shape` and `jax.export`; `eval_outputs`
+finds the shapes of a function's outputs, symbolically where it can, else at
+two batch sizes, else at the shapes of a call it is known to run with.
 """
 
 from __future__ import annotations
@@ -20,6 +20,34 @@ from jaxlayer._contract import output_leaves
 from jaxlayer._pure import fill_unknown
 
 
+def structs_of_dims(dims, dtypes) -> list:
+    """`jax.ShapeDtypeStruct`s, one per input leaf, in one symbolic scope.
+
+    The one place symbolic shapes are made (the layer, saving and every
+    bridge name their dimensions their own way, then come here): a leaf's
+    dimensions are ints (known sizes) or names (symbols); the same name in
+    two leaves is the same symbol.
+
+    Args:
+        dims: per input leaf, its dimensions (ints or symbol names).
+        dtypes: per input leaf, its dtype (anything `jnp.dtype` takes).
+
+    Raises:
+        ValueError: a name is not a valid symbol (`jax.export`'s message).
+    """
+    scope = jax.export.SymbolicScope()
+    specs = []
+    for leaf_dims, dtype in zip(dims, dtypes, strict=True):
+        # (A scalar has no dimension to make symbolic.)
+        shape = (
+            jax.export.symbolic_shape(",".join(str(d) for d in leaf_dims), scope=scope)
+            if leaf_dims
+            else ()
+        )
+        specs.append(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
+    return specs
+
+
 def symbolic_specs(shapes, dtypes) -> list:
     """`jax.ShapeDtypeStruct`s of `shapes` (None where unknown), with every
     unknown dimension symbolic: the first dimension of every input is one
@@ -29,18 +57,15 @@ def symbolic_specs(shapes, dtypes) -> list:
         shapes: per input leaf, its shape (None where unknown).
         dtypes: per input leaf, its dtype.
     """
-    scope = jax.export.SymbolicScope()
     names = (f"d{i}" for i in itertools.count())
-    specs = []
-    for shape, dtype in zip(shapes, dtypes, strict=True):
-        dims = [
-            str(d) if d is not None else ("batch" if i == 0 else next(names))
+    dims = [
+        [
+            d if d is not None else ("batch" if i == 0 else next(names))
             for i, d in enumerate(shape)
         ]
-        # (A scalar has no dimension to make symbolic.)
-        sym = jax.export.symbolic_shape(",".join(dims), scope=scope) if dims else ()
-        specs.append(jax.ShapeDtypeStruct(sym, jnp.dtype(dtype)))
-    return specs
+        for shape in shapes
+    ]
+    return structs_of_dims(dims, dtypes)
 
 
 def flatten_shapes(input_shape):
