@@ -16,6 +16,7 @@ from conftest import BACKEND
 MODULES = [
     "jaxlayer.layer",
     "jaxlayer._transform_methods",
+    "jaxlayer._layer_shapes",
     "jaxlayer.adapters.flax_linen",
     "jaxlayer.adapters.flax_nnx",
     "jaxlayer.adapters.equinox",

@@ -14,6 +14,7 @@ import jax.numpy as jnp
 import keras
 import numpy as np
 
+from jaxlayer import _private
 from jaxlayer import _variables as V
 
 # Leaves that are never tensors (`bool` has no `shape`, but a NumPy scalar
@@ -255,3 +256,66 @@ def tree_fn(owner, call_fn, names, specs, structure, abstract_defs=None):
         return result, check_state(owner, state_spec, returned_state)
 
     return tree_fn
+
+
+def check_given(owner, init_fn, params, state, takes) -> None:
+    """Checks the trees given to a layer against what `call_fn` takes.
+
+    Args:
+        owner: the layer, for messages.
+        init_fn: the layer's `init_fn`, or None.
+        params: the `params` given, or None; `state` likewise.
+        takes: `(takes params, takes state)`, of `call_fn`.
+
+    Raises:
+        ValueError: nothing can make the trees `call_fn` takes, or a tree is
+            given that `call_fn` does not take.
+    """
+    takes_params, takes_state = takes
+    if init_fn is None and params is None and state is None and any(takes):
+        raise ValueError(
+            "`init_fn`, `params` and `state` cannot all be `None` when "
+            "`call_fn` takes a `params` or a `state` argument "
+            f"({owner}): give `init_fn` to initialise them at build "
+            "time, or the initial `params`/`state`."
+        )
+    if params is not None and not takes_params:
+        raise ValueError(
+            f"{owner}: `params` were given but `call_fn` takes no "
+            "`params` argument; add `params` to `call_fn`'s arguments."
+        )
+    if state is not None and not takes_state:
+        raise ValueError(
+            f"{owner}: `state` was given but `call_fn` takes no `state` "
+            "argument, so it could never be used or updated; add `state` "
+            "to `call_fn`'s arguments (and return `(outputs, new_state)`)."
+        )
+
+
+def check_not_traced(owner, params, state) -> None:
+    """Raises if `init_fn` returned tracers (the layer built inside a trace).
+
+    Keras may build a layer while tracing (a subclassed model's symbolic
+    build runs under `jax.eval_shape`); variables cannot hold tracers.
+    """
+    for root, tree in (("params", params), ("state", state)):
+        for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
+            if _private.is_tracer(leaf):
+                raise ValueError(
+                    f"{owner} cannot be built in a tracing scope "
+                    f"(`init_fn` returned a tracer at "
+                    f"{V.keystr(path, root)}); call the layer once "
+                    "outside `jax.jit`, or give `params`/`state`."
+                )
+
+
+def bad_input(owner, inputs) -> TypeError:
+    """The error for inputs with a leaf that is not an array or tensor."""
+    for path, leaf in jax.tree_util.tree_flatten_with_path(inputs)[0]:
+        if isinstance(leaf, NOT_TENSORS) or not hasattr(leaf, "shape"):
+            return TypeError(
+                f"{owner}: every leaf of `inputs` must be an array "
+                f"or tensor; {V.keystr(path, 'inputs')} is "
+                f"{describe(leaf)}."
+            )
+    return TypeError(f"{owner}: `inputs` has a leaf that is not an array.")

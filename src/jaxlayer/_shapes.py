@@ -177,3 +177,38 @@ def struct(shape, dtype):
         tuple(int(d) for d in shape),
         jax.dtypes.canonicalize_dtype(keras.backend.standardize_dtype(dtype)),
     )
+
+
+def output_shapes(output_spec, input_shape, known_dtypes, compute_dtype):
+    """The output shapes of a layer for inputs of `input_shape`
+    (`compute_output_shape`), from its `compute_output_spec`.
+
+    The input dtypes are `known_dtypes` (those of the first call) when they
+    fit; else floating inputs of `compute_dtype` are tried, then int32 (an
+    embedding lookup takes integer indices).
+
+    Raises:
+        Exception: the last candidate's error, when every candidate fails.
+    """
+    shapes, shapes_def = flatten_shapes(input_shape)
+    n = len(shapes)
+    candidates = (
+        [known_dtypes]
+        if known_dtypes is not None and len(known_dtypes) == n
+        else [[compute_dtype] * n, ["int32"] * n]
+    )
+    for i, dtypes in enumerate(candidates):
+        inputs = jax.tree_util.tree_unflatten(
+            shapes_def,
+            [
+                keras.KerasTensor(shape, dtype=dtype)
+                for shape, dtype in zip(shapes, dtypes, strict=True)
+            ],
+        )
+        try:
+            spec = output_spec(inputs)
+        except Exception:
+            if i + 1 == len(candidates):
+                raise
+            continue
+        return jax.tree_util.tree_map(lambda t: tuple(t.shape), spec)

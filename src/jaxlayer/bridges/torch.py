@@ -145,7 +145,6 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _torch_dlpack
 
-from jaxlayer._errors import owner as _owner_of
 from jaxlayer.bridges import torch_export
 
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
@@ -877,7 +876,6 @@ def _run_through_cpu(fn, params, inputs, state, rng, cast):
 # Call sites by integer, weakly: each is owned by its layer.
 _SITES: weakref.WeakValueDictionary = weakref.WeakValueDictionary()
 _SITE_IDS = itertools.count(1)
-_SITES_ATTR = "_jaxlayer_torch_sites"
 
 
 class _Meta:
@@ -1008,10 +1006,11 @@ class _Site:
         "out",
     )
 
-    def __init__(self, layer, training, in_key, rng_key, cast):
+    def __init__(self, functions, training, in_key, rng_key, cast):
         self.id = next(_SITE_IDS)
-        self.layer = weakref.ref(layer)
-        self.owner = _owner_of(layer)
+        # (The layer's `Computation`, which lives as long as the layer.)
+        self.layer = weakref.ref(functions)
+        self.owner = functions.owner
         self.training = training
         self.in_def = jax.tree_util.tree_structure(_placeholder(in_key))
         self.rng_def = jax.tree_util.tree_structure(_placeholder(rng_key))
@@ -1022,16 +1021,18 @@ class _Site:
 
     def pure_fn(self, params, inputs, state, rng):
         """The layer's current pure function for this site."""
-        layer = self.layer()
-        if layer is None:
+        functions = self.layer()
+        if functions is None:
             raise RuntimeError(
                 f"{self.owner} was deleted; a function torch.compile traced "
                 "through it cannot run any more."
             )
-        key = (self.training, self.in_def, self.rng_def)
-        fn = layer._pure_fns.get(key)
-        if fn is None:
-            fn = layer._pure_fn(*key, self.example(params, inputs, state, rng))
+        fn = functions.get(
+            self.training,
+            self.in_def,
+            self.rng_def,
+            self.example(params, inputs, state, rng),
+        )
         if self.out_def is None:
             self.out_def = fn.out_treedef
             self.out = (fn.out_treedef.num_leaves, _out_spec(fn.out_treedef))
@@ -1117,17 +1118,14 @@ def _site(site_id: int) -> _Site:
 
 
 @torch.compiler.assume_constant_result
-def _site_id(layer, training, in_key, rng_key, cast) -> int:
+def _site_id(functions, training, in_key, rng_key, cast) -> int:
     """The integer naming a call site, made on first use (run while torch
     traces, its result baked into the graph)."""
-    sites = layer.__dict__.get(_SITES_ATTR)
-    if sites is None:
-        sites = {}
-        object.__setattr__(layer, _SITES_ATTR, sites)
+    sites = functions.slots.setdefault("torch", {})
     key = (training, in_key, rng_key, cast)
     site = sites.get(key)
     if site is None:
-        site = sites[key] = _Site(layer, training, in_key, rng_key, cast)
+        site = sites[key] = _Site(functions, training, in_key, rng_key, cast)
         _SITES[site.id] = site
     return site.id
 
@@ -1339,8 +1337,11 @@ def _define_operators():
 _call_op = _define_operators()
 
 
-def layer_call(layer, inputs, training):
+def layer_call(functions, inputs, training):
     """`JaxLayer.call`'s hook: the call as one operator while torch traces.
+
+    `functions` is the layer's `_computation.Computation`: its pure functions
+    and the values, rng and state assignment of a call.
 
     Returns NotImplemented outside torch.compile, torch.export and
     torch.jit.trace (the layer then runs its eager path, which calls `run`).
@@ -1357,7 +1358,7 @@ def layer_call(layer, inputs, training):
     in_key = _py_flatten(inputs, leaves)
     if in_key is None:
         return _eager_call(
-            layer,
+            functions,
             inputs,
             training,
             "its inputs are not tensors in tuples, lists, dicts or NamedTuples",
@@ -1365,22 +1366,21 @@ def layer_call(layer, inputs, training):
     for t in leaves:
         if not (t.is_cpu or (t.is_cuda and _jax_serves("cuda"))):
             return _eager_call(
-                layer, inputs, training, f"JAX has no device for {t.device}"
+                functions, inputs, training, f"JAX has no device for {t.device}"
             )
     rng: list = []
     rng_key = "N"
-    if layer.call_fn_has_rng:
-        rng_key = _py_flatten(layer._get_call_rng(training), rng)
+    if functions.has_rng():
+        rng_key = _py_flatten(functions.rng(training), rng)
         if rng_key is None:
             return _eager_call(
-                layer, inputs, training, "`_get_call_rng` returns non-tensors"
+                functions, inputs, training, "`_get_call_rng` returns non-tensors"
             )
         rng = [r if r.dtype in _SEED_DTYPES else r.to(torch.int32) for r in rng]
     # The layer's own values and cast, and its own state assignment (the
-    # same as its eager `call`); `layer` is the `JaxLayer` whose `call` hook
-    # this is.
-    params, state, cast = layer._call_values(True)  # run.casts_params
-    site = _site_id(layer, training, in_key, rng_key, cast)
+    # same as its eager `call`).
+    params, state, cast = functions.values(True)  # run.casts_params
+    site = _site_id(functions, training, in_key, rng_key, cast)
     if jit_tracing or torch.compiler.is_exporting():
         # A program that may run elsewhere: the computation goes in it.
         # Under `torch.jit.trace` (Keras's exports to onnx and openvino),
@@ -1397,7 +1397,7 @@ def layer_call(layer, inputs, training):
     else:
         flat = _call_op(site, params, leaves, state, rng)
     n_out, spec = _site_out(site)
-    layer._assign_state(flat[n_out:])
+    functions.assign_state(flat[n_out:])
     outputs = flat[:n_out]
     if spec is None:
         return _eager_unflatten(site, outputs)
@@ -1405,24 +1405,21 @@ def layer_call(layer, inputs, training):
 
 
 @torch.compiler.disable
-def _eager_call(layer, inputs, training, reason):
+def _eager_call(functions, inputs, training, reason):
     """A layer call torch cannot capture: run eagerly (a graph break); under
     `torch.jit.trace`, which has no graph breaks, one clear error."""
     if torch.jit.is_tracing():
-        raise ValueError(_JIT_TRACE.format(owner=_owner_of(layer), reason=reason))
+        raise ValueError(_JIT_TRACE.format(owner=functions.owner, reason=reason))
     counters["eager_fallbacks"] += 1
-    sites = layer.__dict__.get(_SITES_ATTR)
-    if sites is None:
-        sites = {}
-        object.__setattr__(layer, _SITES_ATTR, sites)
-    if not sites.get("warned"):
-        sites["warned"] = True
+    warned = functions.slots.setdefault("torch warnings", set())
+    if "call" not in warned:
+        warned.add("call")
         warnings.warn(
-            f"{_owner_of(layer)}: torch.compile cannot capture this call ({reason}); "
+            f"{functions.owner}: torch.compile cannot capture this call ({reason}); "
             "it runs eagerly, with a graph break at the layer.",
             stacklevel=3,
         )
-    return layer.call(inputs, training=training)
+    return functions.eager_call(inputs, training=training)
 
 
 @torch.compiler.disable
@@ -1430,10 +1427,14 @@ def _eager_unflatten(site_id, outputs):
     """Outputs of a structure torch cannot build while tracing (a custom
     pytree node): unflattened eagerly, a graph break after the operator."""
     site = _site(site_id)
-    layer = site.layer()
-    sites = layer.__dict__.get(_SITES_ATTR, {}) if layer is not None else {}
-    if not sites.get("warned_outputs"):
-        sites["warned_outputs"] = True
+    functions = site.layer()
+    warned = (
+        functions.slots.setdefault("torch warnings", set())
+        if functions is not None
+        else set()
+    )
+    if "outputs" not in warned:
+        warned.add("outputs")
         warnings.warn(
             f"{site.owner}: torch.compile cannot build `call_fn`'s outputs "
             f"({site.out_def}) while tracing; they are assembled eagerly, with "

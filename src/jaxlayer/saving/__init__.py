@@ -41,6 +41,8 @@ those above it):
 - `_assets`: Keras's asset hooks, writing and reading the artifacts.
 - `_rebuild`: a layer rebuilt from its config and artifacts, through the
   class's `_from_exported` hook.
+- `_layer_config`: the layer's config, written (`layer_config`) and read
+  (`layer_from_config`: the Python functions, else `_rebuild`).
 
 Nothing here imports `jaxlayer.layer`: the layer imports saving.
 """
@@ -53,6 +55,9 @@ from jaxlayer.saving._export import ExportSource as ExportSource
 from jaxlayer.saving._export import artifacts_for_save as artifacts_for_save
 from jaxlayer.saving._export import export_failure as export_failure
 from jaxlayer.saving._exported_call import ExportedCall as ExportedCall
+from jaxlayer.saving._layer_config import layer_config as layer_config
+from jaxlayer.saving._layer_config import layer_from_config as layer_from_config
+from jaxlayer.saving._layer_config import tree_configs as tree_configs
 from jaxlayer.saving._manifest import DEFAULT_PLATFORMS as DEFAULT_PLATFORMS
 from jaxlayer.saving._manifest import FORMAT as FORMAT
 from jaxlayer.saving._manifest import KINDS as KINDS
