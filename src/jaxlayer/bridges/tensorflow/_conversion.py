@@ -55,14 +55,17 @@ class Conversion:
         self.owner = fn.owner
         self.specs = specs
         self.counts = counts
+        # Chosen once: the gradients' exports serve the forward's platforms.
         self._platforms = platform_choices(fn)
         self._forward = None
         self._source = None
         self._train = {}
         self._backward = {}
         self._vjp = {}
+        # A failed training export is not retried at every step.
         self._train_failed = {}
         self.graph_grads = []
+        # Only floating params and inputs can be differentiated.
         n_params, n_inputs, _ = counts
         self._float = [
             i for i, s in enumerate(specs[: n_params + n_inputs]) if is_float(s.dtype)
@@ -110,6 +113,7 @@ class Conversion:
 
             call = Call(export(forward, self.specs, self._platforms))
             self._remember(call, forward)
+            # The op returns the outputs, then the new state.
             n_outputs = len(call.out_avals) - self.counts[2]
             self._float_outs = [
                 j for j, a in enumerate(call.out_avals[:n_outputs]) if is_float(a.dtype)
@@ -133,6 +137,7 @@ class Conversion:
 
     def _of_diff(self, fn, flat, diff, float_outs):
         """`f(*diff_values) -> (float outputs, (outputs, new_state))`."""
+        # The other arguments are closed over: `jax.vjp` sees only `diff`.
 
         def of_diff(*diff_values):
             full = list(flat)
@@ -150,6 +155,7 @@ class Conversion:
             return train
         if diff in self._train_failed:
             raise self._train_failed[diff]
+        # `_float_outs` and `_n_outputs` come from the forward's export.
         self.forward()
         fn, specs, float_outs = self._live_fn(), self.specs, self._float_outs
         # What tracing `train_fn` finds out: the pullback's structure and the
@@ -203,6 +209,8 @@ class Conversion:
             train = self._train[diff]
             treedef, n_res = train.treedef, len(train.res_specs)
 
+            # The pullback is rebuilt from its leaves (the residuals) and the
+            # structure found while the forward with residuals was exported.
             def backward(*flat):
                 pullback = jax.tree_util.tree_unflatten(treedef, list(flat[:n_res]))
                 return list(pullback(list(flat[n_res:])))
@@ -218,6 +226,7 @@ class Conversion:
 
     def vjp(self, diff):
         """The gradients from the args and cotangents (recomputes the forward)."""
+        # For calls traced without a tape ("graph" mode): no residuals kept.
         call = self._vjp.get(diff)
         if call is not None:
             return call
@@ -245,6 +254,8 @@ class Conversion:
         return [struct(avals[j]) for j in self._float_outs]
 
     def _gradient_error(self, what, err):
+        # A ValueError: `differentiable_call` then runs the plain forward and
+        # raises it only should a gradient be asked for.
         cause = err.__cause__
         return ValueError(
             f"{self.owner}: the gradient of `call_fn` cannot be computed: "

@@ -57,6 +57,7 @@ class Slot:
 
 def diff_mask(fn, conversion):
     """Which floating params are differentiated: the trainable ones."""
+    # None: every floating param is differentiated.
     trainable = fn.trainable()
     if trainable is None:
         return None
@@ -77,6 +78,7 @@ def symbolic(fn, slot, args, counts):
     """
     key = symbolic_key(args, counts)
     conversion = slot.conversions.get(key)
+    # A structure met before: its conversion, or None (failed, not retried).
     if conversion is not None or key in slot.failed:
         return conversion
     candidates = (
@@ -84,6 +86,7 @@ def symbolic(fn, slot, args, counts):
         declared_key(key, counts, fn.input_shapes()),
         key,
     )
+    # In order, each once: the keys may coincide.
     for candidate in dict.fromkeys(c for c in candidates if c is not None):
         conversion = slot.conversions.get(candidate)
         if conversion is None and candidate not in slot.failed:
@@ -91,11 +94,13 @@ def symbolic(fn, slot, args, counts):
             try:
                 conversion.forward()
             except ExportError as err:
+                # The cause is what the concrete-shapes warning reports.
                 slot.failed[candidate] = err.__cause__
                 conversion = None
             else:
                 slot.conversions[candidate] = conversion
         if conversion is not None:
+            # Under this structure's own key too: found at once next time.
             slot.conversions[key] = conversion
             return conversion
     return None
@@ -111,6 +116,7 @@ def concrete(fn, slot, args, counts, mode, run):
     """
     key = symbolic_key(args, counts)
     cause = slot.failed.get(key)
+    # Unknown dims while tracing: no concrete export can be made now.
     if any(None in x.shape.as_list() for x in args):
         own = error_with_concrete_shapes(fn, args, counts)
         if own is not None:

@@ -89,12 +89,14 @@ class Backward:
             tf.zeros_like(results[j]) if cts[j] is None else cts[j]
             for j in conversion.float_outs
         ]
+        # Raised only now: a call that is never differentiated runs fine.
         if self.error is not None:
             raise self.error
         if self.from_residuals:
             grads = conversion.backward(diff)([*self.saved, *cts])
         else:
             grads = conversion.vjp(diff)([*self.saved, *cts])
+        # One gradient per differentiated argument; the others get None.
         position = {i: k for k, i in enumerate(diff)}
         return [
             grads[position[i]] if i in position else None
@@ -122,6 +124,7 @@ def grad_fn(context, keep):
             return context(cts)
 
         return grad
+    # As long as the layer's function lives; the registry's is weak.
     keep.append(context)
     return _weak_grad(weakref.ref(context))
 

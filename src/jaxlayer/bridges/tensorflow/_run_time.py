@@ -36,6 +36,7 @@ def at_run_time(fn, specs, args, counts, keep, run):
     # Weak: the traced graph must not keep a dropped layer's function.
     fn_ref = weakref.ref(fn)
     n_outputs = len(specs.outs) - n_state
+    # Integer arguments (state, seeds) and outputs take no gradient.
     floats = [i for i, x in enumerate(args) if x.dtype.is_floating]
     float_outs = [j for j in range(n_outputs) if specs.outs[j][0].is_floating]
 
@@ -51,6 +52,8 @@ def at_run_time(fn, specs, args, counts, keep, run):
 
     def eager_vjp(*values):
         primals, cts = list(values[:n_args]), values[n_args:]
+        # Under the tape, `run` uses the exported forward with residuals and
+        # its VJP: the gradient is the conversion's own.
         with tf.GradientTape() as tape:
             for i in floats:
                 tape.watch(primals[i])
@@ -59,6 +62,7 @@ def at_run_time(fn, specs, args, counts, keep, run):
             [outputs[j] for j in float_outs],
             [primals[i] for i in floats],
             output_gradients=list(cts),
+            # `tf.py_function` needs a tensor for every declared result.
             unconnected_gradients=tf.UnconnectedGradients.ZERO,
         )
 
@@ -70,6 +74,7 @@ def at_run_time(fn, specs, args, counts, keep, run):
             x.set_shape(shape)
 
         def backward(cts):
+            # Nothing to differentiate: no `tf.py_function` in the gradient.
             if not floats or not float_outs:
                 return [None] * n_args
             cts = [
@@ -81,6 +86,7 @@ def at_run_time(fn, specs, args, counts, keep, run):
             )
             full = [None] * n_args
             for i, g in zip(floats, grads, strict=True):
+                # Its results have unknown shapes: the argument's.
                 g.set_shape(values[i].shape)
                 full[i] = g
             return full

@@ -65,6 +65,7 @@ def symbolic_key(args, counts):
     """
     n_params, n_inputs, _ = counts
     firsts = {x.shape[0] for x in args[n_params : n_params + n_inputs] if x.shape.rank}
+    # One shared symbol tells the export that the batch sizes are equal.
     shared = len(firsts) <= 1
     parts = []
     for i, x in enumerate(args):
@@ -109,6 +110,7 @@ def declared_key(key, counts, declared):
             return None
         parts[i] = (
             dtype,
+            # The batch (j == 0) keeps its group whatever was declared.
             tuple(
                 d if j == 0 or t is not None else None
                 for j, (d, t) in enumerate(zip(shape, template, strict=True))
@@ -176,6 +178,7 @@ def probe_specs(fn, args, counts, size, called=True):
     shapes = [tuple(x.shape.as_list()) for x in args]
     put_in: set = set()
     inputs = slice(n_params, n_params + n_inputs)
+    # Only the inputs: the variables' shapes are always known.
     fit = fill_unknown(shapes[inputs], fn.called_shapes()) if called else None
     if fit is not None:
         shapes[inputs], put_in = fit
