@@ -420,8 +420,8 @@ def test_frozen_parameters_get_no_gradient_export_work():
     # (one fewer than the floating parameters and inputs).
     (conversion,) = tf_conversions(layer, training=True)
     n_float = len(conversion.diff(None))
-    (train,) = conversion._train.values()
-    assert len(train.backward.out_avals) == n_float - 1
+    (backward,) = conversion._backward.values()
+    assert len(backward.out_avals) == n_float - 1
     # The trained layer still equals the JAX reference.
     np.testing.assert_allclose(model.predict(x, verbose=0), mlp_call(after, x), **TOL)
 

@@ -16,7 +16,7 @@ Keras (3.10 - 3.15):
   float leaf `quantize("int8")` replaces). If it goes: quantizing raises
   (naming the versions supported) rather than keep a float copy.
 
-TensorFlow (2.17 - 2.21), used by `bridges/tensorflow.py`:
+TensorFlow (2.17 - 2.21), used by `bridges/tensorflow/`:
 
 - `tensorflow.compiler.tf2xla.python.xla.call_module`: the `XlaCallModule`
   op that runs a `jax.export` module inside a TensorFlow graph (what
