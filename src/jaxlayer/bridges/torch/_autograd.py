@@ -149,10 +149,11 @@ def run(
         raise ValueError(JIT_TRACE.format(owner=fn.owner, reason=reason))
     entry = fn.slot("torch", Entry)
     kind = device_type(fn, entry, params, inputs, state)
-    if kind is None:
+    if kind is None:  # a device JAX lacks (CUDA with a CPU-only jaxlib)
         return _run_through_cpu(fn, params, inputs, state, rng, cast)
     flat, shapes = arguments(entry, params, inputs, state, rng, kind)
     counts = (len(params), len(inputs), len(state), len(rng))
+    # `diff`: the positions in params + inputs of the tensors differentiated.
     diff = ()
     if torch.is_grad_enabled():
         diff = tuple(

@@ -17,6 +17,7 @@ def jax_serves(device_type: str) -> bool:
     """Whether JAX has a device of this torch device type (`cuda`)."""
     served = _JAX_PLATFORMS.get(device_type)
     if served is None:
+        # `jax.devices` raises for a platform this jaxlib lacks.
         try:
             served = bool(jax.devices("gpu" if device_type == "cuda" else device_type))
         except RuntimeError:
@@ -31,6 +32,7 @@ def _placement(fn, entry, tensors):
     Tensors on a device JAX does not serve (CUDA with a CPU-only jaxlib) go
     through the CPU, with a copy each way and a warning once.
     """
+    # The call's device is its first tensor's.
     device = None
     for t in tensors:
         device = t.device
@@ -78,6 +80,8 @@ def arguments(entry, params, inputs, state, rng, device_type):
     current one (the cached parameter views skip that hand-over), so an
     optimizer's in-place update queued before the call is seen by it.
     """
+    # Parameters and state: long-lived, so their views are cached (indexed
+    # by position in params + state); inputs and seeds are new every call.
     j_params = entry.cached_views(params, 0, device_type)
     j_state = entry.cached_views(state, len(params), device_type)
     anchor = params or state

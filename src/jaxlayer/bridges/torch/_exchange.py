@@ -55,7 +55,7 @@ def configure_cpu_client() -> None:
     choose (`JAX_CPU_ENABLE_ASYNC_DISPATCH` unset). Nothing of torch's is
     changed: torch's idle OpenMP threads still spin a while after a large
     torch op, on cores XLA then needs (`GOMP_SPINCOUNT`, `PJRT_NPROC=1` or
-    `torch.set_num_threads` trade that off; see `benchmarks.fit_step`).
+    `torch.set_num_threads` trade that off: docs/backends/torch.md).
     """
     if "JAX_CPU_ENABLE_ASYNC_DISPATCH" in os.environ:
         return

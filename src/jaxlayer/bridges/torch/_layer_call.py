@@ -108,11 +108,14 @@ def layer_call(layer, inputs, training):
             return _eager_call(
                 layer, inputs, training, "`_get_call_rng` returns non-tensors"
             )
+        # JAX takes key data as 32-bit integers.
         rng = [r if r.dtype in SEED_DTYPES else r.to(torch.int32) for r in rng]
     # The layer's own values and cast, and its own state assignment (the
     # same as its eager `call`); `layer` is the `JaxLayer` whose `call` hook
     # this is.
     params, state, cast = layer._call_values(True)  # run.casts_params
+    # An integer constant of the traced graph (`_site_id` runs while torch
+    # traces; the operators take no Python objects).
     site = _site_id(layer, training, in_key, rng_key, cast)
     if jit_tracing or torch.compiler.is_exporting():
         # A program that may run elsewhere: the computation goes in it.
@@ -127,6 +130,7 @@ def layer_call(layer, inputs, training):
         flat = torch_export.call(artifact_tensor(sha), sha, params, leaves, state, rng)
     else:
         flat = _operators.call(site, params, leaves, state, rng)
+    # Outputs first, then the new state (the flat results of the artifact).
     n_out, spec = site_out(site)
     layer._assign_state(flat[n_out:])
     outputs = flat[:n_out]

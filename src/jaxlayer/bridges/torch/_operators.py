@@ -34,6 +34,7 @@ def _plain_run(found, params, inputs, state, rng):
     fn = found.pure_fn(params, inputs, state, rng)
     entry = fn.slot("torch", Entry)
     kind = device_type(fn, entry, params, inputs, state)
+    # `layer_call` hands the operator only tensors on a device JAX serves.
     if kind is None:
         raise RuntimeError(f"{fn.owner}: unreachable device")  # pragma: no cover
     flat, shapes = arguments(entry, params, inputs, state, rng, kind)
@@ -98,6 +99,7 @@ def _vjp_run(found, params, inputs, state, rng, cotangents, diff):
         key, lambda: _Recompute(fn, cast, counts, tuple(diff), flat, cts)
     )
     grads = export_all(sig.vjp(flat, cts), kind)
+    # Each gradient in its tensor's dtype (JAX may have narrowed it).
     tensors = (*params, *inputs)
     return [
         g if g.dtype == tensors[i].dtype else g.to(tensors[i].dtype)
@@ -147,6 +149,7 @@ def define_operators() -> None:
         site, params, x, state, rng = inputs
         tensors = (*params, *x)
         ctx.site = site
+        # Differentiated: the floating tensors that require grad.
         ctx.diff = [
             i for i, t in enumerate(tensors) if t.requires_grad and t.dtype in FLOATING
         ]

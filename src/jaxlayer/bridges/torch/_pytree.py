@@ -18,6 +18,8 @@ def py_flatten(tree, leaves):
     its structure, or None for a structure it does not know (anything but
     tensors in tuples, lists, dicts, NamedTuples and None).
     """
+    # Keys: "L" a tensor, "N" None, then `(tag, children)` with the tag "T"
+    # (tuple), "l" (list), ("D", keys) or ("NT", class).
     if isinstance(tree, torch.Tensor):
         leaves.append(tree)
         return "L"

@@ -60,7 +60,7 @@ class Entry:
             if len(signatures) > MAX_SIGNATURES:
                 signatures.popitem(last=False)
                 counters["evictions"] += 1
-        elif len(signatures) > 1:
+        elif len(signatures) > 1:  # (one signature: nothing to reorder)
             signatures.move_to_end(key)
         return sig
 
