@@ -67,7 +67,7 @@ def _site_id(layer, training, in_key, rng_key, cast) -> int:
     site = sites.get(key)
     if site is None:
         site = sites[key] = new_site(
-            layer, training, in_key, rng_key, cast, _pure_fn_of
+            layer, _owner_of(layer), training, in_key, rng_key, cast, _pure_fn_of
         )
     return site.id
 

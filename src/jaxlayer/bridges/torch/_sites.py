@@ -15,7 +15,6 @@ import weakref
 import jax
 import torch
 
-from jaxlayer._errors import owner as _owner_of
 from jaxlayer._shapes import structs_of_dims
 from jaxlayer.bridges import torch_export
 from jaxlayer.bridges.torch._exchange import FLOATING, jax_dtype, torch_dtype
@@ -53,11 +52,12 @@ class Site:
         "_pure_fn_of",
     )
 
-    def __init__(self, layer, training, in_key, rng_key, cast, pure_fn_of):
+    def __init__(self, layer, owner, training, in_key, rng_key, cast, pure_fn_of):
         self.id = next(_SITE_IDS)
-        # Weak: the layer owns its sites, not the other way round.
+        # Weak: the layer owns its sites, not the other way round. What the
+        # layer is, only `_layer_call` knows (it reads it in `pure_fn_of`).
         self.layer = weakref.ref(layer)
-        self.owner = _owner_of(layer)
+        self.owner = owner  # the layer, for messages
         self.training = training
         self.in_def = jax.tree_util.tree_structure(placeholder(in_key))
         self.rng_def = jax.tree_util.tree_structure(placeholder(rng_key))
@@ -157,9 +157,9 @@ class Site:
         ]
 
 
-def new_site(layer, training, in_key, rng_key, cast, pure_fn_of) -> Site:
+def new_site(layer, owner, training, in_key, rng_key, cast, pure_fn_of) -> Site:
     """A new call site, in the index under its integer."""
-    site = Site(layer, training, in_key, rng_key, cast, pure_fn_of)
+    site = Site(layer, owner, training, in_key, rng_key, cast, pure_fn_of)
     _SITES[site.id] = site
     return site
 
