@@ -35,7 +35,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from jaxlayer import JaxLayer  # noqa: E402
-from jaxlayer.bridges import torch as bridge  # noqa: E402
+from jaxlayer.bridges.torch import _exchange  # noqa: E402
 
 FAILED = []
 
@@ -88,7 +88,7 @@ def main() -> int:
     )
     check("output device", out.device.type == "cuda", str(out.device))
     a = jnp.ones((1024,), jnp.float32) * 3
-    t = bridge._to_torch(a, "cuda")
+    t = _exchange.to_torch(a, "cuda")
     check(
         "zero copy (results)",
         t.data_ptr() == a.unsafe_buffer_pointer(),

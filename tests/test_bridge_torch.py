@@ -24,6 +24,7 @@ if BACKEND == "torch":
     import torch
 
     from jaxlayer.bridges import torch as bridge
+    from jaxlayer.bridges.torch import _exchange, _signatures
 
 TOL = {"rtol": 1e-5, "atol": 1e-5}
 
@@ -111,24 +112,24 @@ def test_parameter_views_share_the_torch_buffers():
 )
 def test_dlpack_round_trip_is_zero_copy(dtype):
     t = torch.ones(8, 4, dtype=getattr(torch, dtype))
-    a = bridge._to_jax(t, "cpu")
+    a = _exchange.to_jax(t, "cpu")
     assert a.unsafe_buffer_pointer() == t.data_ptr()
     assert str(a.dtype) == dtype
-    back = bridge._to_torch(a, "cpu")
+    back = _exchange.to_torch(a, "cpu")
     assert back.data_ptr() == t.data_ptr()
     assert back.dtype == t.dtype
 
 
 def test_requires_grad_and_non_contiguous_tensors_convert():
     p = torch.nn.Parameter(torch.randn(4, 6))
-    a = bridge._to_jax(p, "cpu")
+    a = _exchange.to_jax(p, "cpu")
     assert a.unsafe_buffer_pointer() == p.data_ptr()
     nc = torch.randn(4, 6)[:, ::2]
-    np.testing.assert_array_equal(np.asarray(bridge._to_jax(nc, "cpu")), nc.numpy())
+    np.testing.assert_array_equal(np.asarray(_exchange.to_jax(nc, "cpu")), nc.numpy())
 
 
 def test_int64_is_narrowed_like_jax():
-    a = bridge._to_jax(torch.arange(4), "cpu")
+    a = _exchange.to_jax(torch.arange(4), "cpu")
     assert a.dtype == jnp.int32
     np.testing.assert_array_equal(np.asarray(a), np.arange(4))
 
@@ -136,9 +137,9 @@ def test_int64_is_narrowed_like_jax():
 @pytest.mark.usefixtures("cuda")
 def test_cuda_views_share_the_torch_buffers():
     t = torch.randn(64, 32, device="cuda")
-    a = bridge._to_jax(t, "cuda")
+    a = _exchange.to_jax(t, "cuda")
     assert a.unsafe_buffer_pointer() == t.data_ptr()
-    back = bridge._to_torch(a + 1, "cuda")
+    back = _exchange.to_torch(a + 1, "cuda")
     assert back.device.type == "cuda"
     np.testing.assert_allclose(back.cpu().numpy(), t.cpu().numpy() + 1, **TOL)
 
@@ -427,7 +428,7 @@ def ynn_convolutions(hlo: str) -> int:
 
 
 @pytest.mark.skipif(
-    BACKEND == "torch" and bridge._jaxlib_minor() != (0, 10),
+    BACKEND == "torch" and _signatures.jaxlib_minor() != (0, 10),
     reason="the options restate jaxlib 0.10's defaults",
 )
 def test_cpu_executables_leave_convolutions_to_xla(monkeypatch):
@@ -463,20 +464,20 @@ def test_cpu_executables_leave_convolutions_to_xla(monkeypatch):
 
     # Where XLA_FLAGS names the option, the user's choice stands.
     monkeypatch.setenv("XLA_FLAGS", "--xla_cpu_experimental_ynn_fusion_type=")
-    assert bridge._cpu_compiler_options() is None
+    assert _signatures.cpu_compiler_options() is None
 
 
 def test_options_xla_refuses_are_dropped(monkeypatch):
-    monkeypatch.setattr(bridge, "_cpu_options_refused", False)
-    monkeypatch.setattr(bridge, "_jaxlib_minor", lambda: (0, 10))
+    monkeypatch.setattr(_signatures, "_cpu_options_refused", False)
+    monkeypatch.setattr(_signatures, "jaxlib_minor", lambda: (0, 10))
     monkeypatch.delenv("XLA_FLAGS", raising=False)
-    monkeypatch.setattr(bridge, "_YNN_FUSIONS", "xla_no_such_option_here")
+    monkeypatch.setattr(_signatures, "_YNN_FUSIONS", "xla_no_such_option_here")
     x = jnp.arange(6.0)
-    compiled = bridge._compile(lambda x: x.sum(), (x,))
+    compiled = _signatures.compile_for(lambda x: x.sum(), (x,))
     assert float(compiled(x)) == 15.0
-    assert bridge._options_for((x,)) is None
-    assert bridge._cpu_options_refused
-    assert bridge._cpu_compiler_options() is None
+    assert _signatures.options_for((x,)) is None
+    assert _signatures._cpu_options_refused
+    assert _signatures.cpu_compiler_options() is None
 
 
 def test_mixed_precision_reuses_the_parameter_views():

@@ -44,6 +44,7 @@ import jax
 import numpy as np
 import torch
 
+from jaxlayer._shapes import structs_of_dims
 from jaxlayer.saving._blob import deserialize_checked
 from jaxlayer.saving._manifest import DEFAULT_PLATFORMS
 
@@ -131,25 +132,19 @@ def _jax_dtype(dtype: torch.dtype) -> str:
     return str(dtype).rsplit(".", 1)[-1]
 
 
-def _structs(tensors: Sequence[Described], scope) -> list[jax.ShapeDtypeStruct]:
-    """Shapes for `jax.export`; a symbolic torch size keeps its name."""
-    structs = []
+def _structs(tensors: Sequence[Described]) -> list[jax.ShapeDtypeStruct]:
+    """Shapes for `jax.export`; a symbolic torch size keeps its name (one
+    scope: the same torch symbol in two tensors is one JAX symbol)."""
+    dims = []
     for t in tensors:
-        dims = []
         for d in t.shape:
-            if isinstance(d, int):
-                dims.append(str(d))
-                continue
-            name = str(d)
-            if not name.isidentifier():
+            if not isinstance(d, int) and not str(d).isidentifier():
                 raise ValueError(
-                    f"the size {name} is an expression torch.export derived; "
+                    f"the size {d} is an expression torch.export derived; "
                     "give the batch dimension its own `torch.export.Dim`"
                 )
-            dims.append(name)
-        shape = jax.export.symbolic_shape(",".join(dims), scope=scope) if dims else ()
-        structs.append(jax.ShapeDtypeStruct(shape, _jax_dtype(t.dtype)))
-    return structs
+        dims.append([d if isinstance(d, int) else str(d) for d in t.shape])
+    return structs_of_dims(dims, [_jax_dtype(t.dtype) for t in tensors])
 
 
 def artifact_for(
@@ -182,7 +177,7 @@ def artifact_for(
     if sha is not None and sha in _LOADED:
         return sha
     counts = key[2]
-    structs = _structs(tensors, jax.export.SymbolicScope())
+    structs = _structs(tensors)
     platforms = fn.native_serialization_platforms or DEFAULT_PLATFORMS
     exported = jax.export.export(
         jax.jit(_flat_call(fn, cast, counts)), platforms=tuple(platforms)
