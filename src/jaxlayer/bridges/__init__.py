@@ -34,8 +34,10 @@ train or predict function does not keep a dropped layer's exports alive.
 Optional attributes of a bridge's `run`, which the layer looks up (the torch
 bridge has them; the others need none): `tracing()`, whether the call is
 being traced by the backend's compiler (torch.compile, torch.export);
-`layer_call(layer, inputs, training)`, which takes a traced call over (or
-returns NotImplemented); `untraced(f, *args)`, through which the layer runs
+`layer_call(computation, inputs, training)`, which takes a traced call over
+(or returns NotImplemented): it gets the layer's `Computation`
+(`jaxlayer._computation`: its pure functions, a call's values, rng, state
+assignment and eager path), never the layer; `untraced(f, *args)`, through which the layer runs
 its eager calls so that the compiler never traces into JAX; `casts_params`,
 whether `run` takes the stored parameters and a `cast=` dtype (mixed
 precision); `outside_graph(f)`, which runs `f()` eagerly while the backend
