@@ -489,7 +489,10 @@ def values_of(spec: TreeSpec | None, stored: bool = False) -> list | None:
     if spec is None:
         return []
     if not stored:
-        return [v.value for v in spec.variables]
+        # The hot path: one check for all the variables where Keras's
+        # `.value` makes one per variable (`_private.plain_values`).
+        values = _private.plain_values(spec.variables)
+        return values if values is not None else [v.value for v in spec.variables]
     try:
         from keras.src.backend.common.stateless_scope import in_stateless_scope
     except ImportError:

@@ -37,12 +37,13 @@ being traced by the backend's compiler (torch.compile, torch.export);
 `layer_call(computation, inputs, training)`, which takes a traced call over
 (or returns NotImplemented): it gets the layer's `Computation`
 (`jaxlayer._computation`: its pure functions, a call's values, rng, state
-assignment and eager path), never the layer; `untraced(f, *args)`, through which the layer runs
-its eager calls so that the compiler never traces into JAX; `casts_params`,
-whether `run` takes the stored parameters and a `cast=` dtype (mixed
-precision); `outside_graph(f)`, which runs `f()` eagerly while the backend
-traces a graph (the TensorFlow bridge has it: `init_fn` runs in JAX on
-concrete seeds, also when Keras builds the layer inside a `tf.function`).
+assignment and eager path), never the layer; `untraced(f, *args)`, through
+which the layer runs its eager calls so that the compiler never traces into
+JAX; `casts_params`, whether `run` takes the stored parameters and a `cast=`
+dtype (mixed precision); `outside_graph(f)`, which runs `f()` eagerly while
+the backend traces a graph (the TensorFlow bridge has it: `init_fn` runs in
+JAX on concrete seeds, also when Keras builds the layer inside a
+`tf.function`).
 
 The layer knows nothing of backends beyond choosing a bridge with `get`.
 """
