@@ -636,3 +636,41 @@ def test_cpu_inputs_to_a_layer_on_cuda_run_on_its_device():
     gx = jax.grad(lambda x: mlp_call(params, x).sum())(x)
     assert xt.grad.device.type == "cpu"  # the gradient on the input's device
     np.testing.assert_allclose(xt.grad.numpy(), gx, **TOL)
+
+
+def test_the_fast_read_of_variable_values_matches_keras_value_in_every_scope():
+    """`_private.plain_values` (a call's variables read with one check) gives
+    what `Variable.value` gives, and steps aside wherever a scope would make
+    `.value` differ: a stateless scope, an autocast scope, torch's meta
+    device; without it (a Keras whose private names have gone) a layer
+    computes the same."""
+    from keras.src.backend.common.variables import AutocastScope
+    from keras.src.backend.torch.core import device_scope
+
+    from jaxlayer import _private
+
+    layer = JaxLayer(mlp_call, mlp_init, seed=0)
+    x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
+    layer(x)
+    variables = list(layer.trainable_variables)
+    fast = _private.plain_values(variables)
+    assert fast is not None
+    assert all(a is v.value for a, v in zip(fast, variables, strict=True))
+    with keras.StatelessScope(state_mapping=[(v, v.value * 2) for v in variables]):
+        assert _private.plain_values(variables) is None
+    with AutocastScope("float16"):
+        assert _private.plain_values(variables) is None
+    with device_scope("meta"):
+        assert _private.plain_values(variables) is None
+    expected = np.asarray(jax.jit(mlp_call)(jax_params(layer), x))
+    np.testing.assert_allclose(keras.ops.convert_to_numpy(layer(x)), expected, **TOL)
+    # The fallback: every read through `Variable.value`.
+    saved = list(_private._PLAIN_READER)
+    try:
+        _private._PLAIN_READER[:] = [None]
+        assert _private.plain_values(variables) is None
+        np.testing.assert_allclose(
+            keras.ops.convert_to_numpy(layer(x)), expected, **TOL
+        )
+    finally:
+        _private._PLAIN_READER[:] = saved
