@@ -455,9 +455,8 @@ class JaxLayer(
         computation.assign_state(new_state)
         return jax.tree_util.tree_unflatten(fn.out_treedef, outputs)
 
-    # -- shapes: `_layer_shapes.ShapeMethods` ----------------------------
-
-    # -- saving (the rest: `_layer_saving.SavingMethods`) -------------
+    # -- saving: the class hook (the rest is `_layer_saving`; shape
+    # inference is `_layer_shapes`, the rng hooks `_rng_hooks`) ----------
 
     @classmethod
     def _from_exported(cls, call_fn, params, state, record, config):
@@ -472,6 +471,8 @@ class JaxLayer(
         """
         config = dict(config)
         steps = T.steps_from_config(config.pop("weight_transforms", None))
+        # (`layer`, made here, is set up by its own class's code: the private
+        # names below are this class's.)
         layer = cls.__new__(cls)
         JaxLayer.__init__(layer, call_fn=call_fn, params=params, state=state, **config)
         if steps:
