@@ -184,7 +184,7 @@ def test_litert_from_jax_is_refused_for_native_too(tmp_path):
     # Keras's LiteRT export runs on tensorflow and torch only: the same
     # ValueError for either model (export from one of those backends).
     for kind in ("native", "jaxlayer"):
-        with pytest.raises(ValueError, match="LiteRT export API"):
+        with pytest.raises(ValueError, match="LiteRT export requires TensorFlow or PyTorch"):
             model(kind).export(str(tmp_path / "m.tflite"), format="litert")
     assert not os.path.exists(tmp_path / "m.tflite")
 
