@@ -306,13 +306,19 @@ import json
 import numpy as np
 from ai_edge_litert.interpreter import Interpreter
 
-runner = Interpreter({path!r})
-runner.allocate_tensors()
-(inp,), (outp,) = runner.get_input_details(), runner.get_output_details()
-runner.set_tensor(inp["index"], np.load({x!r}))
-runner.invoke()
-error = np.abs(runner.get_tensor(outp["index"]) - np.load({y!r})).max()
-print(json.dumps(float(error)))
+out = {{}}
+for name, case in json.load(open({cases!r})).items():
+    runner = Interpreter(case["path"])
+    runner.allocate_tensors()
+    (inp,), (outp,) = runner.get_input_details(), runner.get_output_details()
+    errors = []
+    for x, y in zip(case["inputs"], case["expected"]):
+        runner.set_tensor(inp["index"], np.load(x))
+        runner.invoke()
+        got = runner.get_tensor(outp["index"])
+        errors.append(float(np.abs(got - np.load(y)).max()))
+    out[name] = [errors, [int(d) for d in inp["shape_signature"]]]
+print(json.dumps(out))
 """
 
 
@@ -327,17 +333,31 @@ def keeps_x64():
 
 @pytest.mark.slow
 def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
+    # Native beside the MLP, the adapters and a layer reloaded from its
+    # `.keras` file; static batch 1 for every one (as Keras exports it).
     pytest.importorskip("litert_torch", reason="needs litert-torch")
     pytest.importorskip("ai_edge_litert", reason="needs ai-edge-litert")
-    path = str(tmp_path / "mlp.tflite")
+    from _export_models import model
+
+    folder = str(tmp_path)
+    mlp.save(os.path.join(folder, "mlp.keras"))
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        mlp.export(path, format="litert", verbose=False)
-    x = batch(1, seed=3)
-    xs, ys = str(tmp_path / "x.npy"), str(tmp_path / "y.npy")
-    np.save(xs, x)
-    np.save(ys, mlp.predict(x, verbose=0))
-    assert run_fresh(LOAD_TFLITE.format(path=path, x=xs, y=ys)) <= 1e-4
+        reloaded = keras.saving.load_model(os.path.join(folder, "mlp.keras"))
+    models = {kind: model(kind) for kind in ("native", "flax", "nnx", "equinox")}
+    models.update(mlp=mlp, reloaded=reloaded)
+    cases = {}
+    for name, built in models.items():
+        path = os.path.join(folder, f"{name}.tflite")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            built.export(path, format="litert", verbose=False)
+        cases[name] = case(built, path, [1], folder, name, "litert")
+    out = run_cases(LOAD_TFLITE, cases, folder, "litert-cases.json")
+    assert sorted(out) == sorted(models)
+    for name, (errors, signature) in out.items():
+        assert max(errors) <= 1e-4, (name, errors)
+        assert signature == [1, IN], (name, signature)  # native's too
 
 
 def test_a_computation_jax_cannot_export_is_one_clear_error(tmp_path):

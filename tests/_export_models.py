@@ -1,0 +1,78 @@
+"""The deployment matrix's model (issue 23), shared by the export tests.
+
+`Sequential([Input(8), Dense(16), <layer>, Dense(3)])`, `<layer>` one of
+`KINDS`: a native `Dense` (the reference), a `JaxLayer` MLP, and the same
+MLP as a Flax linen, NNX and Equinox layer.
+"""
+
+import jax
+import jax.numpy as jnp
+import keras
+import numpy as np
+import pytest
+
+import jaxlayer
+
+KINDS = ("native", "jaxlayer", "flax", "nnx", "equinox")
+ATOL = 1e-4
+X = np.random.RandomState(0).randn(5, 8).astype("float32")
+X7 = np.random.RandomState(1).randn(7, 8).astype("float32")
+
+
+def init_fn(rng, inputs):
+    k1, k2 = jax.random.split(rng)
+    return {
+        "w1": jax.random.normal(k1, (16, 32)) * 0.3,
+        "b1": jnp.zeros(32),
+        "w2": jax.random.normal(k2, (32, 16)) * 0.3,
+        "b2": jnp.zeros(16),
+    }
+
+
+def call_fn(params, inputs):
+    h = jnp.tanh(inputs @ params["w1"] + params["b1"])
+    return h @ params["w2"] + params["b2"]
+
+
+def middle(kind):
+    """The layer of `kind` between the two `Dense` layers."""
+    if kind == "native":
+        return keras.layers.Dense(16)
+    if kind == "jaxlayer":
+        return jaxlayer.JaxLayer(call_fn, init_fn=init_fn)
+    if kind == "flax":
+        nn = pytest.importorskip("flax.linen")
+
+        class MLP(nn.Module):
+            @nn.compact
+            def __call__(self, x):
+                return nn.Dense(16)(jnp.tanh(nn.Dense(32)(x)))
+
+        return jaxlayer.FlaxLayer(MLP())
+    if kind == "nnx":
+        nnx = pytest.importorskip("flax.nnx")
+
+        class Block(nnx.Module):
+            def __init__(self, rngs):
+                self.a = nnx.Linear(16, 32, rngs=rngs)
+                self.b = nnx.Linear(32, 16, rngs=rngs)
+
+            def __call__(self, x):
+                return self.b(jnp.tanh(self.a(x)))
+
+        return jaxlayer.NNXLayer(Block(nnx.Rngs(0)))
+    eqx = pytest.importorskip("equinox")
+    return jaxlayer.EquinoxLayer(
+        eqx.nn.MLP(16, 16, 32, 1, activation=jnp.tanh, key=jax.random.key(0))
+    )
+
+
+def model(kind):
+    """The model with a `kind` layer, called once (Keras's ONNX export on
+    jax wants the model called)."""
+    keras.utils.set_random_seed(0)
+    built = keras.Sequential(
+        [keras.Input((8,)), keras.layers.Dense(16), middle(kind), keras.layers.Dense(3)]
+    )
+    built(X)
+    return built
