@@ -118,6 +118,8 @@ class EquinoxLayer(JaxLayer):
         example = _expected_example(eqx, module)
 
         def run(model, inputs, eqx_state, key, training):
+            # Set on every call from `training`: the module's own `inference`
+            # flags are overridden, whatever they were when it was given.
             model = eqx.nn.inference_mode(model, value=not training)
 
             def one(x, k):
@@ -146,10 +148,14 @@ class EquinoxLayer(JaxLayer):
                 return one(x, k)
 
             return jax.vmap(
+                # `out_axes=None` for the state: one value for the whole batch (vmap
+                # refuses a state that varies by example).
                 per_example, in_axes=0, out_axes=(0, None), axis_name=axis_name
             )(inputs)
 
         if stateful:
+            # The template is kept strong-typed so `State.set` accepts the values
+            # read back from Keras variables (see `_strong`).
             template = _strong(state)
 
             def call_fn(params, state, rng, inputs, training):
@@ -379,6 +385,8 @@ def _to_eqx_state(template, indices, tree):
             value = value[part]
         old = state.get(index)
         value = jax.tree_util.tree_map(
+            # In the old value's dtype: `State.set` refuses a change of dtype (a
+            # Keras variable may hold another float width).
             lambda v, o: jnp.asarray(v, dtype=o.dtype), value, old
         )
         state = state.set(index, value)
@@ -437,6 +445,7 @@ def _with_shape_context(err, owner, x, vmapped, example):
         + f". Original error: {type(err).__name__}: {err}"
     )
     try:
+        # The module's own error type, so callers catching it still do.
         return type(err)(message)
     except Exception:  # noqa: BLE001 - an error type with another signature
         return ValueError(message)

@@ -91,6 +91,8 @@ class NNXLayer(JaxLayer):
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
+        # Typed keys as raw bits with their implementation: kept outside the
+        # traced function and rebuilt in it (`_data_to_keys`).
         rng_data = jax.tree_util.tree_map(_key_to_data, nnx.to_pure_dict(rngs))
         has_streams = bool(jax.tree_util.tree_leaves(rng_data))
 
@@ -103,6 +105,8 @@ class NNXLayer(JaxLayer):
             )
 
         def call_fn(params, state, rng, inputs, training):
+            # A fresh module per call from the pure values: NNX modules are mutable,
+            # and a traced call must not write tracers into the one given.
             model = merge(params, state, rng_data)
             if training:
                 model.train()
@@ -111,6 +115,8 @@ class NNXLayer(JaxLayer):
             else:
                 model.eval()
             outputs = model(inputs)
+            # RNG state is split off and dropped: the streams' counters advanced by
+            # the call are not layer state (each training call reseeds them).
             _, _, _, new_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return outputs, nnx.to_pure_dict(new_rest)
 
@@ -208,6 +214,8 @@ def _class_name(module) -> str:
 
 def _filled(nnx, template, pure):
     """A new `nnx.State` like `template`, holding the values of `pure`."""
+    # A shallow copy: `replace_by_pure_dict` fills it in place, and the
+    # template serves every call.
     state = jax.tree_util.tree_map(lambda x: x, template)
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -253,5 +261,6 @@ def _reseed(nnx, model, rng):
             if isinstance(stream, nnx.RngStream)
         }
     )
+    # Sorted tags, so each stream's key does not depend on graph order.
     keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)}
     nnx.reseed(model, policy="match_shape", **keys)
