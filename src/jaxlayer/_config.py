@@ -47,11 +47,16 @@ class LayerName(str):
         name = config.get("name")
         ref = getattr(name, "source_ref", None)
         if name is not None:
+            # Plain from here on: the layer made from this config must not keep a
+            # reference to its source.
             config["name"] = str(name)
         source = ref() if ref is not None else None
+        # Exactly `cls`: another class's layer has other functions and trees.
         return source if type(source) is cls else None
 
     def __reduce__(self):
+        # Written out as a plain str: a weak reference does not pickle, and a
+        # copy from a written config must not find the live layer.
         return (str, (str(self),))
 
 
@@ -124,6 +129,7 @@ def defined_in(fn) -> str | None:
 def is_lambda(config) -> bool:
     if not isinstance(config, dict):
         return False
+    # Our marker, or Keras's own for a lambda it saved as bytecode.
     return bool(config.get("lambda")) or config.get("class_name") == "__lambda__"
 
 

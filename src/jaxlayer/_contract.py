@@ -25,9 +25,13 @@ NOT_TENSORS = (bool, int, float, complex, str, bytes)
 NONE_TREEDEF = jax.tree_util.tree_structure(None)
 
 
+# Cached: checked on every call, and `standardize_dtype` is Python work;
+# few distinct dtypes ever reach it.
 @functools.lru_cache(maxsize=64)
 def seed_dtype_ok(dtype) -> bool:
     name = keras.backend.standardize_dtype(dtype)
+    # Raw keys (uint32, or int32: Keras's seed state on some backends) or
+    # typed keys.
     return name in ("uint32", "int32") or "key" in name
 
 
@@ -44,6 +48,8 @@ def describe(value) -> str:
 
 
 def as_key(x):
+    # jax.random takes raw keys as uint32; Keras's seed state may be int32
+    # (torch): the same bits, reinterpreted.
     if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
         return x.astype(jnp.uint32)
     return x
@@ -52,6 +58,7 @@ def as_key(x):
 def to_jax_keys(rng):
     def convert(x):
         x = np.asarray(keras.ops.convert_to_numpy(x))
+        # Through NumPy: the `rng` tensors may be any backend's (seed state).
         return jnp.asarray(x.astype(np.uint32) if x.dtype.kind in "iu" else x)
 
     return jax.tree_util.tree_map(convert, rng)
@@ -69,6 +76,8 @@ def check_state(owner, spec, new_state):
                 "state); give the initial `state`."
             )
         return []
+    # Paths rather than the treedefs in the message: a treedef's text names
+    # no leaf.
     if treedef != spec.treedef:
         expected = {jax.tree_util.keystr(p) for p in spec.paths}
         got = {jax.tree_util.keystr(p) for p, _ in flat}
@@ -103,6 +112,8 @@ def check_state(owner, spec, new_state):
                 f"{tuple(leaf.shape)} at {V.keystr(path, 'state')}, but that "
                 f"state has shape {tuple(variable.shape)}."
             )
+        # The new state is assigned, not trained: no gradient flows through it
+        # into the next step.
         leaves.append(jax.lax.stop_gradient(leaf))
     return leaves
 
@@ -165,6 +176,8 @@ def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
         dtypes = ["float32"] * len(shapes)
     placeholders = [
         jax.ShapeDtypeStruct(
+            # Unknown dimensions (the batch) as 1: `init_fn` makes the same trees
+            # for any batch size.
             tuple(1 if d is None else int(d) for d in shape),
             jax.dtypes.canonicalize_dtype(dtype),
         )
@@ -176,6 +189,8 @@ def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
         values = {
             "rng": rng,
             "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
+            # As for training (as Keras's JaxLayer does): a module that makes
+            # some variables only on that path (batch statistics) makes them.
             "training": True,
         }
         return call_by_name(init_fn, names, values)
@@ -251,6 +266,7 @@ def tree_fn(owner, call_fn, names, specs, structure, abstract_defs=None):
                 f"returned {describe(result)}."
             )
         result, returned_state = result
+        # A layer not built has no state spec to check against: shapes only.
         if abstract_defs is not None:
             return result, []
         return result, check_state(owner, state_spec, returned_state)

@@ -147,9 +147,9 @@ class EquinoxLayer(JaxLayer):
                     k = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
                 return one(x, k)
 
+            # `out_axes=None` for the state: one value for the whole batch (vmap
+            # refuses a state that varies by example).
             return jax.vmap(
-                # `out_axes=None` for the state: one value for the whole batch (vmap
-                # refuses a state that varies by example).
                 per_example, in_axes=0, out_axes=(0, None), axis_name=axis_name
             )(inputs)
 
@@ -384,9 +384,9 @@ def _to_eqx_state(template, indices, tree):
         for part in parts:
             value = value[part]
         old = state.get(index)
+        # In the old value's dtype: `State.set` refuses a change of dtype (a
+        # Keras variable may hold another float width).
         value = jax.tree_util.tree_map(
-            # In the old value's dtype: `State.set` refuses a change of dtype (a
-            # Keras variable may hold another float width).
             lambda v, o: jnp.asarray(v, dtype=o.dtype), value, old
         )
         state = state.set(index, value)

@@ -261,6 +261,7 @@ def _reseed(nnx, model, rng):
             if isinstance(stream, nnx.RngStream)
         }
     )
-    # Sorted tags, so each stream's key does not depend on graph order.
+    # Sorted: a set of strings iterates in another order in each process
+    # (hash randomization), and the keys must not change with it.
     keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)}
     nnx.reseed(model, policy="match_shape", **keys)
