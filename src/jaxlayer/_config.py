@@ -171,8 +171,11 @@ def locate_fn(config):
     if config is None:
         return None, None
     if isinstance(config, dict) and config.get("lambda"):
+        # Never handed to Keras: the marker has no code to find, and Keras's own
+        # error for it would not say why.
         return None, "it is a lambda, saved without its code"
     try:
+        # Keras raises for an unregistered function; the caller says why.
         fn = keras.saving.deserialize_keras_object(config)
     except Exception:  # noqa: BLE001 - reported by the caller
         if is_lambda(config):

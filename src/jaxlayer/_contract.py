@@ -44,6 +44,7 @@ def describe(value) -> str:
         return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of length {len(value)}"
+    # Bounded: the repr of a large tree or array would swamp the message.
     return f"{type(value).__name__} {value!r}"[:200]
 
 
@@ -99,6 +100,7 @@ def check_state(owner, spec, new_state):
         if slot is None:
             continue
         variable = spec.variables[slot]
+        # A Python number for a scalar state (`count + 1` on a Python int).
         if not hasattr(leaf, "shape") and isinstance(leaf, (bool, int, float)):
             leaf = jnp.asarray(leaf)
         if not hasattr(leaf, "shape"):
@@ -124,6 +126,7 @@ def output_leaves(owner, result):
     for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
         if isinstance(leaf, (bool, int, float)):
             leaf = jnp.asarray(leaf)
+        # Tracers are `jax.Array`s too, so this holds under jit.
         if not isinstance(leaf, (jax.Array, np.ndarray)):
             raise TypeError(
                 f"{owner}: every output of `call_fn` must be an array; "
@@ -135,12 +138,15 @@ def output_leaves(owner, result):
 
 def call_by_name(fn, names, values):
     """Calls `fn` with `values[name]` for each of its argument `names`."""
+    # Positionally, in signature order: Haiku's transformed functions take
+    # `*args` under a published signature.
     return fn(*[values[name] for name in names])
 
 
 def check_seed(seed, owner):
     if seed is None:
         return None
+    # `bool` is an `int` subclass; `True` is no seed.
     if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(
             f"{owner}: `seed` must be an integer or None, got {describe(seed)}."
@@ -179,6 +185,8 @@ def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
             # Unknown dimensions (the batch) as 1: `init_fn` makes the same trees
             # for any batch size.
             tuple(1 if d is None else int(d) for d in shape),
+            # float64 as float32 unless x64 is on: the dtype JAX would give the
+            # arrays `init_fn` sees at run time.
             jax.dtypes.canonicalize_dtype(dtype),
         )
         for shape, dtype in zip(shapes, dtypes, strict=True)

@@ -75,6 +75,7 @@ class TransformMethods:
                 "called once per layer."
             )
         rank = T.check_rank(owner, rank)
+        # `alpha = rank` (scale 1) by default, as Keras's own layers do.
         alpha = float(rank if lora_alpha is None else lora_alpha)
         targets = T.select(
             owner, self._params_spec, self._state_spec, "lora", paths, "enable_lora"
@@ -260,6 +261,8 @@ class TransformMethods:
         if not self._weight_steps():
             return super().load_own_variables(store)
         weights = T.ordered_weights(self._params_spec, self.weights)
+        # Checked before any assignment: a mismatched file leaves the layer as
+        # it was.
         if len(store.keys()) != len(weights):
             raise ValueError(
                 f"{self._owner}: the file holds {len(store.keys())} weights "

@@ -181,6 +181,8 @@ def effective_tree(spec):
     merged, int8 dequantized; the layer's own tree when not transformed."""
     if not isinstance(spec, TransformedSpec):
         return V.numpy_tree(spec.tree) if spec is not None else None
+    # Through NumPy: the variables may be any backend's tensors; the math is
+    # the JAX code the layer's call runs.
     arrays = [
         jax.numpy.asarray(keras.ops.convert_to_numpy(v.value)) for v in spec.variables
     ]
@@ -208,6 +210,8 @@ def _parts(spec, state_spec):
     named = V.variable_names([spec, state_spec])
     names = [name for name, _ in named[:n_base]]
     taken = {tuple(name.split("/")) for name, _ in named}
+    # And the names of the exported flat tree: a new variable must not take
+    # one (a layer rebuilt from artifacts names its variables by them).
     taken.update(
         tuple(name.split("/")) for name, _ in V.variable_names([export_view(spec)])
     )
@@ -247,6 +251,8 @@ def eligible(spec, state_spec, mode: str) -> list[str]:
     out = []
     for name, variable, op in zip(names, base, ops, strict=True):
         floating = V.is_float(variable.dtype)
+        # Vectors (biases, norms) gain nothing from a low-rank factor or a
+        # per-channel scale, and are small.
         if len(variable.shape) < 2:
             continue
         if mode == "lora":
@@ -401,6 +407,7 @@ def _spec(spec, base, extras, ops, desc, extra_names, steps):
         described=tuple(desc),
         extra_names=tuple(extra_names),
     )
+    # The base leaves' names as `create_variables` made them (by path).
     names = [name for name, _ in V.variable_names([_base_only(stored)])]
     names += list(extra_names)
     flat = V.FlatTree(zip(names, variables, strict=True))
@@ -423,6 +430,7 @@ def _base_only(spec):
 
 
 def check_rank(owner: str, rank) -> int:
+    # `bool` is an `int` subclass; `True` is no rank.
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(
             f"{owner}: `enable_lora`'s `rank` must be a positive integer "

@@ -36,6 +36,8 @@ def is_float(dtype: Any) -> bool:
 
 def key_name(key: Any) -> str:
     """One element of a pytree path as a plain name (`'encoder'`, `'0'`)."""
+    # `DictKey.key`, `GetAttrKey.name`, `SequenceKey.idx` (and
+    # `FlattenedIndexKey.key`): jax's path entries.
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -55,6 +57,7 @@ def path_parts(path: tuple) -> list[str]:
         for part in key_name(key).split("/"):
             if part.strip() == "~":
                 continue
+            # A part of refused characters only still names a scope.
             parts.append(_SAFE.sub("_", part) or "_")
     return parts
 
@@ -202,6 +205,7 @@ def _cast(value, dtype, copy):
     """`value` as an array of `dtype` that the layer may own."""
     if keras.backend.backend() == "jax" and isinstance(value, jax.Array):
         if value.dtype != dtype:
+            # `astype` makes a new array: no copy needed.
             return value.astype(dtype)
         return jax.numpy.array(value, copy=True) if copy else value
     if keras.ops.is_tensor(value) and not isinstance(value, jax.Array):
@@ -324,6 +328,8 @@ def _encode(node, path):
     if isinstance(node, Leaf):
         return {"leaf": dict(node)}
     kind = type(node)
+    # Exact types: a dict subclass (a FrozenDict, a FlatTree) is another
+    # pytree node, which this description could not rebuild.
     if kind is dict or kind is collections.OrderedDict:
         keys = list(node)
         # JSON objects have string keys only: other keys (and OrderedDicts, whose

@@ -111,6 +111,8 @@ class EquinoxLayer(JaxLayer):
         check_module(module, eqx.Module, "equinox", owner)
         module, state = _check_state(eqx, module, state, owner)
         indices = _state_indices(eqx, module)
+        # Floating arrays only, as `eqx.filter_grad` would differentiate: integer
+        # arrays and the rest stay in the static half.
         params, static = eqx.partition(module, eqx.is_inexact_array)
         key_mode = _key_mode(module)
         stateful = state is not None

@@ -88,6 +88,8 @@ class FlaxLayer(JaxLayer):
         # `apply` returns them as the new state; params stay Keras's to train.
         mutable = nn.DenyList(["params"])
 
+        # `training` only for a method that takes it: the layer passes what
+        # `call_fn`'s signature names.
         if has_training:
 
             def call_fn(params, state, rng, inputs, training):
@@ -298,6 +300,8 @@ class FlaxLayer(JaxLayer):
         params, state = C.pop_saved_trees(config, source is not None)
         if values is not None:
             params, state = values
+        # The placeholders as `variables`: the weights file fills them, and
+        # `module.init` does not run for weights it holds.
         if config.get("variables") is None and params is not None:
             config["variables"] = _merge(params, state)
         return cls(**config)

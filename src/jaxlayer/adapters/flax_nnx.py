@@ -88,6 +88,8 @@ class NNXLayer(JaxLayer):
         check_module(
             module, nnx.Module, "flax.nnx", _errors.named(NNXLayer, layer_name)
         )
+        # Filters in order, each variable to the first that takes it: params,
+        # then RNG state (not layer state), then the rest (batch statistics).
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
@@ -110,6 +112,8 @@ class NNXLayer(JaxLayer):
             model = merge(params, state, rng_data)
             if training:
                 model.train()
+                # Reseeded from the layer's seed: the streams' counters are not kept
+                # between calls, so their own keys would give the same mask every call.
                 if has_streams and rng is not None:
                     _reseed(nnx, model, rng)
             else:
@@ -155,6 +159,7 @@ class NNXLayer(JaxLayer):
         """
         if saving.rebuilt(self):
             raise module_error(self._owner, self.call_fn.module_class)
+        # Through NumPy: the variables may be any backend's tensors.
         params = jax.tree_util.tree_map(np.asarray, self._effective_params())
         state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
         to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)

@@ -161,6 +161,7 @@ def _export(layer, record: InputRecord):
     params_spec, state_spec = layer.trees
     names = V.variable_names([params_spec, state_spec])
     trainable = layer.trainable
+    # By id: a Keras variable's `==` is elementwise.
     kinds = {id(v): "params" for v in _variables(params_spec)}
     variables = [
         {
@@ -168,6 +169,8 @@ def _export(layer, record: InputRecord):
             "tree": kinds.get(id(v), "state"),
             "shape": list(v.shape),
             "dtype": keras.backend.standardize_dtype(v.dtype),
+            # Saved so a rebuilt layer freezes what a transform froze
+            # (`_inherit_steps`).
             "trainable": id(v) in trainable,
         }
         for name, v in names
@@ -214,6 +217,7 @@ def _export(layer, record: InputRecord):
     for kind in KINDS:
         entry = manifest["functions"].get(kind)
         if entry is not None:
+            # Those exported for, which may be fewer than asked (see `_lower`).
             manifest["platforms"] = entry["platforms"]
     return Artifacts(manifest, blobs), notes
 
@@ -363,6 +367,7 @@ def _output_spec(layer, training, record):
         spec = layer.compute_output_spec(inputs, training=training)
     tree = jax.tree_util.tree_map(
         lambda t: V.Leaf(
+            # Python ints: JSON cannot hold NumPy integers.
             shape=[None if d is None else int(d) for d in t.shape],
             dtype=keras.backend.standardize_dtype(t.dtype),
         ),
@@ -390,6 +395,8 @@ def _lower(fn, params, inputs, state, rng, platforms):
                 params, inputs, state, rng
             )
         except Exception as err:  # noqa: BLE001 - next choice, or reported
+            # The first error: the one for every platform asked, which the note
+            # reports.
             error = error or err
             continue
         return exported, choice, None

@@ -68,6 +68,8 @@ class ExportedCall:
         self.module_class = module_class
         self.kept: dict = {}
         self.names = list(manifest["call_fn_arguments"])
+        # The saved argument names: the layer reads what to pass from
+        # `call_fn`'s signature, as it did for the original.
         self.__signature__ = inspect.Signature(
             [
                 inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -82,6 +84,8 @@ class ExportedCall:
         # Keras's `safe_mode` of the load that rebuilt the layer (read while
         # `from_config` runs; the assets are read after it, outside its scope).
         self.safe_mode = _in_safe_mode()
+        # A depth, not a flag: symbolic scopes nest (a model built in another's
+        # build).
         self._symbolic = 0
         functions = manifest.get("functions", {})
         self._out = {}
@@ -142,6 +146,7 @@ class ExportedCall:
                 f"{self.owner}: cannot share the computation of "
                 f"{other.owner}, which was saved with another manifest."
             )
+        # The dicts copied, the `Exported`s shared (nothing changes them).
         self._exported = dict(other._exported)
         self._onnx = dict(other._onnx)
         self._artifacts = other._artifacts
@@ -178,6 +183,8 @@ class ExportedCall:
                 f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')}"
                 f" for platforms {', '.join(entry.get('platforms', platforms))})"
             )
+            # The base name only: a manifest's `file` cannot reach outside the
+            # layer's asset folder (`../`).
             path = os.path.join(dirpath, os.path.basename(name))
             if not os.path.isfile(path):
                 raise ValueError(f"{where} is missing {made}; save the model again.")
@@ -270,6 +277,7 @@ class ExportedCall:
             for kind, entry in functions.items()
             if saved[kind].blob is not None
         }
+        # Set last: a load that fails part-way leaves the layer unloaded.
         self._exported = exported
 
     def _saved_onnx(self, entry, dirpath, cap) -> _registry.SavedOnnx:
@@ -290,6 +298,7 @@ class ExportedCall:
             return _registry.SavedOnnx(
                 self.owner, None, None, str(onnx.get("missing", "not saved"))
             )
+        # The base name only, as for the artifacts (no `../`).
         name = os.path.basename(str(onnx["file"]))
         where = f"{self.owner}: the ONNX form `{name}` in the `.keras` file"
         path = os.path.join(dirpath, name)
@@ -400,6 +409,8 @@ class ExportedCall:
         first_rng = len(params) + len(inputs) + len(state)
         # Seeds may come as another integer width than the one exported.
         rng = [_as(x, exp.in_avals[first_rng + i].dtype) for i, x in enumerate(rng)]
+        # The exported function's own order, the bridges' seam:
+        # `fn(params, inputs, state, rng)` on flat lists.
         outputs, new_state = exp.call(params, inputs, state, rng)
         treedef = self._out[kind][0]
         outputs = jax.tree_util.tree_unflatten(treedef, outputs)
@@ -462,6 +473,7 @@ class ExportedCall:
                 for s in specs
             ],
         )
+        # The state as given: a symbolic build needs shapes, and its are its own.
         return (outputs, values.get("state")) if has_state else outputs
 
     def _missing(self, kind) -> ValueError:
