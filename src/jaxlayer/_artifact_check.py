@@ -151,6 +151,7 @@ def max_artifact_bytes() -> int:
     arguments of the computation), so artifacts are small."""
     text = os.environ.get("JAXLAYER_MAX_ARTIFACT_MIB", "")
     try:
+        # A malformed setting falls back to the default, never to no cap.
         mib = float(text) if text else _DEFAULT_MAX_MIB
     except ValueError:
         mib = _DEFAULT_MAX_MIB
@@ -204,6 +205,8 @@ def _cache_dir() -> str:
     return os.path.join(root, "verified")
 
 
+# Keyed by jax's version as well: a report made with another jax's parser
+# says nothing about what this one accepts.
 def _key(sha: str) -> str:
     import jax
 
@@ -216,6 +219,8 @@ def _cached(key: str) -> dict | None:
     if key in _REPORTS:
         return _REPORTS[key]
     try:
+        # A report read from disk is trusted: the folder is the user's own, and
+        # whoever can write there can already change what this process imports.
         with open(os.path.join(_cache_dir(), f"{key}.json")) as f:
             report = json.load(f)
     except (OSError, ValueError):
@@ -231,6 +236,7 @@ def _store(key: str, report: dict) -> None:
     folder = _cache_dir()
     try:
         os.makedirs(folder, exist_ok=True)
+        # Written aside and renamed: a concurrent load never reads half a report.
         fd, tmp = tempfile.mkstemp(dir=folder, suffix=".tmp")
         with os.fdopen(fd, "w") as f:
             json.dump(report, f)
@@ -263,6 +269,7 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
             out[name] = report
     if not todo:
         return out
+    # Sizes were capped by the caller, so this bounds the child's memory limit.
     total = sum(os.path.getsize(path) for path, _ in todo.values())
     request = {
         "files": {name: path for name, (path, _) in todo.items()},
@@ -301,8 +308,8 @@ def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
 # -- the verifying process, seen from the loading process ----------------------
 
 # A verifying process that got no request for this long exits (`idle_s`);
-# the next load starts a new one (about 2 s on a 2-core machine, its
-# `import jax`).
+# the next load starts a new one (its `import jax`: about 1.4 s on a
+# 2-core machine, benchmarks/results-load.md).
 _IDLE_S = 30.0
 
 _WORKER_LOCK = threading.Lock()
@@ -332,6 +339,7 @@ def _verify(request: dict, limit: float) -> dict:
     """
     global _WORKER
     with _WORKER_LOCK:
+        # A second try only for a child that had just exited idle (`_Idle`).
         for _ in range(2):
             worker = _WORKER
             if worker is None or not worker.usable():
@@ -344,6 +352,7 @@ def _verify(request: dict, limit: float) -> dict:
             except (_TimedOut, _Died):
                 _WORKER = None
                 raise
+            # Hostile input gets a fresh child: one that failed to parse is stopped.
             if any(not isinstance(r, dict) or "error" in r for r in found.values()):
                 worker.stop()
                 _WORKER = None
@@ -368,6 +377,8 @@ class _Worker:
     """
 
     def __init__(self) -> None:
+        # CPU only: the child never takes a GPU (or its memory) from the loading
+        # process.
         env = dict(os.environ, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
         env.pop("PYTHONSTARTUP", None)
         self._stderr = tempfile.TemporaryFile()
@@ -406,6 +417,8 @@ class _Worker:
             if left <= 0:
                 self.stop()
                 raise _TimedOut
+            # Raw reads (`os.read`): a buffered file object would hide bytes already
+            # read from `select`, and could block past the deadline.
             if not select.select([fd], [], [], left)[0]:
                 continue
             chunk = os.read(fd, 1 << 16)
@@ -435,6 +448,8 @@ class _Worker:
         self._stderr.seek(start)
         tail = self._stderr.read().decode("utf-8", "replace").strip().splitlines()
         last = tail[-1][:200] if tail else ""
+        # RLIMIT_DATA makes an allocation fail rather than the OOM killer act, so
+        # running out of memory shows as a Python error on stderr, not a signal.
         if "MemoryError" in last or "memory" in last.lower():
             return "ran the verifying process out of memory"
         return f"failed in the verifying process (exit {code}: {last or 'no output'})"
@@ -447,6 +462,8 @@ class _Worker:
         if self._proc.poll() is None:
             self._proc.kill()
         with contextlib.suppress(subprocess.TimeoutExpired):
+            # A killed child ends at once; the bound only keeps a wedged one from
+            # hanging this process.
             self._proc.wait(timeout=5)
         self._proc.stdout.close()
         self._stderr.close()
@@ -472,6 +489,8 @@ def check(report: dict, where: str, size: int) -> None:
             "from its source."
         )
     canonical = int(report.get("canonical_bytes", 0))
+    # Bytes that jax would not write again are where a second payload for
+    # another parser would hide.
     if size > canonical + _SLACK_BYTES + _SLACK_FRACTION * canonical:
         raise Refused(
             f"{where} holds {size} bytes, of which its computation needs "
@@ -482,6 +501,8 @@ def check(report: dict, where: str, size: int) -> None:
     for level, module in enumerate(report.get("modules", [])):
         what = where if level == 0 else f"{where} (its VJP of order {level})"
         for op in module.get("ops", []):
+            # An allowlist by dialect, not a denylist of ops: an unknown dialect is
+            # refused whatever it does.
             dialect = op.split(".", 1)[0]
             if op in HOST_TRANSFER_OPS:
                 raise Refused(
@@ -547,6 +568,8 @@ def check_signature(report: dict, where: str, expected: dict) -> None:
     """
     module = (report.get("modules") or [{}])[0]
     platforms = module.get("platforms", [])
+    # The artifact's own platforms, not the manifest's: the manifest is only
+    # what the file claims.
     if expected.get("platform") not in platforms:
         raise Refused(
             f"{where} was exported for platforms {', '.join(platforms)} "
@@ -620,6 +643,7 @@ def _serve() -> None:  # pragma: no cover - runs in the verifying process
         with contextlib.suppress(ValueError, OSError):  # a bounded heap
             memory = int(request["memory"])
             hard = resource.getrlimit(resource.RLIMIT_DATA)[1]
+            # Never above the hard limit the child inherited (setting it would fail).
             if hard != resource.RLIM_INFINITY:
                 memory = min(memory, hard)
             resource.setrlimit(resource.RLIMIT_DATA, (memory, hard))
@@ -667,12 +691,16 @@ def _describe_file(jax, path: str, exercise: bool = True) -> dict:
     modules, levels = [], []
     level = exp
     # Every VJP the file holds is checked, whatever order the manifest says.
+    # At most 8 orders: a chain beyond them is left out of `canonical` below,
+    # so its bytes count against the size check's slack (`check`).
     for _ in range(8):
         levels.append(level)
         modules.append(_describe_module(jax, level))
         if not level.has_vjp():
             break
         level = level.vjp()
+    # What jax itself writes for these modules; the file may exceed it only
+    # by the slack (`check`).
     canonical = len(exp.serialize(vjp_order=len(levels) - 1))
     for level in levels if exercise else ():
         _exercise(jax, level)
@@ -687,6 +715,8 @@ def _describe_module(jax, exp) -> dict:
     ops: set = set()
     calls: dict = {}
     with mlir.make_ir_context():
+        # The parse `Exported.mlir_module()` does, inside this context so the ops
+        # can be walked; some jaxlib versions return text, parsed again below.
         module = _jax.mlir.deserialize_portable_artifact(exp.mlir_module_serialized)
         if isinstance(module, (str, bytes)):
             module = ir.Module.parse(module)
@@ -723,6 +753,8 @@ def _describe_call(ir, op) -> dict:
         except (KeyError, ValueError, TypeError):
             message = ""
         # `{k}` in the message formats the k-th operand after the predicate.
+        # The runtime formats the message with the operands: an index beyond
+        # them, or any other brace, is not something jax writes.
         used = [int(k) for k in re.findall(r"\{(\d+)\}", message)]
         entry["message_ok"] = all(k < len(op.operands) - 1 for k in used) and (
             "{" not in re.sub(r"\{\d+\}", "", message)

@@ -8,16 +8,8 @@ the `"backend"` key of its config file (`$KERAS_HOME/keras.json`, or
 `No module named 'tensorflow'`.
 
 `choose()` runs when this module is imported, at the top of
-`jaxlayer/__init__.py`:
-
-- Keras already imported: nothing to do, its backend is fixed.
-- `KERAS_BACKEND` set: kept when its library is installed; otherwise one
-  clear `ImportError` naming `KERAS_BACKEND` and the extra to install.
-- `KERAS_BACKEND` not set: the backend Keras would pick from its config is
-  kept when its library is installed; otherwise `KERAS_BACKEND` is set to
-  `"jax"` (a dependency of jaxlayer) and one line on stderr says so.
-
-A backend that was chosen and works is never overridden.
+`jaxlayer/__init__.py`; a backend that was chosen and works is never
+overridden (each case is commented in `choose`).
 """
 
 from __future__ import annotations
@@ -65,9 +57,11 @@ def configured_backend() -> str:
         keras_dir = os.environ["KERAS_HOME"]
     else:
         base = os.path.expanduser("~")
+        # As Keras's own lookup does, so the file read is the one Keras reads.
         if not os.access(base, os.W_OK):
             base = "/tmp"
         keras_dir = os.path.join(base, ".keras")
+    # `KERAS_HOME` may itself start with `~`.
     path = os.path.expanduser(os.path.join(keras_dir, "keras.json"))
     try:
         with open(path) as f:
@@ -114,17 +108,25 @@ def choose() -> None:
         BackendNotInstalledError: `KERAS_BACKEND` names a backend whose
             library is not installed.
     """
+    # Keras already imported: its backend is fixed, and setting
+    # `KERAS_BACKEND` now would only make the environment disagree with it.
     if "keras" in sys.modules:
         return
     requested = os.environ.get("KERAS_BACKEND")
     if requested:
+        # An explicit choice is never overridden: one clear error instead of
+        # Keras's `No module named ...` at import. A name not in `_LIBRARIES`
+        # is left for Keras to report.
         if requested in _LIBRARIES and not _installed(_LIBRARIES[requested][0]):
             raise BackendNotInstalledError(missing_backend_message(requested))
         return
+    # Not set: Keras's configured backend is kept when installed; otherwise
+    # JAX, with one line on stderr saying so.
     configured = configured_backend()
     if configured not in _LIBRARIES or _installed(_LIBRARIES[configured][0]):
         # Installed, or a name Keras itself reports on (an unknown backend).
         return
+    # JAX is a dependency of jaxlayer, so the fallback is always installed.
     os.environ["KERAS_BACKEND"] = FALLBACK
     print(
         f"jaxlayer: Keras's configured backend {configured!r} is not installed; "

@@ -47,11 +47,16 @@ class LayerName(str):
         name = config.get("name")
         ref = getattr(name, "source_ref", None)
         if name is not None:
+            # Plain from here on: the layer made from this config must not keep a
+            # reference to its source.
             config["name"] = str(name)
         source = ref() if ref is not None else None
+        # Exactly `cls`: another class's layer has other functions and trees.
         return source if type(source) is cls else None
 
     def __reduce__(self):
+        # Written out as a plain str: a weak reference does not pickle, and a
+        # copy from a written config must not find the live layer.
         return (str, (str(self),))
 
 
@@ -124,6 +129,7 @@ def defined_in(fn) -> str | None:
 def is_lambda(config) -> bool:
     if not isinstance(config, dict):
         return False
+    # Our marker, or Keras's own for a lambda it saved as bytecode.
     return bool(config.get("lambda")) or config.get("class_name") == "__lambda__"
 
 
@@ -165,8 +171,11 @@ def locate_fn(config):
     if config is None:
         return None, None
     if isinstance(config, dict) and config.get("lambda"):
+        # Never handed to Keras: the marker has no code to find, and Keras's own
+        # error for it would not say why.
         return None, "it is a lambda, saved without its code"
     try:
+        # Keras raises for an unregistered function; the caller says why.
         fn = keras.saving.deserialize_keras_object(config)
     except Exception:  # noqa: BLE001 - reported by the caller
         if is_lambda(config):

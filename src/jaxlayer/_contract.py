@@ -25,9 +25,13 @@ NOT_TENSORS = (bool, int, float, complex, str, bytes)
 NONE_TREEDEF = jax.tree_util.tree_structure(None)
 
 
+# Cached: checked on every call, and `standardize_dtype` is Python work;
+# few distinct dtypes ever reach it.
 @functools.lru_cache(maxsize=64)
 def seed_dtype_ok(dtype) -> bool:
     name = keras.backend.standardize_dtype(dtype)
+    # Raw keys (uint32, or int32: Keras's seed state on some backends) or
+    # typed keys.
     return name in ("uint32", "int32") or "key" in name
 
 
@@ -40,10 +44,13 @@ def describe(value) -> str:
         return f"an array of shape {tuple(value.shape)} and dtype {value.dtype}"
     if isinstance(value, (tuple, list)):
         return f"a {type(value).__name__} of length {len(value)}"
+    # Bounded: the repr of a large tree or array would swamp the message.
     return f"{type(value).__name__} {value!r}"[:200]
 
 
 def as_key(x):
+    # jax.random takes raw keys as uint32; Keras's seed state may be int32
+    # (torch): the same bits, reinterpreted.
     if jnp.issubdtype(x.dtype, jnp.integer) and x.dtype != jnp.uint32:
         return x.astype(jnp.uint32)
     return x
@@ -52,6 +59,7 @@ def as_key(x):
 def to_jax_keys(rng):
     def convert(x):
         x = np.asarray(keras.ops.convert_to_numpy(x))
+        # Through NumPy: the `rng` tensors may be any backend's (seed state).
         return jnp.asarray(x.astype(np.uint32) if x.dtype.kind in "iu" else x)
 
     return jax.tree_util.tree_map(convert, rng)
@@ -69,6 +77,8 @@ def check_state(owner, spec, new_state):
                 "state); give the initial `state`."
             )
         return []
+    # Paths rather than the treedefs in the message: a treedef's text names
+    # no leaf.
     if treedef != spec.treedef:
         expected = {jax.tree_util.keystr(p) for p in spec.paths}
         got = {jax.tree_util.keystr(p) for p, _ in flat}
@@ -90,6 +100,7 @@ def check_state(owner, spec, new_state):
         if slot is None:
             continue
         variable = spec.variables[slot]
+        # A Python number for a scalar state (`count + 1` on a Python int).
         if not hasattr(leaf, "shape") and isinstance(leaf, (bool, int, float)):
             leaf = jnp.asarray(leaf)
         if not hasattr(leaf, "shape"):
@@ -103,6 +114,8 @@ def check_state(owner, spec, new_state):
                 f"{tuple(leaf.shape)} at {V.keystr(path, 'state')}, but that "
                 f"state has shape {tuple(variable.shape)}."
             )
+        # The new state is assigned, not trained: no gradient flows through it
+        # into the next step.
         leaves.append(jax.lax.stop_gradient(leaf))
     return leaves
 
@@ -113,6 +126,7 @@ def output_leaves(owner, result):
     for path, leaf in jax.tree_util.tree_flatten_with_path(result)[0]:
         if isinstance(leaf, (bool, int, float)):
             leaf = jnp.asarray(leaf)
+        # Tracers are `jax.Array`s too, so this holds under jit.
         if not isinstance(leaf, (jax.Array, np.ndarray)):
             raise TypeError(
                 f"{owner}: every output of `call_fn` must be an array; "
@@ -124,12 +138,15 @@ def output_leaves(owner, result):
 
 def call_by_name(fn, names, values):
     """Calls `fn` with `values[name]` for each of its argument `names`."""
+    # Positionally, in signature order: Haiku's transformed functions take
+    # `*args` under a published signature.
     return fn(*[values[name] for name in names])
 
 
 def check_seed(seed, owner):
     if seed is None:
         return None
+    # `bool` is an `int` subclass; `True` is no seed.
     if isinstance(seed, (bool, float)) or not isinstance(seed, (int, np.integer)):
         raise TypeError(
             f"{owner}: `seed` must be an integer or None, got {describe(seed)}."
@@ -165,7 +182,11 @@ def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
         dtypes = ["float32"] * len(shapes)
     placeholders = [
         jax.ShapeDtypeStruct(
+            # Unknown dimensions (the batch) as 1: `init_fn` makes the same trees
+            # for any batch size.
             tuple(1 if d is None else int(d) for d in shape),
+            # float64 as float32 unless x64 is on: the dtype JAX would give the
+            # arrays `init_fn` sees at run time.
             jax.dtypes.canonicalize_dtype(dtype),
         )
         for shape, dtype in zip(shapes, dtypes, strict=True)
@@ -176,6 +197,8 @@ def init_trees(owner, init_fn, names, takes, inputs, rng, abstract=False):
         values = {
             "rng": rng,
             "inputs": jax.tree_util.tree_unflatten(shapes_def, leaves),
+            # As for training (as Keras's JaxLayer does): a module that makes
+            # some variables only on that path (batch statistics) makes them.
             "training": True,
         }
         return call_by_name(init_fn, names, values)
@@ -251,6 +274,7 @@ def tree_fn(owner, call_fn, names, specs, structure, abstract_defs=None):
                 f"returned {describe(result)}."
             )
         result, returned_state = result
+        # A layer not built has no state spec to check against: shapes only.
         if abstract_defs is not None:
             return result, []
         return result, check_state(owner, state_spec, returned_state)

@@ -53,6 +53,7 @@ def require(
         return importlib.import_module(module)
     except ImportError as err:
         if extra is None:
+            # A submodule not listed takes its package's extra (`flax.struct`).
             extra = _EXTRAS.get(module, _EXTRAS.get(module.split(".")[0]))
         hint = (
             f"install it with `pip install 'jaxlayer[{extra}]'` (from a clone: "

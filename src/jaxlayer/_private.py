@@ -42,7 +42,7 @@ JAX (0.6 - 0.10):
   runs. If it goes: `is_tracer` falls back to "not a concrete array".
 - `jax._src.lib._jax.dlpack_managed_tensor_to_buffer` and
   `buffer_to_dlpack_managed_tensor` (and `jaxlib_extension_version`): the
-  torch bridge's zero-copy DLPack exchange on CPU without the 30-115 us of
+  torch bridge's zero-copy DLPack exchange on CPU without the per-call
   Python checks in `jax.dlpack.from_dlpack`. Probed at first use; if they
   are missing or behave differently the bridge uses the public
   `jax.dlpack.from_dlpack` / `torch.from_dlpack` (tested both ways).
@@ -71,6 +71,8 @@ def track_variable(layer: Any, variable: Any) -> None:
         return
     extra = getattr(layer, "_jaxlayer_variables", None)
     if extra is None:
+        # A list attribute: Keras's attribute tracking collects the variables in
+        # it (the fallback the module docstring names).
         layer._jaxlayer_variables = []
         extra = layer._jaxlayer_variables
     extra.append(variable)
@@ -94,6 +96,7 @@ def is_tracer(value: Any) -> bool:
     tracer = getattr(jax.core, "Tracer", None)
     if tracer is not None:
         return isinstance(value, tracer)
+    # Every JAX tracer class is named `...Tracer` (DynamicJaxprTracer, ...).
     return type(value).__name__.endswith("Tracer")
 
 
@@ -117,6 +120,7 @@ def tf_could_possibly_record():
     try:
         from tensorflow.python.eager import record
     except ImportError:
+        # Assume a tape may record: always correct, only slower in inference.
         return lambda: True
     return getattr(record, "could_possibly_record", lambda: True)
 

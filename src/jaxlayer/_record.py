@@ -48,6 +48,8 @@ def input_template(record: InputRecord) -> list[tuple]:
     first = next((s[0] for s in record.shapes if s), None)
     return [
         tuple(
+            # A leading size equal to the first input's is the batch too, so inputs
+            # that share a batch share one symbol in the export.
             None if d is None or (i == 0 and d == first) else int(d)
             for i, d in enumerate(shape)
         )
@@ -75,6 +77,8 @@ def observe(record: InputRecord | None, inputs, dtype_of) -> tuple:
     if arrays and record is not None and record.called is None:
         shapes = tuple(dims(x.shape) for x in leaves)
         known = all(None not in s for s in shapes)
+        # Only for the recorded structure: a later call of another structure
+        # must not decide what is exported.
         if not symbolic and known and treedef == record.treedef:
             record = dataclasses.replace(record, called=shapes)
     return record, symbolic

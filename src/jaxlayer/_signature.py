@@ -45,6 +45,8 @@ def argument_names(
             f"{owner}: `{fn_name}` must be a callable, got {type(fn).__name__}: {fn!r}."
         )
     try:
+        # `inspect.signature` honours a published `__signature__` (Haiku's
+        # transformed functions are `*args` underneath).
         parameters = inspect.signature(fn).parameters
     except (TypeError, ValueError) as err:
         raise TypeError(
@@ -59,6 +61,7 @@ def argument_names(
             )
     names = []
     for parameter in parameters.values():
+        # The names decide what is passed: `*args`/`**kwargs` name nothing.
         if parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             raise ValueError(
                 f"Unsupported argument in `{fn_name}`: `{parameter}` "

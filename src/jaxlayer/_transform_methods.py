@@ -75,6 +75,7 @@ class TransformMethods:
                 "called once per layer."
             )
         rank = T.check_rank(owner, rank)
+        # `alpha = rank` (scale 1) by default, as Keras's own layers do.
         alpha = float(rank if lora_alpha is None else lora_alpha)
         targets = T.select(
             owner, self._params_spec, self._state_spec, "lora", paths, "enable_lora"
@@ -134,6 +135,8 @@ class TransformMethods:
                 "jaxlayer; only 'int8' is (weights stored as int8 with a "
                 "per-channel scale)."
             )
+        # A subclass's `call` may read `params` outside `call_fn`, where it would
+        # see the raw int8 values.
         if type_check and type(self).call.__qualname__ != "JaxLayer.call":
             raise NotImplementedError(
                 f"{owner}: {type(self).__name__} overrides `call`, so "
@@ -164,6 +167,8 @@ class TransformMethods:
         )
         self._apply_step(T.Step("int8", targets))
         policy = self.dtype_policy
+        # Only from a float policy: one already quantized (carried by the
+        # config of a layer being rebuilt) is kept as it is.
         if policy.quantization_mode is None:
             self.dtype_policy = keras.dtype_policies.get(f"int8_from_{policy.name}")
 
@@ -230,6 +235,8 @@ class TransformMethods:
         for variable, entry in zip(
             K.variables(self._params_spec), entries, strict=True
         ):
+            # Rebuilt variables are made trainable; the saved flags say which the
+            # transforms froze (a LoRA base, int8 leaves).
             variable.trainable = bool(entry.get("trainable", True))
         if any(step.mode == "int8" for step in steps):
             self._set_untracked("_is_quantized", True)
@@ -254,6 +261,8 @@ class TransformMethods:
         if not self._weight_steps():
             return super().load_own_variables(store)
         weights = T.ordered_weights(self._params_spec, self.weights)
+        # Checked before any assignment: a mismatched file leaves the layer as
+        # it was.
         if len(store.keys()) != len(weights):
             raise ValueError(
                 f"{self._owner}: the file holds {len(store.keys())} weights "

@@ -138,6 +138,8 @@ def leaves_for_call(spec: TransformedSpec, arrays: Sequence) -> list:
         if op.lora is not None:
             a, b, factor = arrays[op.lora[0]], arrays[op.lora[1]], op.lora[2]
             delta = (a @ b).reshape(w.shape) * factor
+            # Back to the leaf's dtype: `call_fn` gets the dtype it was written for,
+            # whatever the factors' (a bfloat16 kernel with float32 factors).
             w = w + delta.astype(w.dtype)
         base[i] = w
     return base
@@ -179,6 +181,8 @@ def effective_tree(spec):
     merged, int8 dequantized; the layer's own tree when not transformed."""
     if not isinstance(spec, TransformedSpec):
         return V.numpy_tree(spec.tree) if spec is not None else None
+    # Through NumPy: the variables may be any backend's tensors; the math is
+    # the JAX code the layer's call runs.
     arrays = [
         jax.numpy.asarray(keras.ops.convert_to_numpy(v.value)) for v in spec.variables
     ]
@@ -206,6 +210,8 @@ def _parts(spec, state_spec):
     named = V.variable_names([spec, state_spec])
     names = [name for name, _ in named[:n_base]]
     taken = {tuple(name.split("/")) for name, _ in named}
+    # And the names of the exported flat tree: a new variable must not take
+    # one (a layer rebuilt from artifacts names its variables by them).
     taken.update(
         tuple(name.split("/")) for name, _ in V.variable_names([export_view(spec)])
     )
@@ -245,6 +251,8 @@ def eligible(spec, state_spec, mode: str) -> list[str]:
     out = []
     for name, variable, op in zip(names, base, ops, strict=True):
         floating = V.is_float(variable.dtype)
+        # Vectors (biases, norms) gain nothing from a low-rank factor or a
+        # per-channel scale, and are small.
         if len(variable.shape) < 2:
             continue
         if mode == "lora":
@@ -270,6 +278,8 @@ def select(
             matching none of them (the message lists the eligible paths).
     """
     names = eligible(spec, state_spec, mode)
+    # `paths` match the weights' full `path` (`layer/dense/kernel`), as a
+    # Keras `LayoutMap` does; the owner prefix is `Class 'name'`.
     layer_name = owner.split("'")[1] if "'" in owner else ""
     if not names:
         raise ValueError(
@@ -317,9 +327,13 @@ def apply(layer, spec, state_spec, step: Step, initializers=("he_uniform", "zero
         op = ops[i] or LeafOp()
         if step.mode == "int8":
             old = base[i]
+            # In float32 whatever the variable dtype: the scale is stored as
+            # float32 and computed at that precision.
             w = np.asarray(keras.ops.convert_to_numpy(old.value), dtype=np.float32)
             q, scale = quantize_int8(w)
             _private.untrack_variable(layer, old)
+            # The int8 variable takes the float leaf's own path (a `LayoutMap` or a
+            # sharding rule by path still finds it).
             taken.discard(tuple(parts))
             del old  # the float leaf is gone from the layer
             base[i], _ = V.add_variable(layer, parts, q, trainable=False, taken=taken)
@@ -329,6 +343,7 @@ def apply(layer, spec, state_spec, step: Step, initializers=("he_uniform", "zero
             op = dataclasses.replace(op, scale=len(base) + len(extras) - 1)
         else:
             shape = desc[i][0]
+            # A is (prod(...), rank): `A @ B` reshapes to a target of any rank.
             fan_in = math.prod(shape[:-1])
             a_init, b_init = (keras.initializers.get(x) for x in initializers)
             dtype = layer.variable_dtype
@@ -338,6 +353,7 @@ def apply(layer, spec, state_spec, step: Step, initializers=("he_uniform", "zero
             _add(layer, extras, extra_names, _suffixed(parts, LORA_B), b, True, taken)
             n = len(base) + len(extras)
             op = dataclasses.replace(op, lora=(n - 2, n - 1, step.alpha / step.rank))
+            # An int8 base is non-trainable already (QLoRA).
             if V.is_float(base[i].dtype):
                 base[i].trainable = False
         ops[i] = op
@@ -352,6 +368,8 @@ def _add(layer, extras, names, parts, value, trainable, taken):
     names.append(name)
 
 
+# In the target's name scopes, so a `LayoutMap` regex on the target's path
+# reaches its factors and scale too.
 def _suffixed(parts, suffix):
     return [*parts[:-1], parts[-1] + suffix]
 
@@ -361,7 +379,10 @@ def quantize_int8(w: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     axis), over the other axes; `w ~= q * scale`."""
     axes = tuple(range(w.ndim - 1))
     amax = np.max(np.abs(w), axis=axes)
+    # An all-zero channel gets scale 1 (its values stay 0), not 0/0.
     scale = np.where(amax > 0, amax / 127.0, 1.0).astype(np.float32)
+    # Symmetric: -128 is never used, so `-q` is always an int8 and the
+    # abs-max maps to exactly +-127.
     q = np.clip(np.round(w / scale), -127, 127).astype(np.int8)
     return q, scale
 
@@ -386,6 +407,7 @@ def _spec(spec, base, extras, ops, desc, extra_names, steps):
         described=tuple(desc),
         extra_names=tuple(extra_names),
     )
+    # The base leaves' names as `create_variables` made them (by path).
     names = [name for name, _ in V.variable_names([_base_only(stored)])]
     names += list(extra_names)
     flat = V.FlatTree(zip(names, variables, strict=True))
@@ -408,6 +430,7 @@ def _base_only(spec):
 
 
 def check_rank(owner: str, rank) -> int:
+    # `bool` is an `int` subclass; `True` is no rank.
     if isinstance(rank, bool) or not isinstance(rank, (int, np.integer)) or rank < 1:
         raise ValueError(
             f"{owner}: `enable_lora`'s `rank` must be a positive integer "

@@ -36,6 +36,8 @@ def is_float(dtype: Any) -> bool:
 
 def key_name(key: Any) -> str:
     """One element of a pytree path as a plain name (`'encoder'`, `'0'`)."""
+    # `DictKey.key`, `GetAttrKey.name`, `SequenceKey.idx` (and
+    # `FlattenedIndexKey.key`): jax's path entries.
     for attr in ("key", "name", "idx"):
         if hasattr(key, attr):
             return str(getattr(key, attr))
@@ -55,6 +57,7 @@ def path_parts(path: tuple) -> list[str]:
         for part in key_name(key).split("/"):
             if part.strip() == "~":
                 continue
+            # A part of refused characters only still names a scope.
             parts.append(_SAFE.sub("_", part) or "_")
     return parts
 
@@ -144,6 +147,8 @@ def create_variables(
         if isinstance(value, keras.Variable):
             value = value.value
         if isinstance(value, (bool, int, float)):
+            # Python numbers have no dtype: NumPy's (int64, float64), and a float
+            # then takes the layer's variable dtype below.
             value = np.asarray(value)
         dtype = keras.backend.standardize_dtype(value.dtype)
         floating = is_float(dtype)
@@ -156,6 +161,8 @@ def create_variables(
             value,
             dtype=dtype,
             trainable=trainable and floating,
+            # State is not autocast: under mixed precision it is read and assigned
+            # back in its own dtype (running statistics stay float32).
             autocast=trainable,
         )
         slots.append(len(variables))
@@ -198,6 +205,7 @@ def _cast(value, dtype, copy):
     """`value` as an array of `dtype` that the layer may own."""
     if keras.backend.backend() == "jax" and isinstance(value, jax.Array):
         if value.dtype != dtype:
+            # `astype` makes a new array: no copy needed.
             return value.astype(dtype)
         return jax.numpy.array(value, copy=True) if copy else value
     if keras.ops.is_tensor(value) and not isinstance(value, jax.Array):
@@ -320,8 +328,12 @@ def _encode(node, path):
     if isinstance(node, Leaf):
         return {"leaf": dict(node)}
     kind = type(node)
+    # Exact types: a dict subclass (a FrozenDict, a FlatTree) is another
+    # pytree node, which this description could not rebuild.
     if kind is dict or kind is collections.OrderedDict:
         keys = list(node)
+        # JSON objects have string keys only: other keys (and OrderedDicts, whose
+        # order is part of the tree) are written as `[key, value]` pairs.
         if kind is dict and all(isinstance(k, str) for k in keys):
             return {"dict": {k: _encode(v, f"{path}[{k!r}]") for k, v in node.items()}}
         for k in keys:
@@ -387,11 +399,14 @@ def decode_tree(config, leaf: Callable[[dict], Any]):
 
 def _namedtuple_class(body):
     fields = tuple(body["fields"])
+    # Only an already loaded class: loading a file imports nothing it names.
     module = sys.modules.get(body.get("module") or "")
     cls = module
     for part in (body.get("qualname") or "").split("."):
         cls = getattr(cls, part, None)
     if isinstance(cls, type) and issubclass(cls, tuple):
+        # A class of that name with other fields would put the values in the
+        # wrong ones: then a namedtuple of the saved fields instead.
         if tuple(getattr(cls, "_fields", ())) == fields:
             return cls
     return collections.namedtuple(body["name"], fields)
@@ -435,6 +450,8 @@ class FlatTree(dict):
 
 
 def _flat_tree_flatten_with_keys(tree):
+    # The names are the node's static data, so FlatTrees of other variables
+    # are other structures (and unflatten in the same order).
     return [(jax.tree_util.DictKey(k), v) for k, v in tree.items()], tuple(tree)
 
 
@@ -494,11 +511,13 @@ def values_of(spec: TreeSpec | None, stored: bool = False) -> list | None:
         values = _private.plain_values(spec.variables)
         return values if values is not None else [v.value for v in spec.variables]
     try:
+        # Not public API (see `jaxlayer._private`): without it, no stored read.
         from keras.src.backend.common.stateless_scope import in_stateless_scope
     except ImportError:
         return None
     if in_stateless_scope():
         return None
+    # `_value` is None while a deferred variable is not yet created.
     values = [getattr(v, "_value", None) for v in spec.variables]
     return None if any(x is None for x in values) else values
 

@@ -17,6 +17,8 @@ _LAYERS = {
 def library_of(obj: Any) -> str | None:
     """`"flax.linen"`, `"flax.nnx"` or `"equinox"` for a module (or class)."""
     cls = obj if isinstance(obj, type) else type(obj)
+    # By the MRO: a user's module class lives in the user's package, its
+    # bases in the library's.
     for klass in cls.__mro__:
         module = klass.__module__ or ""
         for library in _LAYERS:
@@ -61,6 +63,8 @@ def check_module(module: Any, base: type, library: str, owner: str) -> None:
 
 def plain(tree: Any) -> Any:
     """`tree` with every mapping (FrozenDict, State dicts) as a plain dict."""
+    # FrozenDicts and NNX State dicts are pytree nodes a config cannot
+    # describe; plain dicts are.
     if isinstance(tree, Mapping):
         return {k: plain(v) for k, v in tree.items()}
     return tree

@@ -38,6 +38,8 @@ def module_layer_config(
             "before saving, or save the weights with `model.save_weights(path)` "
             f"and rebuild the model with a new `{rebuild}` to load them."
         )
+    # No function configs: the functions are closures over the module, which
+    # no process can locate; the file reloads from its computation.
     config.update(call_fn=None, init_fn=None, module_class=module_class)
     return config
 

@@ -111,6 +111,8 @@ class EquinoxLayer(JaxLayer):
         check_module(module, eqx.Module, "equinox", owner)
         module, state = _check_state(eqx, module, state, owner)
         indices = _state_indices(eqx, module)
+        # Floating arrays only, as `eqx.filter_grad` would differentiate: integer
+        # arrays and the rest stay in the static half.
         params, static = eqx.partition(module, eqx.is_inexact_array)
         key_mode = _key_mode(module)
         stateful = state is not None
@@ -118,6 +120,8 @@ class EquinoxLayer(JaxLayer):
         example = _expected_example(eqx, module)
 
         def run(model, inputs, eqx_state, key, training):
+            # Set on every call from `training`: the module's own `inference`
+            # flags are overridden, whatever they were when it was given.
             model = eqx.nn.inference_mode(model, value=not training)
 
             def one(x, k):
@@ -145,11 +149,15 @@ class EquinoxLayer(JaxLayer):
                     k = jax.random.fold_in(key, jax.lax.axis_index(axis_name))
                 return one(x, k)
 
+            # `out_axes=None` for the state: one value for the whole batch (vmap
+            # refuses a state that varies by example).
             return jax.vmap(
                 per_example, in_axes=0, out_axes=(0, None), axis_name=axis_name
             )(inputs)
 
         if stateful:
+            # The template is kept strong-typed so `State.set` accepts the values
+            # read back from Keras variables (see `_strong`).
             template = _strong(state)
 
             def call_fn(params, state, rng, inputs, training):
@@ -378,6 +386,8 @@ def _to_eqx_state(template, indices, tree):
         for part in parts:
             value = value[part]
         old = state.get(index)
+        # In the old value's dtype: `State.set` refuses a change of dtype (a
+        # Keras variable may hold another float width).
         value = jax.tree_util.tree_map(
             lambda v, o: jnp.asarray(v, dtype=o.dtype), value, old
         )
@@ -437,6 +447,7 @@ def _with_shape_context(err, owner, x, vmapped, example):
         + f". Original error: {type(err).__name__}: {err}"
     )
     try:
+        # The module's own error type, so callers catching it still do.
         return type(err)(message)
     except Exception:  # noqa: BLE001 - an error type with another signature
         return ValueError(message)

@@ -84,8 +84,12 @@ class FlaxLayer(JaxLayer):
         )
         target = _resolve_method(module, method, layer_name)
         has_training = _takes(target, "training")
+        # Every collection but params may change in a call (batch statistics):
+        # `apply` returns them as the new state; params stay Keras's to train.
         mutable = nn.DenyList(["params"])
 
+        # `training` only for a method that takes it: the layer passes what
+        # `call_fn`'s signature names.
         if has_training:
 
             def call_fn(params, state, rng, inputs, training):
@@ -134,6 +138,8 @@ class FlaxLayer(JaxLayer):
     # -- rng hooks -------------------------------------------------------
 
     def _get_init_rng(self):
+        # A `dropout` stream at init too: `module.init` runs `__call__`, and a
+        # module with dropout asks for it there.
         return {"params": self._get_init_seed(), "dropout": self._get_init_seed()}
 
     def _get_call_rng(self, training):
@@ -178,6 +184,7 @@ class FlaxLayer(JaxLayer):
                 could not be exported (the layer was never called).
         """
         config = super().get_config()
+        # Closures over the module, made again by `__init__` from it.
         config.pop("call_fn", None)
         config.pop("init_fn", None)
         if saving.rebuilt(self):
@@ -293,6 +300,8 @@ class FlaxLayer(JaxLayer):
         params, state = C.pop_saved_trees(config, source is not None)
         if values is not None:
             params, state = values
+        # The placeholders as `variables`: the weights file fills them, and
+        # `module.init` does not run for weights it holds.
         if config.get("variables") is None and params is not None:
             config["variables"] = _merge(params, state)
         return cls(**config)

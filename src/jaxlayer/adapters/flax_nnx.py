@@ -88,9 +88,13 @@ class NNXLayer(JaxLayer):
         check_module(
             module, nnx.Module, "flax.nnx", _errors.named(NNXLayer, layer_name)
         )
+        # Filters in order, each variable to the first that takes it: params,
+        # then RNG state (not layer state), then the rest (batch statistics).
         graphdef, params, rngs, rest = nnx.split(module, nnx.Param, nnx.RngState, ...)
         templates = (params, rest)
         rng_template = rngs
+        # Typed keys as raw bits with their implementation: kept outside the
+        # traced function and rebuilt in it (`_data_to_keys`).
         rng_data = jax.tree_util.tree_map(_key_to_data, nnx.to_pure_dict(rngs))
         has_streams = bool(jax.tree_util.tree_leaves(rng_data))
 
@@ -103,14 +107,20 @@ class NNXLayer(JaxLayer):
             )
 
         def call_fn(params, state, rng, inputs, training):
+            # A fresh module per call from the pure values: NNX modules are mutable,
+            # and a traced call must not write tracers into the one given.
             model = merge(params, state, rng_data)
             if training:
                 model.train()
+                # Reseeded from the layer's seed: the streams' counters are not kept
+                # between calls, so their own keys would give the same mask every call.
                 if has_streams and rng is not None:
                     _reseed(nnx, model, rng)
             else:
                 model.eval()
             outputs = model(inputs)
+            # RNG state is split off and dropped: the streams' counters advanced by
+            # the call are not layer state (each training call reseeds them).
             _, _, _, new_rest = nnx.split(model, nnx.Param, nnx.RngState, ...)
             return outputs, nnx.to_pure_dict(new_rest)
 
@@ -149,6 +159,7 @@ class NNXLayer(JaxLayer):
         """
         if saving.rebuilt(self):
             raise module_error(self._owner, self.call_fn.module_class)
+        # Through NumPy: the variables may be any backend's tensors.
         params = jax.tree_util.tree_map(np.asarray, self._effective_params())
         state = jax.tree_util.tree_map(np.asarray, V.numpy_tree(self.state))
         to_jax = lambda tree: jax.tree_util.tree_map(jax.numpy.asarray, tree)
@@ -208,6 +219,8 @@ def _class_name(module) -> str:
 
 def _filled(nnx, template, pure):
     """A new `nnx.State` like `template`, holding the values of `pure`."""
+    # A shallow copy: `replace_by_pure_dict` fills it in place, and the
+    # template serves every call.
     state = jax.tree_util.tree_map(lambda x: x, template)
     nnx.replace_by_pure_dict(state, pure)
     return state
@@ -253,5 +266,7 @@ def _reseed(nnx, model, rng):
             if isinstance(stream, nnx.RngStream)
         }
     )
+    # Sorted: a set of strings iterates in another order in each process
+    # (hash randomization), and the keys must not change with it.
     keys = {tag: jax.random.fold_in(key, i) for i, tag in enumerate(tags)}
     nnx.reseed(model, policy="match_shape", **keys)

@@ -35,6 +35,8 @@ those above it):
 - `_manifest`: the format's constants (`FORMAT`, `KINDS`, the default
   platforms), the shape and dtype descriptions, the input record a manifest
   describes.
+- `_blob`: an artifact held as bytes (a `torch.export` program's constant),
+  checked as `ExportedCall.load` checks files, then deserialized.
 - `_exported_call`: `ExportedCall`, the `call_fn` rebuilt from artifacts.
 - `_export`: exporting a layer's pure function with `jax.export` into
   `Artifacts`, from what the layer hands over (`ExportSource`).

@@ -22,6 +22,8 @@ def save_assets(fn, memo: ExportMemo, dirpath: str) -> None:
     if isinstance(fn, ExportedCall) and fn.loaded:
         artifacts = fn.artifacts()
     else:
+        # Keras asks for the config before the assets: the memo holds the
+        # export whose manifest that config holds.
         cached = memo.cache
         artifacts = cached[1] if cached is not None else None
     if artifacts is None:
@@ -44,6 +46,8 @@ def load_assets(fn, dirpath: str | None) -> bool:
         Whether `fn` changed (it read its artifacts): the layer's pure
         functions, made before, must go.
     """
+    # A copy that shares a loaded computation (`copy_of_rebuilt`) is not
+    # read again.
     if not isinstance(fn, ExportedCall) or fn.loaded:
         return False
     fn.load(dirpath)

@@ -51,6 +51,8 @@ def deserialize_checked(
             "are never part of it); refused. If the file is trusted, set "
             "JAXLAYER_MAX_ARTIFACT_MIB higher."
         )
+    # One immutable copy: the bytes hashed, the file the child reads and the
+    # bytes deserialized are the same, whatever the caller's buffer does.
     data = bytes(blob)
     if hashlib.sha256(data).hexdigest() != sha256:
         raise check.Refused(
@@ -58,6 +60,8 @@ def deserialize_checked(
             f"{size} bytes do not have the sha256 {sha256} it is named by; "
             "refused. Export the model again from its source."
         )
+    # The verifier reads files; a private folder (mode 0700) that no other
+    # user can swap the file in.
     with tempfile.TemporaryDirectory(prefix="jaxlayer-artifact-") as folder:
         path = os.path.join(folder, "artifact.bin")
         with open(path, "wb") as f:
@@ -67,6 +71,8 @@ def deserialize_checked(
         ]
     check.check(report, where, size)
     platform = jax.export.default_export_platform()
+    # Results unchecked: a program's caller knows what it passes, not what
+    # comes back.
     expected = {"platform": platform, "in": inputs, "out": None}
     check.check_signature(report, where, expected)
     try:

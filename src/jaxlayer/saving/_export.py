@@ -147,6 +147,8 @@ def _artifacts_for_save(layer: ExportSource):
 
 def _same_key(a, b) -> bool:
     return len(a) == len(b) and all(
+        # TreeSpecs by identity: dataclass equality would compare the Keras
+        # variables in them, whose `==` is elementwise.
         x is y or (not isinstance(x, (V.TreeSpec,)) and x == y)
         for x, y in zip(a, b, strict=True)
     )
@@ -159,6 +161,7 @@ def _export(layer, record: InputRecord):
     params_spec, state_spec = layer.trees
     names = V.variable_names([params_spec, state_spec])
     trainable = layer.trainable
+    # By id: a Keras variable's `==` is elementwise.
     kinds = {id(v): "params" for v in _variables(params_spec)}
     variables = [
         {
@@ -166,6 +169,8 @@ def _export(layer, record: InputRecord):
             "tree": kinds.get(id(v), "state"),
             "shape": list(v.shape),
             "dtype": keras.backend.standardize_dtype(v.dtype),
+            # Saved so a rebuilt layer freezes what a transform froze
+            # (`_inherit_steps`).
             "trainable": id(v) in trainable,
         }
         for name, v in names
@@ -212,6 +217,7 @@ def _export(layer, record: InputRecord):
     for kind in KINDS:
         entry = manifest["functions"].get(kind)
         if entry is not None:
+            # Those exported for, which may be fewer than asked (see `_lower`).
             manifest["platforms"] = entry["platforms"]
     return Artifacts(manifest, blobs), notes
 
@@ -228,6 +234,7 @@ def _no_source_paths():
     the name of each operation stays, with one frame whose file name is
     emptied. The VJP is exported while serializing, so both run in here.
     """
+    # Private flags: jax has no public switch for what locations hold.
     from jax._src import config
 
     scope = contextlib.ExitStack()
@@ -238,6 +245,8 @@ def _no_source_paths():
 
 def _export_one(layer, kind, record, params, state, platforms):
     training = kind == "training"
+    # Drawn in a stateless scope: saving must not advance the layer's seed
+    # generator (a saved model trains on as an unsaved one would).
     with keras.StatelessScope():
         rng_leaves, rng_def = layer.call_rng(training)
     rng = [_rng_struct(x) for x in rng_leaves]
@@ -261,6 +270,8 @@ def _export_one(layer, kind, record, params, state, platforms):
     exported, used, error = _lower(fn, params, symbolic, state, rng, platforms)
     shapes = "symbolic"
     lowered_with = symbolic
+    # A function whose code needs the batch size (a reshape to it) cannot
+    # take a symbolic batch: then the shapes of its first concrete call.
     if exported is None and record.called is not None:
         concrete = [
             jax.ShapeDtypeStruct(s, jnp.dtype(d))
@@ -285,6 +296,8 @@ def _export_one(layer, kind, record, params, state, platforms):
         )
         note = f"{note}; {extra}" if note else extra
     try:
+        # First order: enough to fine-tune a reloaded layer; each order more is
+        # one more module in the file (and for the load check to verify).
         blob = bytes(exported.serialize(vjp_order=1))
         vjp_order = 1
     except Exception as err:  # noqa: BLE001 - saved without gradients
@@ -309,8 +322,12 @@ def _export_one(layer, kind, record, params, state, platforms):
     if shapes == "concrete":
         entry["input_shapes"] = [list(s) for s in record.called]
     extra = {}
+    # ONNX for inference only: the exports that read it deploy the layer in
+    # inference.
     if not training:
         with _no_source_paths():
+            # With the input shapes the artifact was lowered with (concrete after a
+            # fallback), so both forms take the same inputs.
             onnx_blob, why = _saved.make(fn, [params, lowered_with, state, rng])
         if onnx_blob is None:
             entry["onnx"] = {"missing": why}
@@ -350,6 +367,7 @@ def _output_spec(layer, training, record):
         spec = layer.compute_output_spec(inputs, training=training)
     tree = jax.tree_util.tree_map(
         lambda t: V.Leaf(
+            # Python ints: JSON cannot hold NumPy integers.
             shape=[None if d is None else int(d) for d in t.shape],
             dtype=keras.backend.standardize_dtype(t.dtype),
         ),
@@ -366,6 +384,9 @@ def _lower(fn, params, inputs, state, rng, platforms):
     error = None
     choices = [tuple(platforms)]
     current = jax.export.default_export_platform()
+    # Then this platform alone: a function that lowers here but not for
+    # every platform asked (a platform-specific kernel) still saves, with a
+    # note saying for which.
     if choices[0] != (current,) and current in platforms:
         choices.append((current,))
     for choice in choices:
@@ -374,6 +395,8 @@ def _lower(fn, params, inputs, state, rng, platforms):
                 params, inputs, state, rng
             )
         except Exception as err:  # noqa: BLE001 - next choice, or reported
+            # The first error: the one for every platform asked, which the note
+            # reports.
             error = error or err
             continue
         return exported, choice, None

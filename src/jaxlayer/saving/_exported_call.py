@@ -68,6 +68,8 @@ class ExportedCall:
         self.module_class = module_class
         self.kept: dict = {}
         self.names = list(manifest["call_fn_arguments"])
+        # The saved argument names: the layer reads what to pass from
+        # `call_fn`'s signature, as it did for the original.
         self.__signature__ = inspect.Signature(
             [
                 inspect.Parameter(n, inspect.Parameter.POSITIONAL_OR_KEYWORD)
@@ -82,6 +84,8 @@ class ExportedCall:
         # Keras's `safe_mode` of the load that rebuilt the layer (read while
         # `from_config` runs; the assets are read after it, outside its scope).
         self.safe_mode = _in_safe_mode()
+        # A depth, not a flag: symbolic scopes nest (a model built in another's
+        # build).
         self._symbolic = 0
         functions = manifest.get("functions", {})
         self._out = {}
@@ -120,10 +124,13 @@ class ExportedCall:
         loaded (no copy of the file's bytes is kept), so the manifest's
         byte counts and hashes are those of the new bytes."""
         if self._artifacts is None:
+            # A deep copy: the new byte counts and hashes must not change the
+            # manifest held in the layer's config.
             manifest = json.loads(json.dumps(self.manifest))
             blobs = {}
             for kind, exp in self._exported.items():
                 entry = manifest["functions"][kind]
+                # With the saved VJP order, so a re-saved model keeps its gradients.
                 blob = bytes(exp.serialize(vjp_order=int(entry.get("vjp_order", 0))))
                 entry["sha256"] = hashlib.sha256(blob).hexdigest()
                 entry["bytes"] = len(blob)
@@ -139,6 +146,7 @@ class ExportedCall:
                 f"{self.owner}: cannot share the computation of "
                 f"{other.owner}, which was saved with another manifest."
             )
+        # The dicts copied, the `Exported`s shared (nothing changes them).
         self._exported = dict(other._exported)
         self._onnx = dict(other._onnx)
         self._artifacts = other._artifacts
@@ -175,11 +183,15 @@ class ExportedCall:
                 f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')}"
                 f" for platforms {', '.join(entry.get('platforms', platforms))})"
             )
+            # The base name only: a manifest's `file` cannot reach outside the
+            # layer's asset folder (`../`).
             path = os.path.join(dirpath, os.path.basename(name))
             if not os.path.isfile(path):
                 raise ValueError(f"{where} is missing {made}; save the model again.")
             size = os.path.getsize(path)
             declared = entry.get("bytes")
+            # Refused for size only when the file is as saved (the message says to
+            # raise the cap); a size unlike the manifest's is damage, reported below.
             if isinstance(declared, int) and size == declared and size > cap:
                 raise check.Refused(
                     f"{where} is {size} bytes, more than the {cap} bytes "
@@ -187,6 +199,8 @@ class ExportedCall:
                     "(the weights are never part of it); refused. If the "
                     "file is trusted, set JAXLAYER_MAX_ARTIFACT_MIB higher."
                 )
+            # Hashed only at the declared size: a file of another size is damaged
+            # anyway, and an oversized one is not read.
             sha = check.sha256_of(path) if size == declared else None
             if sha is None or sha != entry.get("sha256"):
                 raise ValueError(
@@ -208,6 +222,8 @@ class ExportedCall:
             wheres[name] = where
             sizes[name] = size
         if self.safe_mode:
+            # Parsed in the verifying child; under `safe_mode=False` the user trusts
+            # the file and it is parsed here, but the policy below still applies.
             reports = check.reports(files, wheres)
         else:
             reports = {name: check.describe_here(p) for name, (p, _) in files.items()}
@@ -222,6 +238,8 @@ class ExportedCall:
             name = entry["file"]
             where = wheres[name]
             made = f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')})"
+            # Exactly the checked number of bytes, hashed again: what is deserialized
+            # is what the child verified, even if the file was replaced meanwhile.
             blob = bytearray(sizes[name])
             with open(files[name][0], "rb") as f:
                 f.readinto(blob)
@@ -234,6 +252,8 @@ class ExportedCall:
                     f"{where} cannot be read {made}: {_first_line(err)}."
                 ) from err
             del blob  # the Exported holds its module; nothing else is kept
+            # Arrays in and out against the config, so a mismatched artifact fails
+            # here with a message rather than inside `exp.call`.
             expected = self._counts()
             n_in = len(exp.in_avals)
             n_out = len(exp.out_avals)
@@ -257,6 +277,7 @@ class ExportedCall:
             for kind, entry in functions.items()
             if saved[kind].blob is not None
         }
+        # Set last: a load that fails part-way leaves the layer unloaded.
         self._exported = exported
 
     def _saved_onnx(self, entry, dirpath, cap) -> _registry.SavedOnnx:
@@ -277,6 +298,7 @@ class ExportedCall:
             return _registry.SavedOnnx(
                 self.owner, None, None, str(onnx.get("missing", "not saved"))
             )
+        # The base name only, as for the artifacts (no `../`).
         name = os.path.basename(str(onnx["file"]))
         where = f"{self.owner}: the ONNX form `{name}` in the `.keras` file"
         path = os.path.join(dirpath, name)
@@ -290,6 +312,8 @@ class ExportedCall:
                 "JAXLAYER_MAX_ARTIFACT_MIB higher."
             )
         with open(path, "rb") as f:
+            # One byte past the cap at most: a file grown since `getsize` fails the
+            # size comparison below without being read whole.
             blob = f.read(cap + 1)
         if len(blob) != onnx.get("bytes") or (
             hashlib.sha256(blob).hexdigest() != onnx.get("sha256")
@@ -358,6 +382,8 @@ class ExportedCall:
     def _kind(self, values) -> str:
         if "training" in values:
             return "training" if values["training"] else "inference"
+        # A function without `training`: the kind whose saved rng structure this
+        # call's rng has; an unsaved structure falls back to whether rng is given.
         rng_def = jax.tree_util.tree_structure(values.get("rng"))
         for kind in KINDS:
             if self._rng_defs.get(kind) == rng_def:
@@ -375,11 +401,16 @@ class ExportedCall:
             raise self._missing(kind)
         params = _arrays(values.get("params"))
         state_leaves, state_def = jax.tree_util.tree_flatten(values.get("state"))
+        # Non-array state leaves (None, Python numbers) were not exported; they
+        # go back unchanged below.
         state = [x for x in state_leaves if _is_array(x)]
         inputs = self._checked_inputs(exp, len(params), values["inputs"])
         rng = jax.tree_util.tree_leaves(values.get("rng"))
         first_rng = len(params) + len(inputs) + len(state)
+        # Seeds may come as another integer width than the one exported.
         rng = [_as(x, exp.in_avals[first_rng + i].dtype) for i, x in enumerate(rng)]
+        # The exported function's own order, the bridges' seam:
+        # `fn(params, inputs, state, rng)` on flat lists.
         outputs, new_state = exp.call(params, inputs, state, rng)
         treedef = self._out[kind][0]
         outputs = jax.tree_util.tree_unflatten(treedef, outputs)
@@ -400,6 +431,8 @@ class ExportedCall:
                 ok = False
                 break
             for d, a in zip(shape, aval.shape, strict=True):
+                # Only dimensions concrete on both sides: a saved symbolic one (`batch`)
+                # takes any size, and a symbolic input (Keras's build) matches any.
                 if isinstance(a, int) and isinstance(d, int) and a != d:
                     ok = False
         if not ok:
@@ -426,6 +459,9 @@ class ExportedCall:
             if not isinstance(d, int)
         ]
         first = jax.tree_util.tree_leaves(values["inputs"])
+        # The saved symbolic dimension is the batch: given the input's symbolic
+        # batch when it has one, else its leading size, so Keras's shape
+        # inference sees the batch it passed.
         unknown = dims[0] if dims else (first[0].shape[0] if first else 1)
         outputs = jax.tree_util.tree_unflatten(
             treedef,
@@ -437,6 +473,7 @@ class ExportedCall:
                 for s in specs
             ],
         )
+        # The state as given: a symbolic build needs shapes, and its are its own.
         return (outputs, values.get("state")) if has_state else outputs
 
     def _missing(self, kind) -> ValueError:
@@ -466,6 +503,8 @@ def _in_safe_mode() -> bool:
     """Keras's `safe_mode` now: True unless a load said `safe_mode=False` or
     `keras.config.enable_unsafe_deserialization()` was called."""
     try:
+        # `in_safe_mode` is not public API; it answers None outside any load,
+        # which counts as safe.
         from keras.src.saving import serialization_lib
     except ImportError:  # a Keras without it: the safe choice
         return True
@@ -482,6 +521,7 @@ def _arrays(tree) -> list:
 
 def _as(x, dtype):
     """`x` as `dtype` (integer seeds and inputs of another width)."""
+    # Typed keys have no width to convert; they pass as they are.
     if x.dtype == dtype or jax.dtypes.issubdtype(dtype, jax.dtypes.prng_key):
         return x
     if jnp.issubdtype(x.dtype, jnp.integer) and jnp.issubdtype(dtype, jnp.integer):

@@ -138,6 +138,8 @@ def layer_from_config(
     call_fn, reason = C.locate_fn(config.get("call_fn"))
     init_fn, init_reason = C.locate_fn(config.get("init_fn"))
     if live_fns is not None:
+        # The live functions where the config still names them (unregistered
+        # ones work in a copy); a config edited to name others gets those.
         if config.get("call_fn") == C.serialize_fn(live_fns[0]):
             call_fn = live_fns[0]
         if config.get("init_fn") == C.serialize_fn(live_fns[1]):

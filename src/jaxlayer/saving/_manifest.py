@@ -13,6 +13,8 @@ from jaxlayer._record import InputRecord, input_template
 from jaxlayer._shapes import symbolic_specs
 from jaxlayer._version import __version__
 
+# Bumped when an older reader could misread a newer file: a reader
+# refuses any format but its own (`ExportedCall`).
 FORMAT = 1
 # None in `native_serialization_platforms`: the platforms exported for.
 DEFAULT_PLATFORMS = ("cpu", "cuda")
@@ -24,6 +26,8 @@ def record_from_manifest(manifest) -> InputRecord | None:
     """The input record a manifest describes (for a reloaded layer)."""
     try:
         tree = V.decode_tree(manifest["inputs"], lambda body: Spec(**body))
+    # File content: an unreadable description gives None, which the loader
+    # refuses with a message, never a crash here.
     except (KeyError, TypeError, ValueError):
         return None
     leaves, treedef = jax.tree_util.tree_flatten(

@@ -81,6 +81,7 @@ def copy_of_rebuilt(cls, config: dict, source):
     call = source.call_fn
     values = None
     if call.loaded:
+        # NumPy copies: the copy's variables never alias the source's.
         values = (V.numpy_tree(source.params), V.numpy_tree(source.state))
     config = dict(config)
     config.pop("module_class", None)  # the source's call knows it
