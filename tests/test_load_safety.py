@@ -555,3 +555,23 @@ def test_random_bit_flips_end_in_clean_errors(files, tmp_path):
         )
     stopped = [o for o in got.values() if not o["ok"] and "jaxexport" in o["message"]]
     assert len(stopped) >= FUZZ // 4, got
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="pure JAX: one backend suffices")
+def test_every_vjp_an_artifact_holds_is_checked_or_it_is_refused(tmp_path):
+    """A file whose VJP chain goes beyond the orders the check walks is
+    refused, so that no module in it (one only a high-order gradient would
+    run) escapes the checks; up to that order every level is described."""
+    from jaxlayer import _artifact_check
+
+    exp = jax.export.export(jax.jit(jnp.sin))(jax.ShapeDtypeStruct((3,), "float32"))
+    top = _artifact_check._MAX_VJP_ORDER
+    for order, ok in ((top, True), (top + 1, False)):
+        path = tmp_path / f"order{order}.bin"
+        path.write_bytes(exp.serialize(vjp_order=order))
+        if ok:
+            report = _artifact_check.describe_here(str(path))
+            assert len(report["modules"]) == top + 1
+        else:
+            with pytest.raises(ValueError, match=f"beyond order {top}"):
+                _artifact_check.describe_here(str(path))

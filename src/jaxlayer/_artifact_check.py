@@ -245,7 +245,7 @@ def _store(key: str, report: dict) -> None:
         pass  # an unwritable cache: the next load verifies again
 
 
-def reports(files: dict[str, tuple[str, int]], where: dict[str, str]) -> dict:
+def reports(files: dict[str, tuple[str, str]], where: dict[str, str]) -> dict:
     """The child's report on each artifact, verifying those not cached.
 
     Args:
@@ -675,6 +675,11 @@ def _read_line(fd: int, buffer: bytearray, timeout: float | None) -> str | None:
     return line.decode()
 
 
+# The highest VJP order a file may hold (jaxlayer writes 1; a file of any
+# order up to this is checked module by module).
+_MAX_VJP_ORDER = 8
+
+
 def describe_here(path: str) -> dict:
     """The report on an artifact, made in this process (`safe_mode=False`:
     the user trusts the file, so its module is parsed here, not in a child)."""
@@ -690,15 +695,20 @@ def _describe_file(jax, path: str, exercise: bool = True) -> dict:
     del blob
     modules, levels = [], []
     level = exp
-    # Every VJP the file holds is checked, whatever order the manifest says.
-    # At most 8 orders: a chain beyond them is left out of `canonical` below,
-    # so its bytes count against the size check's slack (`check`).
-    for _ in range(8):
+    # Every VJP the file holds is checked, whatever order the manifest says,
+    # up to `_MAX_VJP_ORDER`; a file holding more is refused (jaxlayer writes
+    # order 1), so no module in it goes unchecked.
+    for _ in range(_MAX_VJP_ORDER + 1):
         levels.append(level)
         modules.append(_describe_module(jax, level))
         if not level.has_vjp():
             break
         level = level.vjp()
+    else:
+        raise ValueError(
+            f"the artifact holds VJPs beyond order {_MAX_VJP_ORDER}, more "
+            "than jaxlayer writes or checks"
+        )
     # What jax itself writes for these modules; the file may exceed it only
     # by the slack (`check`).
     canonical = len(exp.serialize(vjp_order=len(levels) - 1))
