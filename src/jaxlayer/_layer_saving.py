@@ -102,7 +102,8 @@ class SavingMethods:
             return saving.copy_of_rebuilt(cls, config, source)
         # A copy of a live layer of this class (`clone_model`), made from its
         # config object: its very functions, and the values of weights that
-        # were given rather than made by `init_fn`.
+        # were given rather than made by `init_fn` (`source` is of this very
+        # class: its private hook is this class's).
         return saving.layer_from_config(
             cls,
             config,

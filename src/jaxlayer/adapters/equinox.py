@@ -281,6 +281,7 @@ class EquinoxLayer(JaxLayer):
         layer = super()._from_exported(call_fn, params, state, record, config)
         layer.axis_name = "batch"
         layer.vmap = True
+        # (The layer this classmethod just made: its own class's attribute.)
         layer._set_parts(None, None, None, None)
         return layer
 

@@ -198,7 +198,8 @@ class NNXLayer(JaxLayer):
 
     @classmethod
     def _from_exported(cls, call_fn, params, state, record, config):
-        # Rebuilt from its computation: no module to merge into.
+        # Rebuilt from its computation: no module to merge into. (`layer`, made
+        # here, is set up with its own class's attributes.)
         layer = super()._from_exported(call_fn, params, state, record, config)
         layer._set_untracked("_merge", None)
         layer._set_untracked("_rng_data", None)

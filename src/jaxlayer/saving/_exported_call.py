@@ -108,6 +108,7 @@ class ExportedCall:
 
     def symbolic(self):
         """A context in which calls answer with the saved output shapes."""
+        # (The scope is part of this class: it counts on `call`'s own field.)
         call = self
 
         class _Scope:
@@ -146,7 +147,8 @@ class ExportedCall:
                 f"{self.owner}: cannot share the computation of "
                 f"{other.owner}, which was saved with another manifest."
             )
-        # The dicts copied, the `Exported`s shared (nothing changes them).
+        # The dicts copied, the `Exported`s shared (nothing changes them);
+        # `other` is an `ExportedCall` too, its fields this class's own.
         self._exported = dict(other._exported)
         self._onnx = dict(other._onnx)
         self._artifacts = other._artifacts
