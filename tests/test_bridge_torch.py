@@ -649,6 +649,10 @@ def test_the_fast_read_of_variable_values_matches_keras_value_in_every_scope():
 
     from jaxlayer import _private
 
+    # `clear_session` replaces Keras's global state: the scopes of the new
+    # one must count.
+    _private.plain_values([])
+    keras.utils.clear_session()
     layer = JaxLayer(mlp_call, mlp_init, seed=0)
     x = np.random.default_rng(0).normal(size=(4, 3)).astype("float32")
     layer(x)

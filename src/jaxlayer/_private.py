@@ -155,15 +155,15 @@ def _plain_reader():
         from keras.src.backend.common import global_state
     except ImportError:
         return None
-    tracker = getattr(global_state, "GLOBAL_STATE_TRACKER", None)
-    if tracker is None:
+    if not hasattr(global_state, "GLOBAL_STATE_TRACKER"):
         return None
 
     def read(variables):
-        # Keras's global state (a `threading.local`): the scopes a read
-        # would honour. Looked up in its dict, as `get_global_attribute`
-        # does (whose miss costs ~2 us, an exception each).
-        state = tracker.__dict__
+        # Keras's global state (a `threading.local`, which `clear_session`
+        # replaces: looked up on every call): the scopes a read would
+        # honour, read from its dict (`get_global_attribute`'s miss costs
+        # ~2 us, an exception each).
+        state = global_state.GLOBAL_STATE_TRACKER.__dict__
         if state.get("stateless_scope") is not None:
             return None
         if state.get("autocast_scope") is not None:
