@@ -5,6 +5,11 @@
 MLP as a Flax linen, NNX and Equinox layer.
 """
 
+import json
+import os
+import subprocess
+import sys
+
 import jax
 import jax.numpy as jnp
 import keras
@@ -76,3 +81,39 @@ def model(kind):
     )
     built(X)
     return built
+
+
+def run_loader(loader: str, folder, artifacts: dict, batches) -> tuple[dict, list]:
+    """Runs the script `loader` in one fresh process that imports neither
+    jaxlayer nor keras: it gets a JSON file of jobs, `(name, format, path,
+    input files)` per artifact of `artifacts` (`{name: (format, path)}`),
+    and prints `RESULTS` and its JSON report.
+
+    Returns:
+        `(report, input files)`, one input file per array of `batches`.
+    """
+    folder = str(folder)
+    inputs = []
+    for i, x in enumerate(batches):
+        inputs.append(os.path.join(folder, f"x{i}.npy"))
+        np.save(inputs[-1], x)
+    jobs = [(name, fmt, path, inputs) for name, (fmt, path) in artifacts.items()]
+    with open(os.path.join(folder, "jobs.json"), "w") as f:
+        json.dump(jobs, f)
+    script = os.path.join(folder, "load.py")
+    with open(script, "w") as f:
+        f.write(loader)
+    # Neither this checkout nor a backend choice reaches the runtime.
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "KERAS_BACKEND")
+    }
+    done = subprocess.run(
+        [sys.executable, script, os.path.join(folder, "jobs.json")],
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=600,
+    )
+    line = [x for x in done.stdout.splitlines() if x.startswith("RESULTS")]
+    assert line, done.stderr[-3000:]
+    return json.loads(line[0][len("RESULTS") :]), inputs

@@ -14,10 +14,7 @@ test_export_onnx.py (jax, tensorflow) and test_export_torch.py (torch, with
 `.pt2` and LiteRT from torch).
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 import warnings
 
@@ -26,7 +23,7 @@ import numpy as np
 import pytest
 
 import jaxlayer
-from _export_models import ATOL, KINDS, X7, X, model
+from _export_models import ATOL, KINDS, X7, X, model, run_loader
 
 BACKEND = keras.backend.backend()
 # The cells of this file where a native model exports, per backend.
@@ -77,30 +74,9 @@ _LOADER = textwrap.dedent(
 def _load_in_fresh_process(folder, artifacts):
     """`{name: {"dynamic", "outputs": {input file: output}}}` (or the error
     text) for each `(format, path)` of `artifacts`, from one child process."""
-    inputs = []
-    for x in (X, X7, X[:1]):
-        inputs.append(os.path.join(folder, f"x{len(x)}.npy"))
-        np.save(inputs[-1], x)
-    jobs = [(name, fmt, path, inputs) for name, (fmt, path) in artifacts.items()]
-    with open(os.path.join(folder, "jobs.json"), "w") as f:
-        json.dump(jobs, f)
-    script = os.path.join(folder, "load.py")
-    with open(script, "w") as f:
-        f.write(_LOADER)
-    env = {k: v for k, v in os.environ.items() if k not in ("PYTHONPATH",)}
-    env.pop("KERAS_BACKEND", None)
-    done = subprocess.run(
-        [sys.executable, script, os.path.join(folder, "jobs.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULTS")]
-    assert line, done.stderr[-3000:]
-    return json.loads(line[0][len("RESULTS") :]), dict(
-        zip(inputs, (X, X7, X[:1]), strict=True)
-    )
+    batches = (X, X7, X[:1])
+    report, inputs = run_loader(_LOADER, folder, artifacts, batches)
+    return report, dict(zip(inputs, batches, strict=True))
 
 
 def _export_and_load(models, folder):

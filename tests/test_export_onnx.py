@@ -8,10 +8,7 @@ with a native `Dense`; each artifact is loaded by its own runtime
 batch). Also: a layer reloaded from its `.keras` file without its source.
 """
 
-import json
 import os
-import subprocess
-import sys
 import textwrap
 
 import keras
@@ -19,7 +16,7 @@ import numpy as np
 import pytest
 
 import jaxlayer
-from _export_models import ATOL, X7, X
+from _export_models import ATOL, X7, X, run_loader
 from _export_models import model as _model
 
 pytest.importorskip("jax2onnx")
@@ -66,24 +63,7 @@ _LOADER = textwrap.dedent(
 def _load_in_fresh_process(tmp_path, artifacts):
     """`{name: [outputs per input]}` (or the error text) from one child
     process that imports neither jaxlayer nor keras."""
-    inputs = []
-    for i, x in enumerate((X, X7)):
-        inputs.append(str(tmp_path / f"x{i}.npy"))
-        np.save(inputs[-1], x)
-    jobs = [(name, fmt, path, inputs) for name, (fmt, path) in artifacts.items()]
-    (tmp_path / "jobs.json").write_text(json.dumps(jobs))
-    (tmp_path / "load.py").write_text(_LOADER)
-    env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
-    done = subprocess.run(
-        [sys.executable, str(tmp_path / "load.py"), str(tmp_path / "jobs.json")],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=600,
-    )
-    line = [x for x in done.stdout.splitlines() if x.startswith("RESULTS")]
-    assert line, done.stderr[-3000:]
-    return json.loads(line[0][len("RESULTS") :])
+    return run_loader(_LOADER, tmp_path, artifacts, (X, X7))[0]
 
 
 def _export(model, tmp_path, name, fmt):

@@ -53,6 +53,36 @@ def around(layer):
     return model
 
 
+def adapter_models() -> dict:
+    """The MLP as a `FlaxLayer`, an `NNXLayer` and an `EquinoxLayer`, each
+    `around` the same input and output layers."""
+    import equinox as eqx
+    from flax import linen, nnx
+
+    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer
+
+    class Linen(linen.Module):
+        @linen.compact
+        def __call__(self, x):
+            return linen.Dense(16)(linen.tanh(linen.Dense(32)(x)))
+
+    class Nnx(nnx.Module):
+        def __init__(self, rngs):
+            self.a = nnx.Linear(16, 32, rngs=rngs)
+            self.b = nnx.Linear(32, 16, rngs=rngs)
+
+        def __call__(self, x):
+            return self.b(jnp.tanh(self.a(x)))
+
+    return {
+        "flax": around(FlaxLayer(Linen(), seed=0)),
+        "nnx": around(NNXLayer(Nnx(nnx.Rngs(0)))),
+        "equinox": around(
+            EquinoxLayer(eqx.nn.MLP(16, 16, 32, 1, key=jax.random.key(0)))
+        ),
+    }
+
+
 def to_np(x):
     return np.asarray(keras.ops.convert_to_numpy(x))
 
@@ -256,23 +286,7 @@ def test_import_registers_the_operator_only_where_torch_is_imported():
 
 @pytest.mark.slow
 def test_adapters_and_a_reloaded_layer_export_to_pt2(mlp, tmp_path):
-    import equinox as eqx
-    from flax import linen, nnx
-
-    from jaxlayer import EquinoxLayer, FlaxLayer, NNXLayer, saving
-
-    class Linen(linen.Module):
-        @linen.compact
-        def __call__(self, x):
-            return linen.Dense(16)(linen.tanh(linen.Dense(32)(x)))
-
-    class Nnx(nnx.Module):
-        def __init__(self, rngs):
-            self.a = nnx.Linear(16, 32, rngs=rngs)
-            self.b = nnx.Linear(32, 16, rngs=rngs)
-
-        def __call__(self, x):
-            return self.b(jnp.tanh(self.a(x)))
+    from jaxlayer import saving
 
     path = str(tmp_path / "mlp.keras")
     mlp.save(path)
@@ -281,11 +295,7 @@ def test_adapters_and_a_reloaded_layer_export_to_pt2(mlp, tmp_path):
         reloaded = keras.saving.load_model(path)
     assert isinstance(reloaded.layers[1].call_fn, saving.ExportedCall)
     models = {
-        "flax": around(FlaxLayer(Linen(), seed=0)),
-        "nnx": around(NNXLayer(Nnx(nnx.Rngs(0)))),
-        "equinox": around(
-            EquinoxLayer(eqx.nn.MLP(16, 16, 32, 1, key=jax.random.key(0)))
-        ),
+        **adapter_models(),
         "reloaded": reloaded,
     }
     for model in models.values():
@@ -474,23 +484,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     # a layer reloaded from its `.keras` file without its source (the ONNX
     # form saved in the file).
     needs_onnx_openvino()
-    import equinox as eqx
-    from flax import linen, nnx
-
-    from jaxlayer import EquinoxLayer, FlaxLayer, JaxLayer, NNXLayer, saving
-
-    class Linen(linen.Module):
-        @linen.compact
-        def __call__(self, x):
-            return linen.Dense(16)(linen.tanh(linen.Dense(32)(x)))
-
-    class Nnx(nnx.Module):
-        def __init__(self, rngs):
-            self.a = nnx.Linear(16, 32, rngs=rngs)
-            self.b = nnx.Linear(32, 16, rngs=rngs)
-
-        def __call__(self, x):
-            return self.b(jnp.tanh(self.a(x)))
+    from jaxlayer import JaxLayer, saving
 
     path = str(tmp_path / "mlp.keras")
     monkeypatch.setenv("JAXLAYER_SAVE_ONNX", "1")  # the suite turns it off
@@ -504,11 +498,7 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     assert isinstance(reloaded.layers[1].call_fn, saving.ExportedCall)
     models = {
         "mlp": mlp,
-        "flax": around(FlaxLayer(Linen(), seed=0)),
-        "nnx": around(NNXLayer(Nnx(nnx.Rngs(0)))),
-        "equinox": around(
-            EquinoxLayer(eqx.nn.MLP(16, 16, 32, 1, key=jax.random.key(0)))
-        ),
+        **adapter_models(),
         "reloaded": reloaded,
     }
     for model in models.values():

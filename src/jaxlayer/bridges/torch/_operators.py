@@ -22,8 +22,8 @@ from jaxlayer.bridges.torch._exchange import FLOATING, counters, export_all, to_
 from jaxlayer.bridges.torch._signatures import (
     Entry,
     Plain,
-    cast_params,
     compile_for,
+    differentiable_in,
     split,
 )
 from jaxlayer.bridges.torch._sites import lookup
@@ -56,15 +56,10 @@ class _Recompute:
         def vjp(flat, cts):
             counters["backward_traces"] += 1
             flat = list(flat)
-
-            def outputs_of(values):
-                full = list(flat)
-                for i, v in zip(diff, values, strict=True):
-                    full[i] = v
-                params, inputs, state, rng = split(full, counts)
-                return fn(cast_params(params, cast), inputs, state, rng)[0]
-
-            outputs, vjp_fn = jax.vjp(outputs_of, [flat[i] for i in diff])
+            call = differentiable_in(fn, cast, counts, diff, flat)
+            outputs, vjp_fn = jax.vjp(
+                lambda values: call(values)[0], [flat[i] for i in diff]
+            )
             cts = iter(cts)
             # Integer outputs take float0 cotangents (torch passes none).
             full = [

@@ -129,6 +129,21 @@ def split(flat, counts):
     return out
 
 
+def differentiable_in(fn, cast, counts, diff, flat):
+    """`fn` as a function of the arguments at the positions `diff` of the
+    flat list `flat` (params, inputs, state, rng), the others fixed: what
+    `jax.vjp` differentiates. Returns `(outputs, new_state)`."""
+
+    def call(values):
+        full = list(flat)
+        for i, v in zip(diff, values, strict=True):
+            full[i] = v
+        params, inputs, state, rng = split(full, counts)
+        return fn(cast_params(params, cast), inputs, state, rng)
+
+    return call
+
+
 class Plain:
     """The compiled forward of one signature, without gradient."""
 
@@ -169,14 +184,7 @@ class Grad:
         def forward(*flat):
             counters["vjp_traces"] += 1
             flat = list(flat)
-
-            def differentiable(values):
-                full = list(flat)
-                for i, v in zip(diff, values, strict=True):
-                    full[i] = v
-                params, inputs, state, rng = split(full, counts)
-                return fn(cast_params(params, cast), inputs, state, rng)
-
+            differentiable = differentiable_in(fn, cast, counts, diff, flat)
             outputs, vjp_fn, new_state = jax.vjp(
                 differentiable, [flat[i] for i in diff], has_aux=True
             )
