@@ -16,8 +16,9 @@ refused the CPU options, and the weak index of call sites; everything else
 is in the layer's pure functions (`fn.slot("torch")`).
 
 Modules, each importing only those before it: `_exchange` (DLPack, dtypes,
-counters), `_signatures` (compiled functions, XLA options), `_devices`,
-`_autograd` (`run`), `_pytree`, `_sites`, `_operators`, `_layer_call`.
+counters), `_signatures` (compiled functions, XLA options), `_polymorphic`
+(symbolic signatures), `_devices`, `_autograd` (`run`), `_pytree`,
+`_sites`, `_operators`, `_layer_call`.
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from jaxlayer.bridges.torch import _exchange, _operators
 from jaxlayer.bridges.torch._autograd import run
 from jaxlayer.bridges.torch._exchange import counters as counters
 from jaxlayer.bridges.torch._layer_call import layer_call, untraced
-from jaxlayer.bridges.torch._signatures import MAX_SIGNATURES as MAX_SIGNATURES
+from jaxlayer.bridges.torch._signatures import CACHE_BYTES as CACHE_BYTES
 
-__all__ = ["MAX_SIGNATURES", "counters", "layer_call", "run", "untraced"]
+__all__ = ["CACHE_BYTES", "counters", "layer_call", "run", "untraced"]
 
 # -- import-time side effects, in this order ----------------------------------
 # 1. JAX's flag `jax_cpu_enable_async_dispatch=False`, before anything below

@@ -17,7 +17,8 @@ import torch
 
 from jaxlayer.bridges.torch._devices import arguments, device_type
 from jaxlayer.bridges.torch._exchange import FLOATING, export_all, to_jax
-from jaxlayer.bridges.torch._signatures import Entry, Grad, Plain
+from jaxlayer.bridges.torch._polymorphic import make
+from jaxlayer.bridges.torch._signatures import Entry
 
 # Under `torch.jit.trace` a layer call is one `jaxlayer::call_exported` node
 # (`layer_call`); a call that cannot be one would be baked in as constants.
@@ -162,12 +163,13 @@ def run(
             if t.requires_grad and t.dtype in FLOATING
         )
     key = (diff, shapes, counts, cast)
+    sig = entry.signature(
+        key, lambda: make(entry, fn, cast, counts, diff, flat, shapes), fn
+    )
     if not diff:
-        sig = entry.signature(key, lambda: Plain(fn, cast, counts, flat))
         outputs, new_state = sig.forward(*flat)
         return export_all(outputs, kind), export_all(new_state, kind)
 
-    sig = entry.signature(key, lambda: Grad(fn, cast, counts, diff, flat))
     tensors = (*params, *inputs)
     diff_tensors = [tensors[i] for i in diff]
     # Saved for backward (torch's in-place check): the differentiated

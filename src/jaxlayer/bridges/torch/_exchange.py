@@ -26,11 +26,14 @@ from torch.utils import dlpack as _torch_dlpack
 
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
-#: `backward_traces`, `jit_functions` (compiled functions made), `views`
-#: (JAX views of parameters and state made through DLPack), `evictions`
-#: (signatures dropped by the LRU), `forwarded_residuals` (residuals read
-#: again from the call's arguments), `op_calls`/`op_vjp_calls` (runs of the
-#: torch.compile operators), `eager_fallbacks`, `realigned`.
+#: `backward_traces`, `jit_functions` (compiled functions made), `compiles`
+#: (signatures compiled, one per new shape), `symbolic_traces` (symbolic
+#: signatures exported), `symbolic_misfits` (shapes a symbolic signature
+#: could not take), `evictions` (signatures dropped past the memory bound),
+#: `views` (JAX views of parameters and state made through DLPack),
+#: `forwarded_residuals` (residuals read again from the call's arguments),
+#: `op_calls`/`op_vjp_calls` (runs of the torch.compile operators),
+#: `eager_fallbacks`, `realigned`.
 counters: collections.Counter = collections.Counter()
 
 # With 64-bit types disabled, JAX would turn these into their 32-bit kinds.

@@ -19,11 +19,12 @@ import torch
 
 from jaxlayer.bridges.torch._devices import arguments, device_type
 from jaxlayer.bridges.torch._exchange import FLOATING, counters, export_all, to_jax
+from jaxlayer.bridges.torch._polymorphic import make
 from jaxlayer.bridges.torch._signatures import (
     Entry,
-    Plain,
     compile_for,
     differentiable_in,
+    executable_bytes,
     split,
 )
 from jaxlayer.bridges.torch._sites import lookup
@@ -42,7 +43,9 @@ def _plain_run(found, params, inputs, state, rng):
     cast = found.cast
     # `()`: no gradient, the key of the eager path's plain signature too.
     key = ((), shapes, counts, cast)
-    sig = entry.signature(key, lambda: Plain(fn, cast, counts, flat))
+    sig = entry.signature(
+        key, lambda: make(entry, fn, cast, counts, (), flat, shapes), fn
+    )
     outputs, new_state = sig.forward(*flat)
     return export_all((*outputs, *new_state), kind)
 
@@ -50,9 +53,11 @@ def _plain_run(found, params, inputs, state, rng):
 class _Recompute:
     """The VJP of one signature, recomputing the forward (one JAX call)."""
 
-    __slots__ = ("vjp",)
+    __slots__ = ("vjp", "hits", "nbytes")
 
     def __init__(self, fn, cast, counts, diff, example, cotangents):
+        self.hits = self.nbytes = 0
+
         def vjp(flat, cts):
             counters["backward_traces"] += 1
             flat = list(flat)
@@ -74,6 +79,9 @@ class _Recompute:
         counters["jit_functions"] += 1
         self.vjp = compile_for(vjp, (example, cotangents))
 
+    def estimate_bytes(self) -> int:
+        return executable_bytes(self.vjp)
+
 
 def _vjp_run(found, params, inputs, state, rng, cotangents, diff):
     fn = found.pure_fn(params, inputs, state, rng)
@@ -91,7 +99,7 @@ def _vjp_run(found, params, inputs, state, rng, cotangents, diff):
         cast,
     )
     sig = entry.signature(
-        key, lambda: _Recompute(fn, cast, counts, tuple(diff), flat, cts)
+        key, lambda: _Recompute(fn, cast, counts, tuple(diff), flat, cts), fn
     )
     grads = export_all(sig.vjp(flat, cts), kind)
     # Each gradient in its tensor's dtype (JAX may have narrowed it).

@@ -10,39 +10,68 @@ layer itself goes:
   values: the parameters exist once, in torch's memory (no second copy).
 - per call signature (a call without gradient, or one with gradient and
   which tensors it differentiates; the input shapes and dtypes; the dtypes
-  of the parameters), the compiled forward and backward, in a
-  least-recently-used cache of `MAX_SIGNATURES` signatures. A stream of new
-  input shapes compiles one signature per shape (as `jax.jit` would) but
-  keeps at most 16: the oldest is dropped with its executables.
+  of the parameters), the compiled forward and backward, in a cache bounded
+  by memory (`CACHE_BYTES`, an estimate per executable). A stream of new
+  input shapes is traced once per symbolic signature (`_polymorphic`) and
+  compiled once per shape; past the bound, the signature used least often
+  goes (never the ones a cycle of shapes keeps using, so the cache cannot
+  thrash: a cycle longer than the bound recompiles only its excess).
 """
 
 from __future__ import annotations
 
-import collections
 import functools
 import importlib.metadata
 import os
+import warnings
 
 import jax
 import numpy as np
 
 from jaxlayer.bridges.torch._exchange import counters, realign, to_jax
 
-#: Compiled signatures kept per pure function (least recently used dropped).
-MAX_SIGNATURES = 16
+#: The memory the compiled signatures of one pure function may take, in
+#: bytes (`JAXLAYER_TORCH_CACHE_MB`, default 1024 MiB), estimated per
+#: executable: its generated code where XLA reports it (GPU), else
+#: `EXECUTABLE_BYTES` (the CPU reports none).
+CACHE_BYTES = int(os.environ.get("JAXLAYER_TORCH_CACHE_MB", "1024")) << 20
+#: The estimated memory of one CPU executable (a small model's measured
+#: 2.5-3 MiB of resident memory per compiled shape, rounded up).
+EXECUTABLE_BYTES = 4 << 20
+
+CACHE_FULL = (
+    "{owner}: the compiled signatures of this function reached their memory "
+    "bound ({mib} MiB, about {n} signatures); a new one now replaces the "
+    "least used. Set `JAXLAYER_TORCH_CACHE_MB` higher (before importing "
+    "jaxlayer) to keep more, or feed fewer distinct shapes (pad to a few "
+    "sizes)."
+)
 
 
 class Entry:
     """What the bridge keeps per pure function: compiled code and views."""
 
-    __slots__ = ("signatures", "views", "_warned_device")
+    __slots__ = (
+        "signatures",
+        "views",
+        "shapes",
+        "nbytes",
+        "_warned_device",
+        "_warned_full",
+    )
 
     def __init__(self):
-        # key -> signature (`Plain`, `Grad`, ...), least recently used first.
-        self.signatures: collections.OrderedDict = collections.OrderedDict()
+        # key -> signature (`Plain`, `Grad`, ...), oldest first.
+        self.signatures: dict = {}
         # Per position of params + state: (tensor, data_ptr, shape, view).
         self.views: list = []
+        # Per structure (a signature with its input sizes left out), what
+        # `_polymorphic` learnt of the sizes seen.
+        self.shapes: dict = {}
+        # The estimated memory of `signatures`.
+        self.nbytes = 0
         self._warned_device = False
+        self._warned_full = False
 
     def first_device_warning(self) -> bool:
         """True once: whether to warn that this function's tensors go
@@ -51,17 +80,44 @@ class Entry:
         self._warned_device = True
         return first
 
-    def signature(self, key, make):
-        """The signature for `key`, made with `make()` on a miss (LRU)."""
-        signatures = self.signatures
-        sig = signatures.get(key)
+    def signature(self, key, make, fn=None):
+        """The signature for `key`, made with `make()` on a miss.
+
+        Bounded by memory (`CACHE_BYTES`): past it, the signatures used
+        least often go first, the newest of them first among equals, so a
+        cycle of more shapes than fit keeps all but one of those it holds
+        (a least-recently-used cache would lose each just before its turn).
+        """
+        sig = self.signatures.get(key)
         if sig is None:
-            sig = signatures[key] = make()
-            if len(signatures) > MAX_SIGNATURES:
-                signatures.popitem(last=False)
-                counters["evictions"] += 1
-        elif len(signatures) > 1:  # (one signature: nothing to reorder)
-            signatures.move_to_end(key)
+            sig = self._add(key, make(), fn)
+        sig.hits += 1
+        return sig
+
+    def _add(self, key, sig, fn):
+        signatures = self.signatures
+        sig.nbytes = sig.estimate_bytes()
+        while signatures and self.nbytes + sig.nbytes > CACHE_BYTES:
+            fewest = min(sig.hits for sig in signatures.values())
+            # The newest of those used fewest times (reversed: newest first).
+            victim = next(
+                k for k in reversed(signatures) if signatures[k].hits == fewest
+            )
+            self.nbytes -= signatures.pop(victim).nbytes
+            counters["evictions"] += 1
+            if not self._warned_full:
+                self._warned_full = True
+                warnings.warn(
+                    CACHE_FULL.format(
+                        owner=getattr(fn, "owner", "JaxLayer"),
+                        mib=CACHE_BYTES >> 20,
+                        n=max(1, CACHE_BYTES // max(sig.nbytes, 1)),
+                    ),
+                    stacklevel=5,
+                )
+        signatures[key] = sig
+        self.nbytes += sig.nbytes
+        counters["compiles"] += 1
         return sig
 
     def cached_views(self, tensors, offset, device_type):
@@ -144,19 +200,91 @@ def differentiable_in(fn, cast, counts, diff, flat):
     return call
 
 
+def plain_forward(fn, cast, counts):
+    """The no-gradient forward of `fn` on the flat arguments."""
+
+    def forward(*flat):
+        counters["forward_traces"] += 1
+        params, inputs, state, rng = split(flat, counts)
+        return fn(cast_params(params, cast), inputs, state, rng)
+
+    return forward
+
+
 class Plain:
-    """The compiled forward of one signature, without gradient."""
+    """The compiled forward of one signature, without gradient.
 
-    __slots__ = ("forward",)
+    Traced from `fn`, or compiled from `exported`, the forward exported
+    once for a symbolic signature (`_polymorphic`).
+    """
 
-    def __init__(self, fn, cast, counts, example):
-        def forward(*flat):
-            counters["forward_traces"] += 1
-            params, inputs, state, rng = split(flat, counts)
-            return fn(cast_params(params, cast), inputs, state, rng)
+    __slots__ = ("forward", "hits", "nbytes")
 
-        counters["jit_functions"] += 1
-        self.forward = compile_for(forward, example)
+    def __init__(self, fn, cast, counts, example, exported=None):
+        self.hits = self.nbytes = 0
+        if exported is None:
+            counters["jit_functions"] += 1
+            self.forward = compile_for(plain_forward(fn, cast, counts), example)
+        else:
+            self.forward = compile_for(exported.call, example)
+
+    def estimate_bytes(self) -> int:
+        return executable_bytes(self.forward)
+
+
+def grad_functions(fn, cast, counts, diff, holder):
+    """The forward-with-residuals and the backward of `fn` for the
+    differentiated positions `diff` (see `Grad`). Tracing the forward sets
+    `holder.refs`, `.args`, `.float_outputs` and `.treedef`, which the
+    backward reads."""
+    n_params, n_inputs, n_state, _ = counts
+    no_forward = range(n_params + n_inputs, n_params + n_inputs + n_state)
+
+    def forward(*flat):
+        counters["vjp_traces"] += 1
+        flat = list(flat)
+        differentiable = differentiable_in(fn, cast, counts, diff, flat)
+        outputs, vjp_fn, new_state = jax.vjp(
+            differentiable, [flat[i] for i in diff], has_aux=True
+        )
+        # Set while tracing (the structure of the residuals is known only
+        # then), read by the backward below.
+        leaves, holder.treedef = jax.tree_util.tree_flatten(vjp_fn)
+        where = {id(x): i for i, x in enumerate(flat) if i not in no_forward}
+        refs, residuals, args = [], [], []
+        for leaf in leaves:
+            i = where.get(id(leaf))
+            if i is not None and flat[i] is leaf:
+                refs.append((True, i))
+                if i not in args:
+                    args.append(i)
+                counters["forwarded_residuals"] += 1
+            else:
+                refs.append((False, len(residuals)))
+                residuals.append(leaf)
+        holder.refs, holder.args = refs, args
+        holder.float_outputs = [
+            (jax.numpy.issubdtype(o.dtype, jax.numpy.inexact), o.shape) for o in outputs
+        ]
+        return outputs, new_state, residuals
+
+    def backward(args, residuals, cotangents):
+        counters["backward_traces"] += 1
+        positions = {i: k for k, i in enumerate(holder.args)}
+        leaves = [
+            args[positions[i]] if is_arg else residuals[i] for is_arg, i in holder.refs
+        ]
+        vjp_fn = jax.tree_util.tree_unflatten(holder.treedef, leaves)
+        cts = iter(cotangents)
+        # Integer outputs take float0 cotangents.
+        full = [
+            next(cts) if floating else np.zeros(shape, jax.dtypes.float0)
+            for floating, shape in holder.float_outputs
+        ]
+        (grads,) = vjp_fn(full)
+        return grads
+
+    return forward, backward
 
 
 class Grad:
@@ -171,68 +299,51 @@ class Grad:
     counter, on the tensors saved for backward, reports an in-place change in
     between). State is never read again that way: the layer assigns the new
     state in place right after the call.
+
+    Traced from `fn`, or compiled from `exported`, the pair exported once
+    for a symbolic signature (`_polymorphic.SymbolicGrad`, which holds the
+    `refs`, `args` and `float_outputs` of its trace).
     """
 
-    __slots__ = ("forward", "backward", "refs", "args", "float_outputs", "treedef")
+    __slots__ = (
+        "forward",
+        "backward",
+        "refs",
+        "args",
+        "float_outputs",
+        "treedef",
+        "hits",
+        "nbytes",
+    )
 
-    def __init__(self, fn, cast, counts, diff, example):
+    def __init__(self, fn, cast, counts, diff, example, exported=None):
+        self.hits = self.nbytes = 0
         self.refs = self.args = self.float_outputs = self.treedef = None
-        n_params, n_inputs, n_state, _ = counts
-        no_forward = range(n_params + n_inputs, n_params + n_inputs + n_state)
-        sig = self
-
-        def forward(*flat):
-            counters["vjp_traces"] += 1
-            flat = list(flat)
-            differentiable = differentiable_in(fn, cast, counts, diff, flat)
-            outputs, vjp_fn, new_state = jax.vjp(
-                differentiable, [flat[i] for i in diff], has_aux=True
-            )
-            # Set while tracing (the structure of the residuals is known only
-            # then), read by the backward below.
-            leaves, sig.treedef = jax.tree_util.tree_flatten(vjp_fn)
-            where = {id(x): i for i, x in enumerate(flat) if i not in no_forward}
-            refs, residuals, args = [], [], []
-            for leaf in leaves:
-                i = where.get(id(leaf))
-                if i is not None and flat[i] is leaf:
-                    refs.append((True, i))
-                    if i not in args:
-                        args.append(i)
-                    counters["forwarded_residuals"] += 1
-                else:
-                    refs.append((False, len(residuals)))
-                    residuals.append(leaf)
-            sig.refs, sig.args = refs, args
-            sig.float_outputs = [
-                (jax.numpy.issubdtype(o.dtype, jax.numpy.inexact), o.shape)
-                for o in outputs
-            ]
-            return outputs, new_state, residuals
-
-        counters["jit_functions"] += 2
+        if exported is None:
+            counters["jit_functions"] += 2
+            forward, backward = grad_functions(fn, cast, counts, diff, self)
+        else:
+            forward, backward = exported.forward.call, exported.backward.call
+            self.refs, self.args = exported.refs, exported.args
+            self.float_outputs = exported.float_outputs
         self.forward = compile_for(forward, example)
-        positions = {i: k for k, i in enumerate(self.args)}
-        float_outputs = self.float_outputs
-
-        def backward(args, residuals, cotangents):
-            counters["backward_traces"] += 1
-            leaves = [
-                args[positions[i]] if is_arg else residuals[i] for is_arg, i in sig.refs
-            ]
-            vjp_fn = jax.tree_util.tree_unflatten(sig.treedef, leaves)
-            cts = iter(cotangents)
-            # Integer outputs take float0 cotangents.
-            full = [
-                next(cts) if floating else np.zeros(shape, jax.dtypes.float0)
-                for floating, shape in float_outputs
-            ]
-            (grads,) = vjp_fn(full)
-            return grads
-
         # Compiled at its first call, for the residuals' shapes, with the
         # options the forward was compiled with (none if XLA refused them).
         self.backward = jax.jit(backward, compiler_options=options_for(example))
+
+    def estimate_bytes(self) -> int:
+        # The backward is compiled later: counted as large as the forward.
+        return 2 * executable_bytes(self.forward)
+
+
+def executable_bytes(compiled) -> int:
+    """The estimated memory of one compiled executable: its generated code
+    where XLA reports it, else `EXECUTABLE_BYTES`."""
+    try:
+        size = compiled.memory_analysis().generated_code_size_in_bytes
+    except Exception:  # noqa: BLE001 - an estimate; none is reported
+        size = 0
+    return max(int(size or 0), EXECUTABLE_BYTES)
 
 
 def compile_for(f, example):
@@ -258,7 +369,7 @@ def compile_for(f, example):
 
 def options_for(example) -> dict | None:
     """The compile options for arguments `example`: the CPU's, or None."""
-    return cpu_compiler_options() if _on_cpu(example) else None
+    return cpu_compiler_options() if on_cpu(example) else None
 
 
 # -- XLA's options for the bridge's CPU executables --------------------------
@@ -310,7 +421,7 @@ def jaxlib_minor() -> tuple[int, ...]:
     return tuple(int(p) for p in text.split(".")[:2] if p.isdigit())
 
 
-def _on_cpu(example) -> bool:
+def on_cpu(example) -> bool:
     """Whether the JAX arrays of `example` (or JAX's default device) are CPU."""
     for leaf in jax.tree_util.tree_leaves(example):
         devices = getattr(leaf, "devices", None)
