@@ -385,25 +385,120 @@ def test_plain_pytorch_loop_matches_optax():
         assert_trees_close(jax_params(layer), params)
 
 
-# -- bounded caches -------------------------------------------------------------
+# -- shapes: symbolic signatures, a cache that cannot thrash -------------------
 
 
-def test_compiled_signatures_are_bounded_per_function():
-    # A stream of new input shapes compiles one signature per shape and keeps
-    # the `MAX_SIGNATURES` most recently used.
-    layer = JaxLayer(mlp_call, mlp_init, seed=0)
-    layer(torch.ones(1, 5))
-    before = bridge.counters["evictions"]
+def masked_call(params, inputs):
+    # Token features `(batch, length, 5)` and a mask `(batch, length)`: the
+    # batch and the length each shared by both inputs.
+    x, mask = inputs
+    h = jnp.tanh(x @ params["hidden"]["w"] + params["hidden"]["b"])
+    return (h * mask[..., None]).sum(1) @ params["out"]["w"]
+
+
+def masked_init(rng, inputs):
+    return mlp_init(rng, inputs[0])
+
+
+def counted(names):
+    return {name: bridge.counters[name] for name in names}
+
+
+def test_rotating_shapes_trace_once_per_symbolic_signature():
+    # 40 shapes (8 batch sizes x 5 lengths, both shared by two inputs): the
+    # first shape is traced for itself, the first new batch size makes the
+    # batch symbolic, the first new length the length too: 3 traces, one
+    # compile per shape, and none at all in the second cycle.
+    rs = np.random.RandomState(0)
+    shapes = [(b, n) for n in (3, 4, 6, 7, 9) for b in (1, 2, 3, 5, 8, 11, 13, 16)]
+    batches = [
+        (rs.randn(b, n, 5).astype("float32"), (rs.rand(b, n) > 0.3).astype("float32"))
+        for b, n in shapes
+    ]
+    layer = JaxLayer(masked_call, masked_init, seed=0)
+    names = ("forward_traces", "symbolic_traces", "compiles", "evictions")
     with torch.no_grad():
-        for n in range(2, bridge.MAX_SIGNATURES + 6):
-            out = layer(torch.ones(n, 5))
-            want = mlp_call(jax_params(layer), jnp.ones((n, 5)))
-            np.testing.assert_allclose(out.numpy(), want, **TOL)
+        start = counted(names)
+        for cycle in range(2):
+            for x, mask in batches:
+                out = layer((torch.tensor(x), torch.tensor(mask)))
+                if cycle == 0:
+                    want = jax.jit(masked_call)(jax_params(layer), (x, mask))
+                    np.testing.assert_allclose(out.numpy(), want, **TOL)
+            done = counted(names)
+            assert {k: done[k] - start[k] for k in names} == {
+                "forward_traces": 3 if cycle == 0 else 0,
+                "symbolic_traces": 2 if cycle == 0 else 0,
+                "compiles": len(shapes) if cycle == 0 else 0,
+                "evictions": 0,
+            }, cycle
+            start = done
+
+
+def test_rotating_shapes_train_with_state_and_gradients():
+    # The symbolic forward and backward of a call with state and gradients:
+    # outputs, new state and gradients equal to `jax.vjp` at each batch size.
+    layer = JaxLayer(stateful_call, stateful_init, seed=0)
+    layer.build((None, 5))
+    start = counted(("vjp_traces", "backward_traces", "symbolic_traces"))
+    for n in (4, 7, 9, 12):
+        x, _ = data(n, seed=n)
+        state = jax.tree_util.tree_map(
+            lambda v: jnp.asarray(keras.ops.convert_to_numpy(v)), layer.state
+        )
+        params = jax_params(layer)
+        layer.zero_grad()
+        out = layer(torch.tensor(x), training=True)
+        out.sum().backward()
+        want, vjp_fn, new_state = jax.vjp(
+            lambda p, s=state, x=x: stateful_call(p, s, x, True), params, has_aux=True
+        )
+        np.testing.assert_allclose(out.detach().numpy(), want, **TOL)
+        after = jax.tree_util.tree_map(keras.ops.convert_to_numpy, layer.state)
+        assert_trees_close(after, new_state)
+        (grads,) = vjp_fn(jnp.ones_like(want))
+        assert_trees_close(grads_of(layer), grads)
+    done = counted(("vjp_traces", "backward_traces", "symbolic_traces"))
+    # The first size traced for itself, then one symbolic trace for all.
+    assert done["vjp_traces"] - start["vjp_traces"] == 2
+    assert done["backward_traces"] - start["backward_traces"] == 2
+    assert done["symbolic_traces"] - start["symbolic_traces"] == 1
+
+
+def concrete_call(params, inputs):
+    # Needs its batch size as a Python int: cannot be traced symbolically.
+    scale = 1.0 / int(inputs.shape[0])
+    return mlp_call(params, inputs) * scale
+
+
+def test_per_shape_fallback_warns_once_and_cannot_thrash(monkeypatch):
+    # Room for 3 signatures, 5 shapes in rotation: a least-recently-used
+    # cache would compile on every call; this one keeps 2 of the 3 it holds
+    # (the first call's shape, 1, and the rotation's first, 2) through every
+    # cycle and recompiles only the other 4 shapes.
+    monkeypatch.setattr(_signatures, "CACHE_BYTES", 3 * _signatures.EXECUTABLE_BYTES)
+    layer = JaxLayer(concrete_call, mlp_init, seed=0)
+    sizes = (2, 3, 4, 5, 6)
+    with torch.no_grad():
+        layer(torch.ones(1, 5))
+        with pytest.warns(UserWarning) as record:
+            for cycle in range(3):
+                start = bridge.counters["compiles"]
+                for n in sizes:
+                    x, _ = data(n, seed=n)
+                    out = layer(torch.tensor(x))
+                    want = concrete_call(jax_params(layer), jnp.asarray(x))
+                    np.testing.assert_allclose(out.numpy(), want, **TOL)
+                compiles = bridge.counters["compiles"] - start
+                assert compiles == (len(sizes) if cycle == 0 else len(sizes) - 1)
+    messages = [str(w.message) for w in record]
+    (symbolic,) = [m for m in messages if "cannot be traced" in m]
+    assert "inputs[0] dimension 0 (sizes 1 and 2)" in symbolic
+    assert "int(x.shape[0])" in symbolic
+    (full,) = [m for m in messages if "memory bound" in m]
+    assert "JAXLAYER_TORCH_CACHE_MB" in full
     entries = [fn.slots().get("torch") for fn in layer._pure_fns.values()]
-    entries = [e for e in entries if e is not None]
-    assert entries
-    assert all(len(e.signatures) <= bridge.MAX_SIGNATURES for e in entries)
-    assert bridge.counters["evictions"] - before >= 5
+    assert all(e.nbytes <= _signatures.CACHE_BYTES for e in entries if e is not None)
 
 
 # -- XLA's options on the CPU ---------------------------------------------------
