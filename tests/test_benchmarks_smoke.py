@@ -317,3 +317,20 @@ def test_transforms_quick_run_reports_both_steps(tmp_path):
     ]
     assert all(r["plain"] > 0 and r["transformed"] > 0 for r in rows)
     assert "| mlp | fit (LoRA) |" in out.read_text()
+
+
+def test_shapes_quick_run_and_report():
+    from benchmarks import shapes
+
+    rows = shapes.measure(["text"], rounds=1, quick=True)
+    calls = ["predict_on_batch", "train_on_batch"]
+    assert [(r["contender"], r["call"]) for r in rows] == [
+        (contender, call) for contender in ("jaxlayer", "native") for call in calls
+    ]
+    assert all(r["fixed"] > 0 and r["rotating"] > 0 for r in rows)
+    text = shapes.render({BACKEND: rows, "numpy": "it failed"})
+    assert text.count(f"| {BACKEND} | text |") == len(rows)
+    assert "| numpy | error: it failed |" in text
+    assert shapes.parse_args(["--write"]).write
+    with pytest.raises(SystemExit):
+        shapes.parse_args(["--models", "nope"])
