@@ -36,7 +36,8 @@ from jaxlayer.bridges.torch._signatures import (
 )
 
 NOT_SYMBOLIC = (
-    "{owner}: the input sizes change between calls ({where}), but `call_fn` "
+    "{owner}: the input sizes change between calls ({where}; `inputs[i]`: "
+    "the i-th input array), but `call_fn` "
     "cannot be traced with {them} symbolic ({error}). Each new input shape "
     "is traced and compiled on its own (and kept, up to "
     "`JAXLAYER_TORCH_CACHE_MB`). To trace once for every size, let the "
@@ -101,12 +102,17 @@ def _symbolic(sizes, fn, cast, counts, diff, flat):
                 owner=fn.owner,
                 where=where,
                 them="it" if len(sizes.varying) == 1 else "them",
-                error=f"{type(error).__name__}: {str(error).splitlines()[0][:300]}",
+                error=f"{type(error).__name__}: {_first_line(error)}",
             ),
             stacklevel=6,
         )
         return None
     return sizes.symbolic
+
+
+def _first_line(error) -> str:
+    lines = str(error).strip().splitlines()
+    return lines[0][:300] if lines else ""
 
 
 class _Sizes:
