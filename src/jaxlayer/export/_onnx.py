@@ -48,6 +48,34 @@ def to_onnx(
     )
 
 
+def symbol_names(specs: Sequence) -> list[str]:
+    """The names of the symbolic dimensions in `specs`, in order."""
+    names: dict = {}
+    for s in specs:
+        for d in s.shape:
+            if not isinstance(d, int):
+                names[str(d)] = None
+    return list(names)
+
+
+def conversion_failure(owner: str, specs: Sequence, err: Exception) -> str:
+    """The message for jax2onnx failing on a layer's function: the layer,
+    the symbolic dimensions, and what to change."""
+    text = str(err).strip().splitlines()
+    first = f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    names = symbol_names(specs)
+    if not names:
+        return f"{owner}: jax2onnx could not convert its function ({first})."
+    dims = ", ".join(repr(n) for n in names)
+    return (
+        f"{owner}: jax2onnx could not convert its function with the "
+        f"dimension(s) {dims} left symbolic, as the export declares them "
+        f"({first}). Give `model.export` an `input_signature` with those "
+        "dimensions fixed (a static export), or change the function so that "
+        "it does not need them as constants (see docs/saving.md)."
+    )
+
+
 def attribute_values(node) -> dict:
     """An `onnx.NodeProto`'s attributes as Python values."""
     import onnx

@@ -47,9 +47,14 @@ def _convert(ctx, node) -> None:
             "backend."
         )
     feature = f"{source.owner}: exporting to ONNX from the tensorflow backend"
-    proto = _onnx.to_onnx(
-        source.function(), source.specs, opset=ctx.opset, feature=feature
-    )
+    try:
+        proto = _onnx.to_onnx(
+            source.function(), source.specs, opset=ctx.opset, feature=feature
+        )
+    except ImportError:
+        raise
+    except Exception as err:
+        raise ValueError(_onnx.conversion_failure(source.owner, source.specs, err))
     graph = proto.graph
     if _onnx.has_subgraphs(graph):
         raise ValueError(
@@ -108,16 +113,63 @@ def _convert(ctx, node) -> None:
         )
 
 
+def as_value_error(err: ExportAborted) -> ValueError:
+    """The `ValueError` a user gets for an `ExportAborted`: its message,
+    and what to change when a symbolic dimension is the cause."""
+    cause = err.__cause__ or err
+    text = str(cause).strip() or type(cause).__name__
+    return ValueError(f"Exporting to ONNX failed: {text}")
+
+
+# -- the patch of tf2onnx ----------------------------------------------------
+# The one place jaxlayer changes tf2onnx: `tf2onnx.convert.from_function`
+# (what Keras's ONNX export calls) is wrapped so that an `ExportAborted`
+# raised by the handler leaves it as a `ValueError` (a `BaseException` would
+# pass the user's `except Exception`). Checked against the tf2onnx versions
+# below; `tests/test_export_onnx.py` fails when the wrapped function is gone.
+_TF2ONNX_CHECKED = ("1.16", "1.17")
+
+
+def _wrap_from_function(convert_module) -> None:
+    import functools
+
+    original = getattr(convert_module, "from_function", None)
+    if original is None or getattr(original, "_jaxlayer_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def from_function(*args, **kwargs):
+        try:
+            return original(*args, **kwargs)
+        except ExportAborted as err:
+            raise as_value_error(err) from err.__cause__
+
+    from_function._jaxlayer_wrapped = True
+    convert_module.from_function = from_function
+
+
 _installed = False
 
 
 def install() -> None:
     """Registers the handler with tf2onnx (once)."""
+    import tf2onnx
+    from tf2onnx import convert as tf2onnx_convert
     from tf2onnx import handler, tf_utils
 
     global _installed
     if _installed:
         return
+    version = getattr(tf2onnx, "__version__", "")
+    if not version.startswith(_TF2ONNX_CHECKED):
+        import warnings
+
+        warnings.warn(
+            f"jaxlayer: tf2onnx {version} is newer than the versions its "
+            f"ONNX handler was checked with ({', '.join(_TF2ONNX_CHECKED)}).",
+            stacklevel=2,
+        )
+    _wrap_from_function(tf2onnx_convert)
     # The op's output shapes (`Sout`, a list of shapes: an attribute of
     # `XlaCallModule` only) cannot be written as an ONNX attribute, and
     # tf2onnx fails reading the graph before any handler runs; the shapes
