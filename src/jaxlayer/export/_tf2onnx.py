@@ -54,7 +54,9 @@ def _convert(ctx, node) -> None:
     except ImportError:
         raise
     except Exception as err:
-        raise ValueError(_onnx.conversion_failure(source.owner, source.specs, err))
+        raise ValueError(
+            _onnx.conversion_failure(source.owner, source.specs, err)
+        ) from err
     graph = proto.graph
     if _onnx.has_subgraphs(graph):
         raise ValueError(
