@@ -23,9 +23,16 @@ class ExportAborted(BaseException):
     """
 
 
+# How many `XlaCallModule` ops the handler has met (the wrapper of
+# `from_function` checks the models that hold some).
+_converted = 0
+
+
 def convert(ctx, node) -> None:
     """Replaces the `XlaCallModule` `node` of the tf2onnx graph `ctx`, or
     raises `ExportAborted` saying why it cannot."""
+    global _converted
+    _converted += 1
     try:
         _convert(ctx, node)
     except Exception as err:  # noqa: BLE001 - re-raised past tf2onnx
@@ -123,6 +130,67 @@ def as_value_error(err: ExportAborted) -> ValueError:
     return ValueError(f"Exporting to ONNX failed: {text}")
 
 
+def check_at_other_shape(function, model_proto, size: int = 3) -> None:
+    """Runs `model_proto` (a jaxlayer layer's nodes in it) in onnxruntime
+    with its dynamic dims at `size` and compares it with `function`, the
+    TensorFlow function it was made from; raises `ValueError` (before any
+    file is written) when it fails or differs there. Skipped without
+    onnxruntime."""
+    import importlib.util
+
+    graph = model_proto.graph
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    rng = np.random.RandomState(0)
+    feed, shapes = {}, []
+    for v in inputs:
+        dims = v.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else size for d in dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            value = rng.randn(*shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            # Small ints: valid indices into any table (token ids).
+            value = rng.randint(0, 2, shape).astype(dtype)
+        else:
+            value = np.zeros(shape, dtype)
+        feed[v.name] = value
+        shapes.append(shape)
+    where = (
+        f"The ONNX model made of the model for input shapes "
+        f"{', '.join(str(s) for s in shapes)} (its dynamic dimensions at {size})"
+    )
+    try:
+        session = ort.InferenceSession(
+            model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        got = session.run(None, feed)
+    except Exception as err:  # noqa: BLE001 - reported as the refusal's cause
+        raise ValueError(
+            f"{where} does not run, although it declares those dimensions "
+            f"dynamic ({type(err).__name__}: {str(err).strip()[:300]}). No file "
+            "was written. Export with an `input_signature` of fixed sizes, or "
+            "from the torch or jax backend."
+        ) from err
+    want = function(*[tf.constant(feed[v.name]) for v in inputs])
+    want = [np.asarray(w) for w in tf.nest.flatten(want)]
+    for g, w in zip(got, want, strict=False):
+        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4):
+            raise ValueError(
+                f"{where} gives results other than the model's, although it "
+                "declares those dimensions dynamic. No file was written. Export "
+                "with an `input_signature` of fixed sizes, or from the torch or "
+                "jax backend."
+            )
+
+
 # -- the patch of tf2onnx ----------------------------------------------------
 # The one place jaxlayer changes tf2onnx: `tf2onnx.convert.from_function`
 # (what Keras's ONNX export calls) is wrapped so that an `ExportAborted`
@@ -140,11 +208,25 @@ def _wrap_from_function(convert_module) -> None:
         return
 
     @functools.wraps(original)
-    def from_function(*args, **kwargs):
+    def from_function(function, *args, output_path=None, **kwargs):
+        # Written here after the check (a large model: by tf2onnx, unchecked).
+        large = kwargs.get("large_model", False)
+        before = _converted
         try:
-            return original(*args, **kwargs)
+            result = original(
+                function, *args, output_path=output_path if large else None, **kwargs
+            )
         except ExportAborted as err:
             raise as_value_error(err) from err.__cause__
+        if large or _converted == before:
+            return result
+        model_proto = result[0]
+        check_at_other_shape(function, model_proto)
+        if output_path:
+            from tf2onnx import utils
+
+            utils.save_protobuf(output_path, model_proto)
+        return result
 
     from_function._jaxlayer_wrapped = True
     convert_module.from_function = from_function
