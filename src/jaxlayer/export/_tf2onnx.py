@@ -130,10 +130,11 @@ def as_value_error(err: ExportAborted) -> ValueError:
     return ValueError(f"Exporting to ONNX failed: {text}")
 
 
-def check_at_other_shape(function, model_proto, size: int = 3) -> None:
+def check_at_other_shape(function, signature, model_proto, size: int = 3) -> None:
     """Runs `model_proto` (a jaxlayer layer's nodes in it) in onnxruntime
     with its dynamic dims at `size` and compares it with `function`, the
-    TensorFlow function it was made from; raises `ValueError` (before any
+    TensorFlow function it was made from (taking `signature`'s structure);
+    raises `ValueError` (before any
     file is written) when it fails or differs there. Skipped without
     onnxruntime."""
     import importlib.util
@@ -179,7 +180,11 @@ def check_at_other_shape(function, model_proto, size: int = 3) -> None:
             "was written. Export with an `input_signature` of fixed sizes, or "
             "from the torch or jax backend."
         ) from err
-    want = function(*[tf.constant(feed[v.name]) for v in inputs])
+    flat = [tf.constant(feed[v.name]) for v in inputs]
+    if signature is not None:
+        want = function(*tf.nest.pack_sequence_as(list(signature), flat))
+    else:
+        want = function(*flat)
     want = [np.asarray(w) for w in tf.nest.flatten(want)]
     for g, w in zip(got, want, strict=False):
         if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4):
@@ -221,7 +226,8 @@ def _wrap_from_function(convert_module) -> None:
         if large or _converted == before:
             return result
         model_proto = result[0]
-        check_at_other_shape(function, model_proto)
+        signature = args[0] if args else kwargs.get("input_signature")
+        check_at_other_shape(function, signature, model_proto)
         if output_path:
             from tf2onnx import utils
 
