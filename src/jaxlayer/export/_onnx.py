@@ -131,7 +131,12 @@ def symbol_names(specs: Sequence) -> list[str]:
 
 def conversion_failure(owner: str, specs: Sequence, err: Exception) -> str:
     """The message for jax2onnx failing on a layer's function: the layer,
-    the symbolic dimensions, and what to change."""
+    the symbolic dimensions, and what to change (jaxlayer's own messages
+    as they are)."""
+    if isinstance(err, ValueError) and (
+        owner in str(err) or str(err).startswith("jaxlayer")
+    ):
+        return str(err)
     text = str(err).strip().splitlines()
     first = f"{type(err).__name__}: {text[0][:300] if text else ''}"
     names = symbol_names(specs)

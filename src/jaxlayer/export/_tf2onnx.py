@@ -223,11 +223,12 @@ def _wrap_from_function(convert_module) -> None:
             )
         except ExportAborted as err:
             raise as_value_error(err) from err.__cause__
-        if large or _converted == before:
+        if large:
             return result
         model_proto = result[0]
-        signature = args[0] if args else kwargs.get("input_signature")
-        check_at_other_shape(function, signature, model_proto)
+        if _converted != before:
+            signature = args[0] if args else kwargs.get("input_signature")
+            check_at_other_shape(function, signature, model_proto)
         if output_path:
             from tf2onnx import utils
 
