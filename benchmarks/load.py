@@ -154,12 +154,152 @@ def render(backend: str, rounds: int, result: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
+# -- save time (issue 30) ------------------------------------------------------
+# `python -m benchmarks.load --save`: what a default `model.save` of the MLP
+# costs (every extra installed, jax2onnx included: the ONNX form is opt-in)
+# beside a native Keras save of the same weights (Dense layers) plus the
+# `jax.export` serialization a portable file holds (the function exported
+# for inference and training, with first-order VJPs); and, for scale, the
+# opt-in ONNX form (`JAXLAYER_SAVE_ONNX=1`). Each figure is timed inside a
+# fresh process: the first save there, then a second one.
+
+_SAVE_JAXLAYER = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {root!r})
+import jax, keras, numpy as np
+from jaxlayer import JaxLayer
+from benchmarks import _workloads as W
+
+layer = JaxLayer(W.mlp_apply, params=W.mlp_init(jax.random.key(0)))
+model = keras.Sequential([keras.Input((64,)), layer])
+model.predict(np.zeros((4, 64), "float32"), verbose=0)
+t0 = time.perf_counter()
+model.save({path!r})
+t1 = time.perf_counter()
+model.save({path!r})
+t2 = time.perf_counter()
+print("RESULT " + json.dumps([t1 - t0, t2 - t1]))
+"""
+
+_SAVE_NATIVE = """
+import json, sys, time, warnings
+warnings.simplefilter("ignore")
+sys.path.insert(0, {root!r})
+import jax, jax.numpy as jnp, keras, numpy as np
+from benchmarks import _workloads as W
+
+params = W.mlp_init(jax.random.key(0))
+leaves = jax.tree_util.tree_leaves(params)
+model = W.mlp_native()  # the same layers and weight shapes
+model.predict(np.zeros((4, 64), "float32"), verbose=0)
+specs = [jax.ShapeDtypeStruct(x.shape, x.dtype) for x in leaves]
+(batch,) = jax.export.symbolic_shape("batch")
+x_spec = jax.ShapeDtypeStruct((batch, 64), jnp.float32)
+
+def fn(flat, x):
+    return W.mlp_apply(jax.tree_util.tree_unflatten(
+        jax.tree_util.tree_structure(params), flat), x)
+
+times = []
+for _ in range(2):
+    t0 = time.perf_counter()
+    model.save({path!r})
+    t1 = time.perf_counter()
+    # What a portable file adds: the function for both training flags.
+    for _ in range(2):
+        exp = jax.export.export(jax.jit(fn))(specs, x_spec)
+        exp.serialize(vjp_order=1)
+    t2 = time.perf_counter()
+    times.append([t1 - t0, t2 - t1])
+print("RESULT " + json.dumps(times))
+"""
+
+
+def measure_save(backend: str, rounds: int, onnx: bool = True) -> dict:
+    """The min over `rounds` fresh processes of each save time (s)."""
+    root = str(_ROOT)
+    rows: dict = {"native": [], "jaxlayer": [], "jaxlayer+onnx": []}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = os.path.join(tmp, "m.keras")
+        env = dict(os.environ, KERAS_BACKEND=backend, TF_CPP_MIN_LOG_LEVEL="3")
+        env.pop("JAXLAYER_SAVE_ONNX", None)
+        for _ in range(rounds):
+            rows["native"].append(_run(_SAVE_NATIVE.format(root=root, path=path), env))
+            rows["jaxlayer"].append(
+                _run(_SAVE_JAXLAYER.format(root=root, path=path), env)
+            )
+            if onnx:
+                rows["jaxlayer+onnx"].append(
+                    _run(
+                        _SAVE_JAXLAYER.format(root=root, path=path),
+                        dict(env, JAXLAYER_SAVE_ONNX="1"),
+                    )
+                )
+    out = {}
+    native = rows.pop("native")
+    out["native save"] = [min(r[0][0] for r in native), min(r[1][0] for r in native)]
+    out["jax.export serialization"] = [
+        min(r[0][1] for r in native),
+        min(r[1][1] for r in native),
+    ]
+    for key, values in rows.items():
+        if values:
+            out[key] = [min(v[0] for v in values), min(v[1] for v in values)]
+    return out
+
+
+def render_save(backend: str, rounds: int, result: dict) -> str:
+    reference = [
+        a + b
+        for a, b in zip(
+            result["native save"], result["jax.export serialization"], strict=True
+        )
+    ]
+    names = {
+        "native save": "native Keras save (Dense, same weights)",
+        "jax.export serialization": "`jax.export` serialization (both flags)",
+        "jaxlayer": "jaxlayer `model.save`, default (every extra installed)",
+        "jaxlayer+onnx": "jaxlayer `model.save`, `JAXLAYER_SAVE_ONNX=1`",
+    }
+    lines = [
+        f"# Saving the MLP (64-256-256-10, {backend} backend, min of {rounds} "
+        "fresh processes)",
+        "",
+        "Reference: native save + `jax.export` serialization = "
+        f"{reference[0]:.3f} s (first save in a process), {reference[1]:.3f} s "
+        "(second).",
+        "",
+        "| save | first in process (s) | second (s) | first / reference |",
+        "| --- | --- | --- | --- |",
+    ]
+    for key, (first, second) in result.items():
+        lines.append(
+            f"| {names[key]} | {first:.3f} | {second:.3f} | "
+            f"{first / reference[0]:.2f}x |"
+        )
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None) -> str:
     parser = argparse.ArgumentParser("python -m benchmarks.load", description=__doc__)
     parser.add_argument("--backend", default="jax")
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--write", action="store_true")
+    parser.add_argument("--save", action="store_true", help="save times instead")
+    parser.add_argument("--no-onnx", action="store_true", help="with --save")
     args = parser.parse_args(argv)
+    if args.save:
+        text = render_save(
+            args.backend,
+            args.rounds,
+            measure_save(args.backend, args.rounds, not args.no_onnx),
+        )
+        output = DEFAULT_OUTPUT.with_name("save.md")
+        output.parent.mkdir(parents=True, exist_ok=True)
+        output.write_text(text)
+        print(text)
+        return text
     text = render(args.backend, args.rounds, measure(args.backend, args.rounds))
     output = CHECKED_IN if args.write else DEFAULT_OUTPUT
     output.parent.mkdir(parents=True, exist_ok=True)

@@ -117,7 +117,7 @@ def rewrite(path, out, change):
 def saves_onnx() -> bool:
     """Whether a save writes the ONNX form (jaxlayer/export/_saved.py)."""
     installed = importlib.util.find_spec("jax2onnx") is not None
-    return installed and os.environ.get("JAXLAYER_SAVE_ONNX", "1") != "0"
+    return installed and os.environ.get("JAXLAYER_SAVE_ONNX", "0") == "1"
 
 
 # -- in-process round trips ----------------------------------------------
@@ -129,8 +129,8 @@ def test_reloads_predicts_and_fine_tunes_without_its_functions(tmp_path):
     model.save(path)
     files = assets(path)
     names = sorted(os.path.basename(n) for n in files)
-    # With jax2onnx installed (`jaxlayer[export]`) the ONNX form is saved too
-    # (the tests turn it off unless they test it: conftest.py).
+    # With jax2onnx installed (`jaxlayer[export]`) and JAXLAYER_SAVE_ONNX=1 the
+    # ONNX form is saved too (off by default).
     onnx = ["inference.onnx"] if saves_onnx() else []
     assert names == sorted(
         ["inference.jaxexport", "manifest.json", "training.jaxexport", *onnx]
@@ -830,3 +830,68 @@ def test_every_backend_pair_and_adapter_in_fresh_processes(tmp_path):
             assert r["after"] < r["before"], (where, r)
             if not stem.endswith("equinox"):  # the Equinox model has no state
                 assert r["state"], (where, r)
+
+
+# -- inputs that share an unknown dimension (issue 30) ------------------------
+
+
+def _text_fn(params, inputs):
+    # Token ids and their mask, one sequence length: `ids + mask` needs it equal,
+    # and the positions are made from it (as Hugging Face's models do).
+    ids, mask = inputs
+    positions = jnp.broadcast_to(jnp.arange(ids.shape[1]), ids.shape)
+    h = params["emb"][ids] + params["pos"][positions] * jnp.ones_like(ids)[..., None]
+    h = h * (mask[..., None] + jnp.zeros_like(ids)[..., None]).astype(h.dtype)
+    return jnp.tanh(h).sum(1) @ params["w"]
+
+
+def _text_init(rng, inputs):
+    k1, k2, k3 = jax.random.split(rng, 3)
+    return {
+        "emb": jax.random.normal(k1, (10, 4)),
+        "pos": jax.random.normal(k2, (16, 4)),
+        "w": jax.random.normal(k3, (4, 2)),
+    }
+
+
+def text_data(batch, length, seed=0):
+    rng = np.random.default_rng(seed)
+    ids = rng.integers(0, 10, (batch, length)).astype("int32")
+    mask = (rng.random((batch, length)) > 0.2).astype("int32")
+    return [ids, mask]
+
+
+def text_model():
+    """Two `keras.Input((None,), "int32")`s, one sequence length."""
+    ids, mask = keras.Input((None,), dtype="int32"), keras.Input((None,), dtype="int32")
+    layer = JaxLayer(_text_fn, _text_init, seed=0, name="text")
+    return keras.Model([ids, mask], layer([ids, mask]))
+
+
+def test_inputs_sharing_a_dimension_save_one_symbol(tmp_path):
+    model = text_model()
+    model.predict(text_data(2, 5), verbose=0)
+    model(text_data(2, 5))
+    path = str(tmp_path / "text.keras")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        model.save(path)
+    assert not [w for w in caught if "text" in str(w.message)], [
+        str(w.message) for w in caught
+    ]
+    manifest = json.loads(
+        next(v for k, v in assets(path).items() if k.endswith("manifest.json"))
+    )
+    for entry in manifest["functions"].values():
+        assert entry["shapes"] == "symbolic"
+        # The batch and the sequence length: one symbol each, shared.
+        assert entry["input_dims"] == [["batch", "s0"], ["batch", "s0"]]
+    reloaded, _ = load(path)
+    assert isinstance(reloaded.layers[-1].call_fn, saving.ExportedCall)
+    for batch, length in [(2, 5), (3, 7), (1, 2)]:
+        x = text_data(batch, length, seed=batch)
+        np.testing.assert_allclose(
+            to_np(reloaded.predict(x, verbose=0)),
+            to_np(model.predict(x, verbose=0)),
+            **TOL,
+        )

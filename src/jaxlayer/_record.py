@@ -57,6 +57,33 @@ def input_template(record: InputRecord) -> list[tuple]:
     ]
 
 
+def shared_groups(record: InputRecord) -> list[tuple]:
+    """Per input leaf, per dimension, the group of an unknown non-batch
+    dimension (None elsewhere): dimensions in one group are equal in every
+    recorded call, so that one symbol can stand for them all (token ids and
+    their attention mask share the sequence length).
+
+    The sizes of the recorded call of known shapes (`called`) decide; before
+    one, the dimension's position does (the inputs' second dims are one
+    group, their third another).
+    """
+    template = input_template(record)
+    called = record.called
+    fits = called is not None and len(called) == len(template)
+    groups = []
+    for k, shape in enumerate(template):
+        sizes = called[k] if fits and len(called[k]) == len(shape) else None
+        groups.append(
+            tuple(
+                None
+                if i == 0 or d is not None
+                else (("size", int(sizes[i])) if sizes is not None else ("at", i))
+                for i, d in enumerate(shape)
+            )
+        )
+    return groups
+
+
 def observe(record: InputRecord | None, inputs, dtype_of) -> tuple:
     """`(record, symbolic)`: `record` updated with a call on `inputs`.
 

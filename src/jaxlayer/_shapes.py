@@ -48,24 +48,47 @@ def structs_of_dims(dims, dtypes) -> list:
     return specs
 
 
-def symbolic_specs(shapes, dtypes) -> list:
+def symbolic_dims(shapes, groups=None) -> list[list]:
+    """The dimensions `symbolic_specs` makes: ints, and symbol names.
+
+    Args:
+        shapes: per input leaf, its shape (None where unknown).
+        groups: per input leaf, per dimension, a key or None
+            (`_record.shared_groups`): unknown dimensions past the first
+            with the same key share one symbol (`s0`, `s1`, ...). None:
+            each has its own (`d0`, `d1`, ...).
+    """
+    names = (f"d{i}" for i in itertools.count())
+    shared: dict = {}
+    dims = []
+    for k, shape in enumerate(shapes):
+        leaf = []
+        for i, d in enumerate(shape):
+            group = groups[k][i] if groups is not None else None
+            if d is not None:
+                leaf.append(d)
+            elif i == 0:
+                leaf.append("batch")
+            elif group is not None:
+                leaf.append(shared.setdefault(group, f"s{len(shared)}"))
+            else:
+                leaf.append(next(names))
+        dims.append(leaf)
+    return dims
+
+
+def symbolic_specs(shapes, dtypes, groups=None) -> list:
     """`jax.ShapeDtypeStruct`s of `shapes` (None where unknown), with every
     unknown dimension symbolic: the first dimension of every input is one
-    symbol, `batch`; the others each their own (`d0`, `d1`, ...).
+    symbol, `batch`; the others each their own (`d0`, `d1`, ...), or one
+    per group of `groups` (see `symbolic_dims`).
 
     Args:
         shapes: per input leaf, its shape (None where unknown).
         dtypes: per input leaf, its dtype.
+        groups: per input leaf and dimension, a group key or None.
     """
-    names = (f"d{i}" for i in itertools.count())
-    dims = [
-        [
-            d if d is not None else ("batch" if i == 0 else next(names))
-            for i, d in enumerate(shape)
-        ]
-        for shape in shapes
-    ]
-    return structs_of_dims(dims, dtypes)
+    return structs_of_dims(symbolic_dims(shapes, groups), dtypes)
 
 
 def flatten_shapes(input_shape):

@@ -36,15 +36,119 @@ def to_onnx(
     feature: str,
     input_names: Sequence[str] | None = None,
 ):
-    """The ONNX model (`onnx.ModelProto`) of `fn(*flat) -> list` on `specs`."""
+    """The ONNX model (`onnx.ModelProto`) of `fn(*flat) -> list` on `specs`.
+
+    A function that jax2onnx's `jax.numpy` rewrites cannot convert with
+    symbolic dimensions is converted again through `jax.numpy` itself
+    (`_plain_numpy`): its primitives then carry the symbolic shapes.
+    """
     jax2onnx = jax2onnx_module(feature)
-    return jax2onnx.to_onnx(
-        fn,
-        inputs=symbolic_inputs(specs),
-        opset=opset,
-        model_name="jaxlayer_call",
-        return_mode="proto",
-        input_names=input_names,
+
+    def convert(f):
+        return jax2onnx.to_onnx(
+            f,
+            inputs=symbolic_inputs(specs),
+            opset=opset,
+            model_name="jaxlayer_call",
+            return_mode="proto",
+            input_names=input_names,
+        )
+
+    try:
+        return convert(fn)
+    except Exception:
+        if not symbol_names(specs):
+            raise
+        return convert(_plain_numpy(fn))
+
+
+# -- the patch of jax2onnx ---------------------------------------------------
+# The one place jaxlayer works around jax2onnx: while it traces, jax2onnx
+# replaces functions of `jax.numpy` (`full`, `zeros`, `ones`, `arange`, ...)
+# with versions that need concrete sizes (`int(dim)`: "Symbolic dimension
+# 'batch' used in a context that requires a constant"; `arange` of a
+# symbolic size: a data-dependent dim). `_plain_numpy` runs a layer's
+# function with `jax.numpy` as it was before the conversion started, so that
+# it emits JAX's own primitives (`iota`, `broadcast_in_dim`, ...), whose
+# jax2onnx lowerings take symbolic shapes. Checked with the jax2onnx
+# versions below; `tests/test_export_onnx.py` fails when jax2onnx stops
+# replacing `jax.numpy.full` (then this can go).
+JAX2ONNX_CHECKED = ("0.17",)
+
+
+def _plain_numpy(fn: Callable) -> Callable:
+    """`fn`, run with the `jax.numpy` functions of now (before jax2onnx's
+    conversion replaces some)."""
+    import functools
+
+    import jax.numpy as jnp
+
+    version = _jax2onnx_version()
+    if not version.startswith(JAX2ONNX_CHECKED):
+        import warnings
+
+        warnings.warn(
+            f"jaxlayer: jax2onnx {version} is newer than the versions its "
+            f"symbolic-shape workaround was checked with "
+            f"({', '.join(JAX2ONNX_CHECKED)}).",
+            stacklevel=3,
+        )
+    plain = dict(vars(jnp))
+
+    @functools.wraps(fn)
+    def run(*args):
+        namespace = vars(jnp)
+        replaced = {
+            k: v for k, v in namespace.items() if k in plain and plain[k] is not v
+        }
+        namespace.update({k: plain[k] for k in replaced})
+        try:
+            return fn(*args)
+        finally:
+            namespace.update(replaced)
+
+    return run
+
+
+def _jax2onnx_version() -> str:
+    from importlib import metadata
+
+    try:
+        return metadata.version("jax2onnx")
+    except metadata.PackageNotFoundError:
+        return ""
+
+
+def symbol_names(specs: Sequence) -> list[str]:
+    """The names of the symbolic dimensions in `specs`, in order."""
+    names: dict = {}
+    for s in specs:
+        for d in s.shape:
+            if not isinstance(d, int):
+                names[str(d)] = None
+    return list(names)
+
+
+def conversion_failure(owner: str, specs: Sequence, err: Exception) -> str:
+    """The message for jax2onnx failing on a layer's function: the layer,
+    the symbolic dimensions, and what to change (jaxlayer's own messages
+    as they are)."""
+    if isinstance(err, ValueError) and (
+        owner in str(err) or str(err).startswith("jaxlayer")
+    ):
+        return str(err)
+    text = str(err).strip().splitlines()
+    first = f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    names = symbol_names(specs)
+    if not names:
+        return f"{owner}: jax2onnx could not convert its function ({first})."
+    dims = ", ".join(repr(n) for n in names)
+    return (
+        f"{owner}: jax2onnx could not convert its function with the "
+        f"dimension(s) {dims} left symbolic, as the export declares them "
+        f"({first}). Give `model.export` an `input_signature` with those "
+        "dimensions fixed (a static export), or change the function so that "
+        "it does not need them as constants (see docs/saving.md)."
     )
 
 

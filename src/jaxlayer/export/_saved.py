@@ -11,11 +11,12 @@ listed in the manifest with its size and sha256, read only by the
 exporters, and checked before use (`onnx.checker`, no external data, only
 standard ONNX domains).
 
-Cost: jax2onnx's first conversion in a process imports all its plugins
-(measured about 60 s on a 2-core machine shared with other work, load
-average 9; then about 0.05 s a function), paid by the first `model.save`
-when jax2onnx is installed.
-`JAXLAYER_SAVE_ONNX=0` turns the ONNX form off.
+Opt-in: written only when `JAXLAYER_SAVE_ONNX=1` is set at save time.
+jax2onnx's first conversion in a process imports all its plugins (measured
+58-100 s on a 2-core machine shared with other work; then seconds a
+function), which a plain `model.save` must not pay. A model saved without it
+still reloads, predicts and trains everywhere; only its ONNX and OpenVINO
+exports without the source need it, and they say so.
 """
 
 from __future__ import annotations
@@ -35,10 +36,11 @@ def make(fn, specs) -> tuple[bytes | None, str | None]:
     """`(bytes, None)`, the ONNX model of `fn(params, inputs, state, rng)`
     on the flat `specs` (`[params, inputs, state, rng]` lists), or
     `(None, why)`."""
-    if os.environ.get("JAXLAYER_SAVE_ONNX", "1") == "0":
+    if os.environ.get("JAXLAYER_SAVE_ONNX", "0") != "1":
         return None, (
-            "the model was saved with JAXLAYER_SAVE_ONNX=0 (save it again "
-            "from its source without it)"
+            "its `.keras` file holds no ONNX form, which is written only on "
+            "request (save the model again from its source with the "
+            "environment variable JAXLAYER_SAVE_ONNX=1 and jax2onnx installed)"
         )
     if importlib.util.find_spec("jax2onnx") is None:
         return None, (

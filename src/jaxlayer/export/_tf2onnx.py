@@ -23,9 +23,16 @@ class ExportAborted(BaseException):
     """
 
 
+# How many `XlaCallModule` ops the handler has met (the wrapper of
+# `from_function` checks the models that hold some).
+_converted = 0
+
+
 def convert(ctx, node) -> None:
     """Replaces the `XlaCallModule` `node` of the tf2onnx graph `ctx`, or
     raises `ExportAborted` saying why it cannot."""
+    global _converted
+    _converted += 1
     try:
         _convert(ctx, node)
     except Exception as err:  # noqa: BLE001 - re-raised past tf2onnx
@@ -47,9 +54,16 @@ def _convert(ctx, node) -> None:
             "backend."
         )
     feature = f"{source.owner}: exporting to ONNX from the tensorflow backend"
-    proto = _onnx.to_onnx(
-        source.function(), source.specs, opset=ctx.opset, feature=feature
-    )
+    try:
+        proto = _onnx.to_onnx(
+            source.function(), source.specs, opset=ctx.opset, feature=feature
+        )
+    except ImportError:
+        raise
+    except Exception as err:
+        raise ValueError(
+            _onnx.conversion_failure(source.owner, source.specs, err)
+        ) from err
     graph = proto.graph
     if _onnx.has_subgraphs(graph):
         raise ValueError(
@@ -108,16 +122,145 @@ def _convert(ctx, node) -> None:
         )
 
 
+def as_value_error(err: ExportAborted) -> ValueError:
+    """The `ValueError` a user gets for an `ExportAborted`: its message,
+    and what to change when a symbolic dimension is the cause."""
+    cause = err.__cause__ or err
+    text = str(cause).strip() or type(cause).__name__
+    return ValueError(f"Exporting to ONNX failed: {text}")
+
+
+def check_at_other_shape(function, signature, model_proto, size: int = 3) -> None:
+    """Runs `model_proto` (a jaxlayer layer's nodes in it) in onnxruntime
+    with its dynamic dims at `size` and compares it with `function`, the
+    TensorFlow function it was made from (taking `signature`'s structure);
+    raises `ValueError` (before any
+    file is written) when it fails or differs there. Skipped without
+    onnxruntime."""
+    import importlib.util
+
+    graph = model_proto.graph
+    if importlib.util.find_spec("onnxruntime") is None:
+        return
+    import numpy as np
+    import onnx
+    import onnxruntime as ort
+    import tensorflow as tf
+
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    rng = np.random.RandomState(0)
+    feed, shapes = {}, []
+    for v in inputs:
+        dims = v.type.tensor_type.shape.dim
+        shape = tuple(d.dim_value if d.HasField("dim_value") else size for d in dims)
+        dtype = onnx.helper.tensor_dtype_to_np_dtype(v.type.tensor_type.elem_type)
+        if np.issubdtype(dtype, np.floating):
+            value = rng.randn(*shape).astype(dtype)
+        elif np.issubdtype(dtype, np.integer):
+            # Small ints: valid indices into any table (token ids).
+            value = rng.randint(0, 2, shape).astype(dtype)
+        else:
+            value = np.zeros(shape, dtype)
+        feed[v.name] = value
+        shapes.append(shape)
+    where = (
+        f"The ONNX model made of the model for input shapes "
+        f"{', '.join(str(s) for s in shapes)} (its dynamic dimensions at {size})"
+    )
+    try:
+        session = ort.InferenceSession(
+            model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+        )
+        got = session.run(None, feed)
+    except Exception as err:  # noqa: BLE001 - reported as the refusal's cause
+        raise ValueError(
+            f"{where} does not run, although it declares those dimensions "
+            f"dynamic ({type(err).__name__}: {str(err).strip()[:300]}). No file "
+            "was written. Export with an `input_signature` of fixed sizes, or "
+            "from the torch or jax backend."
+        ) from err
+    flat = [tf.constant(feed[v.name]) for v in inputs]
+    if signature is not None:
+        want = function(*tf.nest.pack_sequence_as(list(signature), flat))
+    else:
+        want = function(*flat)
+    want = [np.asarray(w) for w in tf.nest.flatten(want)]
+    for g, w in zip(got, want, strict=False):
+        if g.shape != w.shape or not np.allclose(g, w, rtol=1e-3, atol=1e-4):
+            raise ValueError(
+                f"{where} gives results other than the model's, although it "
+                "declares those dimensions dynamic. No file was written. Export "
+                "with an `input_signature` of fixed sizes, or from the torch or "
+                "jax backend."
+            )
+
+
+# -- the patch of tf2onnx ----------------------------------------------------
+# The one place jaxlayer changes tf2onnx: `tf2onnx.convert.from_function`
+# (what Keras's ONNX export calls) is wrapped so that an `ExportAborted`
+# raised by the handler leaves it as a `ValueError` (a `BaseException` would
+# pass the user's `except Exception`). Checked against the tf2onnx versions
+# below; `tests/test_export_onnx.py` fails when the wrapped function is gone.
+_TF2ONNX_CHECKED = ("1.16", "1.17")
+
+
+def _wrap_from_function(convert_module) -> None:
+    import functools
+
+    original = getattr(convert_module, "from_function", None)
+    if original is None or getattr(original, "_jaxlayer_wrapped", False):
+        return
+
+    @functools.wraps(original)
+    def from_function(function, *args, output_path=None, **kwargs):
+        # Written here after the check (a large model: by tf2onnx, unchecked).
+        large = kwargs.get("large_model", False)
+        before = _converted
+        try:
+            result = original(
+                function, *args, output_path=output_path if large else None, **kwargs
+            )
+        except ExportAborted as err:
+            raise as_value_error(err) from err.__cause__
+        if large:
+            return result
+        model_proto = result[0]
+        if _converted != before:
+            signature = args[0] if args else kwargs.get("input_signature")
+            check_at_other_shape(function, signature, model_proto)
+        if output_path:
+            from tf2onnx import utils
+
+            utils.save_protobuf(output_path, model_proto)
+        return result
+
+    from_function._jaxlayer_wrapped = True
+    convert_module.from_function = from_function
+
+
 _installed = False
 
 
 def install() -> None:
     """Registers the handler with tf2onnx (once)."""
+    import tf2onnx
+    from tf2onnx import convert as tf2onnx_convert
     from tf2onnx import handler, tf_utils
 
     global _installed
     if _installed:
         return
+    version = getattr(tf2onnx, "__version__", "")
+    if not version.startswith(_TF2ONNX_CHECKED):
+        import warnings
+
+        warnings.warn(
+            f"jaxlayer: tf2onnx {version} is newer than the versions its "
+            f"ONNX handler was checked with ({', '.join(_TF2ONNX_CHECKED)}).",
+            stacklevel=2,
+        )
+    _wrap_from_function(tf2onnx_convert)
     # The op's output shapes (`Sout`, a list of shapes: an attribute of
     # `XlaCallModule` only) cannot be written as an ONNX attribute, and
     # tf2onnx fails reading the graph before any handler runs; the shapes

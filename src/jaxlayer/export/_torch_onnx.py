@@ -60,25 +60,81 @@ def _list(value) -> list:
     return list(node.inputs())
 
 
-def _specs(exported, counts, symbolic: bool) -> list:
-    """The flat argument shapes: the traced ones, with the inputs' leading
-    size as the symbol `batch` when `symbolic`."""
+def _specs(exported, counts, dims) -> list:
+    """The flat argument shapes: the traced ones, with the inputs' dims
+    named in `dims` (per input, per dim, a symbol name or None) symbolic."""
     import jax
 
     specs = list(exported.in_avals)
-    if not symbolic:
-        return specs
     start = counts[0]
-    for i in range(start, start + counts[1]):
+    for k, i in enumerate(range(start, start + counts[1])):
         aval = specs[i]
-        if aval.shape:
-            shape = ("batch", *aval.shape[1:])
+        names = dims[k] if dims is not None and k < len(dims) else None
+        if aval.shape and names is not None and len(names) == len(aval.shape):
+            shape = tuple(
+                d if n is None else n for d, n in zip(aval.shape, names, strict=True)
+            )
             specs[i] = jax.ShapeDtypeStruct(shape, aval.dtype)
     return specs
 
 
-def function_proto(sha: str, opset: int):
-    """The ONNX model of the computation `sha` (made in this process)."""
+def dynamic_dims(values) -> list:
+    """Per input value of the node, per dim, a key of its symbol where the
+    ONNX export declares the dim dynamic (`dynamic_axes`), else None."""
+    out = []
+    for v in values:
+        kind = v.type()
+        sizes = getattr(kind, "symbolic_sizes", lambda: None)()
+        if sizes is None:
+            out.append(None)
+            continue
+        out.append([s if s is not None and s < 0 else None for s in sizes])
+    return out
+
+
+def _candidates(dynamic) -> list:
+    """The symbol names to try, most general first: each of the export's
+    dynamic dims its own symbol (as the file declares them); then the
+    non-batch ones at one position one symbol (token ids and their mask: one
+    sequence length, which the function needs equal)."""
+    if not any(d is not None and any(x is not None for x in d) for d in dynamic):
+        return []
+    batch = {d[0] for d in dynamic if d and d[0] is not None}
+
+    def named(key_of):
+        names: dict = {}
+        out = []
+        for d in dynamic:
+            if d is None:
+                out.append(None)
+                continue
+            leaf = []
+            for j, s in enumerate(d):
+                if s is None:
+                    leaf.append(None)
+                    continue
+                key = "batch" if s in batch and j == 0 else key_of(j, s)
+                leaf.append(
+                    names.setdefault(
+                        key, "batch" if key == "batch" else f"d{len(names)}"
+                    )
+                )
+            out.append(leaf)
+        return out
+
+    separate = named(lambda j, s: ("symbol", s))
+    shared = named(lambda j, s: ("at", j))
+    return [separate] if shared == separate else [separate, shared]
+
+
+def function_proto(sha: str, opset: int, dynamic=None):
+    """The ONNX model of the computation `sha` (made in this process), with
+    the dims `dynamic` (`dynamic_dims`) symbolic.
+
+    Raises:
+        ValueError: it cannot be converted with those dims symbolic (a file
+            declaring them dynamic would fail or differ at other sizes).
+    """
     from jaxlayer.bridges import torch_export
 
     live = torch_export.live_function(sha)
@@ -92,16 +148,23 @@ def function_proto(sha: str, opset: int):
         )
     exported = torch_export.exported_by_hash(sha)
     feature = "exporting to ONNX or OpenVINO from the torch backend"
-    try:
+    candidates = _candidates(dynamic or [])
+    if not candidates:
         return _onnx.to_onnx(
-            live, _specs(exported, live.counts, True), opset=opset, feature=feature
+            live, _specs(exported, live.counts, None), opset=opset, feature=feature
         )
-    except ImportError:
-        raise
-    except Exception:  # noqa: BLE001 - not batch-polymorphic: traced shapes
-        return _onnx.to_onnx(
-            live, _specs(exported, live.counts, False), opset=opset, feature=feature
-        )
+    error = None
+    for dims in candidates:
+        specs = _specs(exported, live.counts, dims)
+        try:
+            return _onnx.to_onnx(live, specs, opset=opset, feature=feature)
+        except ImportError:
+            raise
+        except Exception as err:  # noqa: BLE001 - next candidate, or refused
+            error = error or (specs, err)
+    fn = live.fn()
+    owner = getattr(fn, "owner", None) or "a jaxlayer layer"
+    raise ValueError(_onnx.conversion_failure(owner, *error))
 
 
 def _attributes(node) -> dict:
@@ -151,7 +214,8 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
         sha = node.s("value") if node.kind() in kinds else None
     if not isinstance(sha, str):
         raise ValueError(f"jaxlayer: the {KIND} node's sha256 is not a constant.")
-    proto = function_proto(sha, int(g.opset))
+    values = [v for group in (params, inputs, state, rng) for v in _list(group)]
+    proto = function_proto(sha, int(g.opset), dynamic_dims(_list(inputs)))
     graph = proto.graph
     if _onnx.has_subgraphs(graph):
         raise ValueError(
@@ -160,11 +224,6 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
             "export the model to ONNX from the jax backend."
         )
     values = [v for group in (params, inputs, state, rng) for v in _list(group)]
-    if len(values) != len(graph.input):
-        raise ValueError(
-            f"jaxlayer: the computation {sha[:12]} takes {len(graph.input)} "
-            f"arrays; the {KIND} node passes {len(values)}."
-        )
     names = {v.name: value for v, value in zip(graph.input, values, strict=True)}
 
     def constant(name, array):

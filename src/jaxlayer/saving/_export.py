@@ -12,7 +12,8 @@ import jax.numpy as jnp
 import keras
 
 from jaxlayer import _variables as V
-from jaxlayer._record import InputRecord, input_template
+from jaxlayer._record import InputRecord, input_template, shared_groups
+from jaxlayer._shapes import symbolic_specs
 from jaxlayer.export import _saved
 from jaxlayer.saving._exported_call import ExportedCall
 from jaxlayer.saving._manifest import (
@@ -270,6 +271,16 @@ def _export_one(layer, kind, record, params, state, platforms):
     exported, used, error = _lower(fn, params, symbolic, state, rng, platforms)
     shapes = "symbolic"
     lowered_with = symbolic
+    if exported is None:
+        # Unknown dimensions equal in the recorded calls (token ids and their
+        # mask: one sequence length) as one symbol, for a function that needs
+        # them equal (adds one to the other).
+        shared = symbolic_specs(
+            input_template(record), record.dtypes, shared_groups(record)
+        )
+        if [s.shape for s in shared] != [s.shape for s in symbolic]:
+            exported, used, _ = _lower(fn, params, shared, state, rng, platforms)
+            lowered_with = shared
     # A function whose code needs the batch size (a reshape to it) cannot
     # take a symbolic batch: then the shapes of its first concrete call.
     if exported is None and record.called is not None:
@@ -321,6 +332,11 @@ def _export_one(layer, kind, record, params, state, platforms):
     }
     if shapes == "concrete":
         entry["input_shapes"] = [list(s) for s in record.called]
+    else:
+        # Which unknown dimensions share a symbol (one name: equal sizes).
+        entry["input_dims"] = [
+            [d if isinstance(d, int) else str(d) for d in s.shape] for s in lowered_with
+        ]
     extra = {}
     # ONNX for inference only: the exports that read it deploy the layer in
     # inference.

@@ -294,7 +294,8 @@ class ExportedCall:
                 None,
                 f"the file was saved by jaxlayer {version}, which saved no ONNX "
                 "form of the layer's computation; save the model again from "
-                "its source with `jaxlayer[export]` installed",
+                "its source with `jaxlayer[export]` installed and the "
+                "environment variable JAXLAYER_SAVE_ONNX=1",
             )
         if "file" not in onnx:
             return _registry.SavedOnnx(

@@ -25,6 +25,7 @@ from jaxlayer.bridges.tensorflow._specs import (
     general_key,
     run_time_specs,
     shape_of,
+    shared_key,
     symbolic_key,
     symbolic_specs,
 )
@@ -37,6 +38,7 @@ class Slot:
         conversions: structure key -> `Conversion` (several keys may share
             one conversion: the general one serves them all).
         failed: structure keys whose symbolic export failed -> the error.
+        hopeless: structure keys for which every candidate failed.
         warned: whether the concrete-shapes warning was given (once per
             function).
         run_time_specs: structure key -> output `(dtype, shape)`s of a call
@@ -45,11 +47,19 @@ class Slot:
             graphs need (see `grad_fn`).
     """
 
-    __slots__ = ("conversions", "failed", "warned", "run_time_specs", "graph_grads")
+    __slots__ = (
+        "conversions",
+        "failed",
+        "hopeless",
+        "warned",
+        "run_time_specs",
+        "graph_grads",
+    )
 
     def __init__(self):
         self.conversions: dict = {}
         self.failed: dict = {}
+        self.hopeless: set = set()
         self.warned = False
         self.run_time_specs: dict = {}
         self.graph_grads: list = []
@@ -74,19 +84,24 @@ def symbolic(fn, slot, args, counts):
     the dims unknown when the layer was first called (a `keras.Input`'s
     None) symbolic, so that Keras's traces with and without a known
     sequence length share one export (the declared key); then the batch and
-    the dims unknown in this trace only (the structure key).
+    every dim symbolic with equal dims sharing a symbol (`shared_key`: token
+    ids and their attention mask); then the batch and the dims unknown in
+    this trace only (the structure key).
     """
     key = symbolic_key(args, counts)
     conversion = slot.conversions.get(key)
-    # A structure met before: its conversion, or None (failed, not retried).
-    if conversion is not None or key in slot.failed:
+    # A structure met before: its conversion, or None (every candidate
+    # failed, not retried).
+    if conversion is not None or key in slot.hopeless:
         return conversion
     candidates = (
         general_key(key, counts),
         declared_key(key, counts, fn.input_shapes()),
+        shared_key(key, counts, fn.called_shapes()),
         key,
     )
-    # In order, each once: the keys may coincide.
+    # In order, each once: the keys may coincide (and the structure's own key
+    # may be a candidate that failed for another structure).
     for candidate in dict.fromkeys(c for c in candidates if c is not None):
         conversion = slot.conversions.get(candidate)
         if conversion is None and candidate not in slot.failed:
@@ -103,6 +118,9 @@ def symbolic(fn, slot, args, counts):
             # Under this structure's own key too: found at once next time.
             slot.conversions[key] = conversion
             return conversion
+    slot.hopeless.add(key)
+    # The cause the concrete-shapes warning reports.
+    slot.failed.setdefault(key, next(iter(slot.failed.values()), None))
     return None
 
 
@@ -121,7 +139,8 @@ def concrete(fn, slot, args, counts, mode, run):
         own = error_with_concrete_shapes(fn, args, counts)
         if own is not None:
             # The function fails whatever the shapes: its own error.
-            del slot.failed[key]
+            slot.failed.pop(key, None)
+            slot.hopeless.discard(key)
             raise own
         _warn_concrete(fn, slot, cause)
         specs = slot.run_time_specs.get(key)
@@ -139,6 +158,7 @@ def concrete(fn, slot, args, counts, mode, run):
             # own (or the layer's contract), not the symbolic shapes'. Raise
             # it as it is, and try symbolic shapes again next time.
             slot.failed.pop(key, None)
+            slot.hopeless.discard(key)
             raise err.__cause__ from None
         slot.conversions[concrete_key] = conversion
     _warn_concrete(fn, slot, cause)

@@ -119,22 +119,50 @@ def declared_key(key, counts, declared):
     return ("symbolic", tuple(parts))
 
 
+def shared_key(key, counts, called):
+    """`key` with every non-batch input dim symbolic, and those that are
+    equal in this trace (or, unknown here, in `called`, the shapes of a call
+    the layer recorded; else at the same position) one symbol: token ids
+    and their attention mask share the sequence length. Tried after the
+    keys of separate symbols fail (a function that adds one to the other)."""
+    n_params, n_inputs, _ = counts
+    parts = list(key[1])
+    fits = called is not None and len(called) == n_inputs
+    for k, i in enumerate(range(n_params, n_params + n_inputs)):
+        dtype, shape = parts[i]
+        sizes = called[k] if fits and len(called[k]) == len(shape) else None
+        dims = [shape[0]] if shape else []
+        for j, d in enumerate(shape[1:], start=1):
+            if d is not None:
+                dims.append(("s", "size", d))
+            elif sizes is not None:
+                dims.append(("s", "size", sizes[j]))
+            else:
+                dims.append(("s", "at", j))
+        parts[i] = (dtype, tuple(dims))
+    return ("symbolic", tuple(parts))
+
+
 # -- specs ----------------------------------------------------------------------
 
 
 def symbolic_specs(key):
     """`jax.ShapeDtypeStruct`s with symbolic dims for one structure key.
 
-    Batch groups are named `batch`, `batch1`, ...; every other None dim is a
-    symbol of its own (`d0`, `d1`, ...).
+    Batch groups are named `batch`, `batch1`, ...; shared groups
+    (`shared_key`) `s0`, `s1`, ...; every other None dim is a symbol of its
+    own (`d0`, `d1`, ...).
     """
     names = {}
+    shared = {}
     fresh = (f"d{i}" for i in itertools.count())
     dims = []
     for _, shape in key[1]:
         leaf = []
         for d in shape:
-            if isinstance(d, tuple):  # a batch group
+            if isinstance(d, tuple) and d[0] == "s":  # a shared group
+                leaf.append(shared.setdefault(d, f"s{len(shared)}"))
+            elif isinstance(d, tuple):  # a batch group
                 if d not in names:
                     names[d] = "batch" if not names else f"batch{len(names)}"
                 leaf.append(names[d])
