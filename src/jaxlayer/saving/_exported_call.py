@@ -163,8 +163,6 @@ class ExportedCall:
         child process (skipped under `safe_mode=False`), then the policy and
         the manifest's shapes against the artifact's own.
         """
-        functions = self.manifest.get("functions", {})
-        platforms = self.manifest.get("platforms")
         if dirpath is None or not os.path.isdir(dirpath):
             raise ValueError(
                 f"{self.owner}: the `.keras` file has no exported computation "
@@ -173,6 +171,15 @@ class ExportedCall:
                 "that code is importable, or save it again with jaxlayer "
                 ">= 0.2."
             )
+        # One deadline for the file: every layer's reading, checking and
+        # rebuilding spends it (`_artifact_check.Budget`).
+        budget = check.budget_for(_archive_root(dirpath))
+        with budget:
+            self._load(dirpath, budget)
+
+    def _load(self, dirpath: str, budget: check.Budget) -> None:
+        functions = self.manifest.get("functions", {})
+        platforms = self.manifest.get("platforms")
         current = jax.export.default_export_platform()
         cap = check.max_artifact_bytes()
         files, wheres, sizes = {}, {}, {}
@@ -220,13 +227,16 @@ class ExportedCall:
                     "(the default names cpu and cuda), or load it where the "
                     "layer's Python code is importable."
                 )
+            # Its flatbuffer's offsets and lengths, and no bytes beyond them, before
+            # any parser sees it (nothing is read whole).
+            check.check_layout(path, size, where)
             files[name] = (path, sha)
             wheres[name] = where
             sizes[name] = size
         if self.safe_mode:
             # Parsed in the verifying child; under `safe_mode=False` the user trusts
             # the file and it is parsed here, but the policy below still applies.
-            reports = check.reports(files, wheres)
+            reports = check.reports(files, wheres, budget)
         else:
             reports = {name: check.describe_here(p) for name, (p, _) in files.items()}
         for kind, entry in functions.items():
@@ -239,6 +249,12 @@ class ExportedCall:
         for kind, entry in functions.items():
             name = entry["file"]
             where = wheres[name]
+            if budget.left() <= 0:
+                raise check.Refused(
+                    f"{where}: loading the `.keras` file's computations did not "
+                    f"finish in {budget.limit:g} s; refused. If the file is "
+                    "trusted and large, set JAXLAYER_LOAD_TIMEOUT to more seconds."
+                )
             made = f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')})"
             # Exactly the checked number of bytes, hashed again: what is deserialized
             # is what the child verified, even if the file was replaced meanwhile.
@@ -499,6 +515,15 @@ class ExportedCall:
 
     def __repr__(self) -> str:
         return f"<call_fn of {self.owner}, rebuilt from its exported computation>"
+
+
+def _archive_root(dirpath: str) -> str:
+    """What the asset folders of one `.keras` file's layers share: the folder
+    Keras extracted the file to (the part of the path before `assets`)."""
+    parts = os.path.abspath(dirpath).split(os.sep)
+    if "assets" in parts:
+        parts = parts[: parts.index("assets")]
+    return os.sep.join(parts)
 
 
 def _in_safe_mode() -> bool:
