@@ -15,7 +15,13 @@ from jaxlayer import _artifact_check as check
 from jaxlayer import _variables as V
 from jaxlayer._record import input_template
 from jaxlayer.export import _registry
-from jaxlayer.saving._manifest import FORMAT, KINDS, Artifacts, record_from_manifest
+from jaxlayer.saving._manifest import (
+    FORMAT,
+    KINDS,
+    Artifacts,
+    check_manifest,
+    record_from_manifest,
+)
 
 # The manifest's helpers under the names this module's code used when it
 # was one file with them (`jaxlayer/saving.py`).
@@ -52,6 +58,8 @@ class ExportedCall:
         init_config: Any = None,
         module_class: str | None = None,
     ):
+        if not isinstance(manifest, dict):
+            check_manifest(manifest, owner)  # refused, with its message
         if manifest.get("format") != FORMAT:
             raise ValueError(
                 f"{owner}: the computation saved in the `.keras` file has "
@@ -61,6 +69,8 @@ class ExportedCall:
                 "jaxlayer, or load the model where its Python code is "
                 "importable."
             )
+        # File content: its structure checked before any of it is used.
+        check_manifest(manifest, owner)
         self.owner = owner
         self.manifest = manifest
         self.fn_config = fn_config
@@ -90,6 +100,23 @@ class ExportedCall:
         functions = manifest.get("functions", {})
         self._out = {}
         self._rng_defs = {}
+        try:
+            self._read_trees(functions)
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            ValueError,
+            RecursionError,
+        ) as err:
+            raise ValueError(
+                f"{owner}: the `.keras` file's description of its saved "
+                f"computation is malformed ({_first_line(err)}); refused. Save "
+                "the model again from its source."
+            ) from None
+
+    def _read_trees(self, functions: dict) -> None:
         for kind, entry in functions.items():
             outputs = V.decode_tree(entry["outputs"], lambda b: _Spec(**b))
             leaves, treedef = jax.tree_util.tree_flatten(
@@ -175,7 +202,21 @@ class ExportedCall:
         # rebuilding spends it (`_artifact_check.Budget`).
         budget = check.budget_for(_archive_root(dirpath))
         with budget:
-            self._load(dirpath, budget)
+            try:
+                self._load(dirpath, budget)
+            except (
+                KeyError,
+                TypeError,
+                AttributeError,
+                IndexError,
+                RecursionError,
+            ) as err:
+                # What `check_manifest` did not foresee in a crafted manifest.
+                raise ValueError(
+                    f"{self.owner}: the `.keras` file's description of its saved "
+                    f"computation is malformed ({_first_line(err)}); refused. "
+                    "Save the model again from its source."
+                ) from err
 
     def _load(self, dirpath: str, budget: check.Budget) -> None:
         functions = self.manifest.get("functions", {})
@@ -519,10 +560,11 @@ class ExportedCall:
 
 def _archive_root(dirpath: str) -> str:
     """What the asset folders of one `.keras` file's layers share: the folder
-    Keras extracted the file to (the part of the path before `assets`)."""
+    Keras extracted the file to (the part of the path before its last
+    `assets`: a folder of the user's of that name comes before Keras's)."""
     parts = os.path.abspath(dirpath).split(os.sep)
     if "assets" in parts:
-        parts = parts[: parts.index("assets")]
+        parts = parts[: len(parts) - 1 - parts[::-1].index("assets")]
     return os.sep.join(parts)
 
 
