@@ -802,6 +802,9 @@ _ALIGN_BYTES = 8
 _MAX_DEPTH = 100
 
 
+_U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
+
+
 class _Malformed(Exception):
     """The artifact's layout is not one jax writes; `str` says where."""
 
@@ -875,13 +878,13 @@ class _Layout:
         # The root offset, and the alignment between pieces.
         return covered + 4 + _ALIGN_BYTES * len(self.spans)
 
-    def read(self, fmt: str, at: int) -> int:
-        if at < 0 or at + struct.calcsize(fmt) > self.size:
+    def read(self, fmt: struct.Struct, at: int) -> int:
+        if at < 0 or at + fmt.size > self.size:
             raise _Malformed(f"an offset points outside it (to byte {at})")
-        return struct.unpack_from(fmt, self.buf, at)[0]
+        return fmt.unpack_from(self.buf, at)[0]
 
     def u32(self, at: int) -> int:
-        return self.read("<I", at)
+        return self.read(_U32, at)
 
     def visit(self, depth: int) -> None:
         self.visits -= 1
@@ -909,15 +912,15 @@ class _Layout:
                     f"it holds VJPs beyond order {_MAX_VJP_ORDER}, more than "
                     "jaxlayer writes or checks"
                 )
-        vtable = at - self.read("<i", at)
-        vsize, osize = self.read("<H", vtable), self.read("<H", vtable + 2)
+        vtable = at - self.read(_I32, at)
+        vsize, osize = self.read(_U16, vtable), self.read(_U16, vtable + 2)
         if vsize < 4 or vsize % 2 or osize < 4:
             raise _Malformed(f"a table at byte {at} has a malformed layout")
         self.span(vtable, vtable + vsize)
         self.span(at, at + osize)
         for field, what in _LAYOUT[kind].items():
             slot = 4 + 2 * field
-            offset = self.read("<H", vtable + slot) if slot < vsize else 0
+            offset = self.read(_U16, vtable + slot) if slot < vsize else 0
             if offset == 0:
                 continue
             if offset + 4 > osize:
