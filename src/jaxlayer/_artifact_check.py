@@ -9,13 +9,20 @@ memory (jax's Python callbacks) or a kernel whose buffers its shapes size
 process deserializes anything:
 
 1. the sizes: the manifest's byte count is at most `max_artifact_bytes()`
-   and equals the file's size on disk (nothing larger is ever read);
+   and equals the file's size on disk (nothing larger is ever read); then
+   the layout (`check_layout`): the flatbuffer's offsets and lengths are
+   followed through a memory map, and a file with one out of bounds, a
+   structure reached twice (jax's recursive reader would walk it without
+   end) or bytes that nothing reaches (padding) is refused;
 2. a child process (this file, run by path: it imports jax only, never
    jaxlayer or Keras; one serves every load of a process, see `_verify`)
    deserializes each artifact and its VJPs, parses the modules as jax
    would, lowers each for this platform, and reports the operations,
    custom-call targets and signatures it found. A signal, a time-out or too
    much memory there is a refusal; the loading process is never at risk.
+   One deadline (`timeout_s`, a `Budget` shared by the layers of a file)
+   covers a file's reading, checking and rebuilding; each parse has a
+   shorter one (`parse_timeout_s`); past them the child is killed.
    The report is cached by the artifact's sha256 (in this process and in a
    folder on disk), so a file is verified once;
 3. the report is checked here against the policy below and against the
@@ -112,9 +119,6 @@ _DEFAULT_TIMEOUT_S = 30.0
 # A legitimate artifact parses in well under a second: a parse that takes
 # longer than this is cut off long before the whole load's deadline.
 _DEFAULT_PARSE_TIMEOUT_S = 10.0
-# The verifying process's start (`import jax`): no byte of the file is read
-# then, so it is not part of a file's deadline, but it is bounded.
-_START_LIMIT_S = 120.0
 
 
 @contextlib.contextmanager
@@ -194,8 +198,7 @@ class Budget:
     """The time a file's load may spend on its artifacts (`timeout_s()`),
     shared by all its layers: it runs only while one of them is being read
     (`with budget:`), so Keras's own work between them (a large weights
-    file) is not counted; the verifying process's start is not either
-    (`paused`).
+    file) is not counted.
 
     Example:
         >>> budget = Budget(30.0)
@@ -225,15 +228,6 @@ class Budget:
         """Seconds left (negative once spent)."""
         running = time.monotonic() - self._since if self._since is not None else 0.0
         return self.limit - self._spent - running
-
-    @contextlib.contextmanager
-    def paused(self) -> Iterator[None]:
-        """A span of time not counted (the verifying process's start)."""
-        start = time.monotonic()
-        try:
-            yield
-        finally:
-            self._spent -= time.monotonic() - start
 
 
 _BUDGETS: dict[str, Budget] = {}
@@ -508,13 +502,15 @@ class _Worker:
         return True
 
     def ask(self, request: dict, budget: Budget) -> dict:
-        """The reports on `request["files"]`, within `budget` (each parse
-        within `parse_timeout_s()` too); the process's start is not counted."""
+        """The reports on `request["files"]`, within `budget` (the process's
+        start included; each parse within `parse_timeout_s()` too)."""
         start = self._stderr.tell()
         self._send(request)
         if not self._ready:
-            with budget.paused():
-                message = self._message(time.monotonic() + _START_LIMIT_S, start)
+            try:
+                message = self._message(time.monotonic() + budget.left(), start)
+            except _TimedOut:
+                raise _TimedOut("load") from None
             if "ready" not in message:
                 self.stop()
                 raise _Died("gave an answer that is not a report")
