@@ -15,7 +15,7 @@ before the verifying child has (a fresh child after any artifact that
 failed to parse), so one runner serves many cases; a runner that crashes,
 runs past a case's wall-clock limit (`CASE_LIMIT_S`) or past its memory
 limit (`MEMORY_LIMIT`, an address-space limit) fails that case, and a
-fresh runner takes the rest.
+fresh runner takes the rest (a runner loads `PER_RUNNER` cases at most).
 
 The default run loads the regression seeds (those that found bugs) and
 `JAXLAYER_FUZZ_CASES` (default 16) further seeds, on every backend;
@@ -66,6 +66,9 @@ CASES = int(os.environ.get("JAXLAYER_FUZZ_CASES", "16"))
 # Past the loader's own 30 s, the time a runner needs to report.
 CASE_LIMIT_S = 45.0
 MEMORY_LIMIT = 8 * 2**30
+# Cases per runner: a TensorFlow process that has loaded some 170 models
+# stops within its memory limit (each load keeps graphs and executables).
+PER_RUNNER = 50
 
 
 # -- the mutations ---------------------------------------------------------------
@@ -370,7 +373,7 @@ def run_cases(paths: dict, x, folder: str, env: dict | None = None) -> dict:
                 "-c",
                 RUNNER,
                 os.path.join(folder, "x.npy"),
-                json.dumps(todo),
+                json.dumps(todo[:PER_RUNNER]),
                 str(MEMORY_LIMIT),
             ],
             stdout=subprocess.PIPE,
