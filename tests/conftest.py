@@ -33,6 +33,7 @@ NUMPY_FILES = (
     "test_saved_files.py",  # earlier files load (predict only there)
     "test_docs.py",  # the examples that name the NumPy backend
     "test_load_safety.py",  # files saved here, loaded in fresh processes
+    "test_load_fuzz.py",  # the same, mutated
     "test_transforms.py",  # LoRA / int8 files load and predict
 )
 if BACKEND == "numpy":

@@ -14,7 +14,6 @@ import dataclasses
 import hashlib
 import json
 import os
-import random
 import subprocess
 import sys
 import textwrap
@@ -287,25 +286,42 @@ def files(tmp_path_factory):
 
 
 RUNNER = """
-import json, os, resource, sys, warnings
+import json, os, resource, sys, time, warnings
 warnings.simplefilter("ignore")
 import keras
 import numpy as np
 import jaxlayer
 from jaxlayer import _artifact_check
 
-asked = []
+asked, started = [], []
 real = _artifact_check._verify
 _artifact_check._verify = lambda *a: asked.append(1) or real(*a)
+real_start = _artifact_check._Worker.__init__
+
+
+def start(self):
+    real_start(self)
+    started.append(self._proc.pid)
+
+
+_artifact_check._Worker.__init__ = start
 x = np.load(sys.argv[1])
 out = {}
 for name, path in json.loads(sys.argv[2]).items():
     # What a case sets: `trusted_*` loads inside `allow_solver_kernels`,
-    # `capped_*` under a tiny size cap, `unsafe_*` with `safe_mode=False`.
+    # `capped_*` under a tiny size cap, `unsafe_*` with `safe_mode=False`,
+    # `late_*` and `slowparse_*` under tiny time limits (nothing cached).
     if name.startswith("capped"):
         os.environ["JAXLAYER_MAX_ARTIFACT_MIB"] = "0.001"
+    if name.startswith(("late", "slowparse")):
+        os.environ["JAXLAYER_CACHE_DIR"] += "-" + name
+        _artifact_check._REPORTS.clear()
+        setting = "LOAD" if name[0] == "l" else "PARSE"
+        os.environ[f"JAXLAYER_{setting}_TIMEOUT"] = "0.001"
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     asked.clear()
+    started.clear()
+    start_time = time.monotonic()
     try:
         if name.startswith("trusted"):
             with jaxlayer.allow_solver_kernels():
@@ -318,10 +334,14 @@ for name, path in json.loads(sys.argv[2]).items():
         out[name] = {"ok": True, "y": y.tolist()}
     except Exception as err:
         out[name] = {"ok": False, "type": type(err).__name__, "message": str(err)}
-    os.environ.pop("JAXLAYER_MAX_ARTIFACT_MIB", None)
+    out[name]["s"] = time.monotonic() - start_time
+    for setting in ("MAX_ARTIFACT_MIB", "LOAD_TIMEOUT", "PARSE_TIMEOUT"):
+        os.environ.pop("JAXLAYER_" + setting, None)
     after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     out[name]["grew_kib"] = after - before
     out[name]["verified"] = len(asked)
+    # The verifying processes this case started that still run.
+    out[name]["alive"] = [p for p in started if os.path.exists(f"/proc/{p}")]
 print("RESULT " + json.dumps(out))
 """
 
@@ -357,6 +377,8 @@ def results(files, tmp_path_factory):
         "unsafe_callback": paths["callback"],
         **paths,
         "capped_base": paths["base"],
+        "late_base": paths["base"],
+        "slowparse_base": paths["base"],
     }
     # One process loads them all (a fresh Keras process per backend), with
     # a cache of reports of its own.
@@ -435,8 +457,27 @@ def test_a_padded_artifact_is_refused_before_it_is_read(files, results):
     assert os.path.getsize(files["paths"]["padded"]) < 2 * 2**20
     message = refused(results, "padded", "not part of any computation")
     assert str(files["padded_bytes"]) in message
-    # The loading process grew by much less than the artifact (ru_maxrss, KiB).
-    assert results["padded"]["grew_kib"] < 64 * 1024, results["padded"]["grew_kib"]
+    # Refused from its flatbuffer's layout alone: no verifying process read it.
+    assert results["padded"]["verified"] == 0
+    # The loading process grew by much less than the artifact (ru_maxrss, KiB;
+    # the bound docs/saving.md states: it reads 1 MiB at a time).
+    assert results["padded"]["grew_kib"] < 32 * 1024, results["padded"]["grew_kib"]
+
+
+@pytest.mark.parametrize(
+    "name, words",
+    [
+        ("late_base", ["did not finish in 0.001 s", "JAXLAYER_LOAD_TIMEOUT"]),
+        ("slowparse_base", ["parsing", "JAXLAYER_PARSE_TIMEOUT"]),
+    ],
+)
+def test_a_load_past_its_deadline_is_refused_and_stopped(results, name, words):
+    """The load's deadline (and the parse's, shorter) covers the verifying
+    process's work: past it, a clear refusal, and the process is gone.
+    (Tiny limits stand in for a parser that loops.)"""
+    refused(results, name, "refused", *words)
+    assert results[name]["s"] < 30, results[name]
+    assert results[name]["alive"] == [], results[name]
 
 
 def test_the_size_cap_is_checked_before_reading(results):
@@ -491,7 +532,8 @@ def test_one_verifying_process_serves_many_loads(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(_artifact_check, "_Worker", Counted)
     monkeypatch.setattr(_artifact_check, "_WORKER", None)
-    monkeypatch.setenv("JAXLAYER_VERIFY_IDLE", "0.5")
+    # Long enough for the second load to come within it on a busy machine.
+    monkeypatch.setenv("JAXLAYER_VERIFY_IDLE", "3")
     monkeypatch.setattr(_artifact_check, "_REPORTS", {})
     monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
     model = keras.saving.load_model(files["paths"]["base"])
@@ -504,57 +546,17 @@ def test_one_verifying_process_serves_many_loads(files, tmp_path, monkeypatch):
     # Idle past `_IDLE_S`: it exits by itself, and the next load starts one.
     monkeypatch.setattr(_artifact_check, "_REPORTS", {})
     monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache2"))
-    time.sleep(2)
-    assert _artifact_check._WORKER._proc.poll() == 0
+    worker = _artifact_check._WORKER
+    waited = time.monotonic()
+    while worker._proc.poll() is None and time.monotonic() - waited < 60:
+        time.sleep(0.2)
+    assert worker._proc.poll() == 0
     keras.saving.load_model(files["paths"]["base"])
     assert len(started) == 2
     _artifact_check._WORKER.stop()
 
 
-# -- random corruption ---------------------------------------------------------
-
-FUZZ = int(os.environ.get("JAXLAYER_FUZZ_CASES", "24"))
-
-
-@pytest.mark.slow
-@pytest.mark.skipif(
-    BACKEND != "jax",
-    reason="the deserializer and the verifier are the same on every backend",
-)
-def test_random_bit_flips_end_in_clean_errors(files, tmp_path):
-    """Seeded bit flips in the serialized module, hashes fixed: every load
-    ends in a Python exception (or, for a harmless flip, loads), never a
-    crash or a hang of the loading process."""
-    source = members(files["paths"]["base"])
-    name = artifact_name(source, "inference")
-    rng = random.Random(20261201)
-    paths = {}
-    for case in range(FUZZ):
-        copy = dict(source)
-        blob = bytearray(copy[name])
-        for _ in range(rng.choice([1, 2, 8])):
-            at = rng.randrange(len(blob))
-            blob[at] ^= 1 << rng.randrange(8)
-        copy[name] = bytes(blob)
-        fix_manifests(copy)
-        paths[f"flip{case}"] = write(str(tmp_path / f"flip{case}.keras"), copy)
-    got = load_in_fresh_process(
-        paths,
-        files["x"],
-        str(tmp_path),
-        env={"JAXLAYER_VERIFY_TIMEOUT": "30", "JAXLAYER_CACHE_DIR": str(tmp_path)},
-        timeout=FUZZ * 40 + 120,
-    )
-    # The loading process survived them all (`load_in_fresh_process` checks
-    # its exit status); each load predicted or raised a Python exception.
-    assert set(got) == set(paths)
-    for case, outcome in got.items():
-        assert outcome["ok"] or (outcome["type"] and outcome["message"]), (
-            case,
-            outcome,
-        )
-    stopped = [o for o in got.values() if not o["ok"] and "jaxexport" in o["message"]]
-    assert len(stopped) >= FUZZ // 4, got
+# Random corruption: tests/test_load_fuzz.py.
 
 
 @pytest.mark.skipif(BACKEND != "jax", reason="pure JAX: one backend suffices")

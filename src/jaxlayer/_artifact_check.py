@@ -9,13 +9,20 @@ memory (jax's Python callbacks) or a kernel whose buffers its shapes size
 process deserializes anything:
 
 1. the sizes: the manifest's byte count is at most `max_artifact_bytes()`
-   and equals the file's size on disk (nothing larger is ever read);
+   and equals the file's size on disk (nothing larger is ever read); then
+   the layout (`check_layout`): the flatbuffer's offsets and lengths are
+   followed through a memory map, and a file with one out of bounds, a
+   structure reached twice (jax's recursive reader would walk it without
+   end) or bytes that nothing reaches (padding) is refused;
 2. a child process (this file, run by path: it imports jax only, never
    jaxlayer or Keras; one serves every load of a process, see `_verify`)
    deserializes each artifact and its VJPs, parses the modules as jax
    would, lowers each for this platform, and reports the operations,
    custom-call targets and signatures it found. A signal, a time-out or too
    much memory there is a refusal; the loading process is never at risk.
+   One deadline (`timeout_s`, a `Budget` shared by the layers of a file)
+   covers a file's reading, checking and rebuilding; each parse has a
+   shorter one (`parse_timeout_s`); past them the child is killed.
    The report is cached by the artifact's sha256 (in this process and in a
    folder on disk), so a file is verified once;
 3. the report is checked here against the policy below and against the
@@ -35,10 +42,12 @@ import contextlib
 import contextvars
 import hashlib
 import json
+import mmap
 import os
 import re
 import select
 import signal
+import struct
 import subprocess
 import sys
 import tempfile
@@ -106,7 +115,10 @@ _SLACK_BYTES = 4096
 _SLACK_FRACTION = 0.05
 
 _DEFAULT_MAX_MIB = 256
-_DEFAULT_TIMEOUT_S = 60.0
+_DEFAULT_TIMEOUT_S = 30.0
+# A legitimate artifact parses in well under a second: a parse that takes
+# longer than this is cut off long before the whole load's deadline.
+_DEFAULT_PARSE_TIMEOUT_S = 10.0
 
 
 @contextlib.contextmanager
@@ -159,12 +171,80 @@ def max_artifact_bytes() -> int:
 
 
 def timeout_s() -> float:
-    """The verifier's time limit: `JAXLAYER_VERIFY_TIMEOUT` (s), 60 by default."""
-    text = os.environ.get("JAXLAYER_VERIFY_TIMEOUT", "")
+    """The deadline of a file's load (reading, checking and rebuilding its
+    artifacts): `JAXLAYER_LOAD_TIMEOUT` (s; `JAXLAYER_VERIFY_TIMEOUT`, its
+    older name, is read too), 30 by default."""
+    text = os.environ.get("JAXLAYER_LOAD_TIMEOUT") or os.environ.get(
+        "JAXLAYER_VERIFY_TIMEOUT", ""
+    )
     try:
         return float(text) if text else _DEFAULT_TIMEOUT_S
     except ValueError:
         return _DEFAULT_TIMEOUT_S
+
+
+def parse_timeout_s() -> float:
+    """How long the verifier may take to parse one artifact (jax's
+    deserializer and the MLIR parser): `JAXLAYER_PARSE_TIMEOUT` (s), 10 by
+    default, within the load's deadline."""
+    text = os.environ.get("JAXLAYER_PARSE_TIMEOUT", "")
+    try:
+        return float(text) if text else _DEFAULT_PARSE_TIMEOUT_S
+    except ValueError:
+        return _DEFAULT_PARSE_TIMEOUT_S
+
+
+class Budget:
+    """The time a file's load may spend on its artifacts (`timeout_s()`),
+    shared by all its layers: it runs only while one of them is being read
+    (`with budget:`), so Keras's own work between them (a large weights
+    file) is not counted.
+
+    Example:
+        >>> budget = Budget(30.0)
+        >>> with budget:
+        ...     budget.left() > 29
+        True
+    """
+
+    def __init__(self, limit: float) -> None:
+        self.limit = limit
+        self._spent = 0.0
+        self._since: float | None = None
+        self.last = time.monotonic()
+
+    def __enter__(self) -> Budget:
+        self._since = time.monotonic()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        now = time.monotonic()
+        if self._since is not None:
+            self._spent += now - self._since
+        self._since = None
+        self.last = now
+
+    def left(self) -> float:
+        """Seconds left (negative once spent)."""
+        running = time.monotonic() - self._since if self._since is not None else 0.0
+        return self.limit - self._spent - running
+
+
+_BUDGETS: dict[str, Budget] = {}
+
+
+def budget_for(key: str) -> Budget:
+    """The budget of the file whose load `key` names (Keras extracts each
+    `.keras` file to a folder of its own: the layers' asset folders are in
+    it). A budget unused for longer than its limit is a new load's."""
+    now = time.monotonic()
+    limit = timeout_s()
+    for old in [k for k, b in _BUDGETS.items() if now - b.last > b.limit]:
+        del _BUDGETS[old]
+    budget = _BUDGETS.get(key)
+    if budget is None or budget.limit != limit:
+        budget = _BUDGETS[key] = Budget(limit)
+    return budget
 
 
 def idle_s() -> float:
@@ -245,13 +325,18 @@ def _store(key: str, report: dict) -> None:
         pass  # an unwritable cache: the next load verifies again
 
 
-def reports(files: dict[str, tuple[str, str]], where: dict[str, str]) -> dict:
+def reports(
+    files: dict[str, tuple[str, str]],
+    where: dict[str, str],
+    budget: Budget | None = None,
+) -> dict:
     """The child's report on each artifact, verifying those not cached.
 
     Args:
         files: per artifact name, `(path, sha256)`; each file's size was
-            already checked against the cap.
+            already checked against the cap, and its layout (`check_layout`).
         where: per artifact name, how messages name it.
+        budget: the load's time budget (a new one of `timeout_s()` if None).
 
     Returns:
         Per artifact name, the report (a dict).
@@ -274,19 +359,26 @@ def reports(files: dict[str, tuple[str, str]], where: dict[str, str]) -> dict:
     request = {
         "files": {name: path for name, (path, _) in todo.items()},
         # Memory: jax itself, and a bounded multiple of what is checked.
-        "memory": 4 * 2**30 + 16 * total,
+        "memory": 4 * 2**30 + 8 * total,
     }
     names = ", ".join(f"`{n}`" for n in todo)
     first = where[next(iter(todo))]
-    limit = timeout_s()
+    if budget is None:
+        budget = Budget(timeout_s())
     try:
-        found = _verify(request, limit)
-    except _TimedOut:
+        found = _verify(request, budget)
+    except _TimedOut as late:
+        if str(late) == "parse":
+            limit, name = parse_timeout_s(), "JAXLAYER_PARSE_TIMEOUT"
+            what = "parsing"
+        else:
+            limit, name, what = budget.limit, "JAXLAYER_LOAD_TIMEOUT", "checking"
         raise Refused(
-            f"{first}: checking {names} before use did not "
-            f"finish in {limit:g} s (a corrupted or hostile module can make "
-            "the deserializer loop); refused. If the file is trusted and "
-            "large, set JAXLAYER_VERIFY_TIMEOUT to more seconds."
+            f"{first}: {what} {names} before use did not finish in "
+            f"{limit:g} s (a corrupted or hostile module can make the "
+            "deserializer loop); refused, and the verifying process was "
+            "stopped. If the file is trusted and large, set "
+            f"{name} to more seconds."
         ) from None
     except _Died as death:
         raise Refused(
@@ -328,7 +420,7 @@ class _Idle(Exception):
     """The verifying process had exited while idle, before reading."""
 
 
-def _verify(request: dict, limit: float) -> dict:
+def _verify(request: dict, budget: Budget) -> dict:
     """The verifying process's reports on `request["files"]`.
 
     One process serves every load of this process, so a model with many
@@ -345,7 +437,7 @@ def _verify(request: dict, limit: float) -> dict:
             if worker is None or not worker.usable():
                 worker = _WORKER = _Worker()
             try:
-                found = worker.ask(request, limit)
+                found = worker.ask(request, budget)
             except _Idle:
                 _WORKER = None
                 continue
@@ -384,6 +476,8 @@ class _Worker:
         self._stderr = tempfile.TemporaryFile()
         self._pid = os.getpid()
         self._buffer = b""
+        # Whether it said it is ready (its `import jax` done).
+        self._ready = False
         self._proc = subprocess.Popen(
             [sys.executable, "-I", os.path.abspath(__file__), "--serve"],
             stdin=subprocess.PIPE,
@@ -407,10 +501,45 @@ class _Worker:
             return False
         return True
 
-    def ask(self, request: dict, limit: float) -> dict:
+    def ask(self, request: dict, budget: Budget) -> dict:
+        """The reports on `request["files"]`, within `budget` (the process's
+        start included; each parse within `parse_timeout_s()` too)."""
         start = self._stderr.tell()
         self._send(request)
-        deadline = time.monotonic() + limit
+        if not self._ready:
+            try:
+                message = self._message(time.monotonic() + budget.left(), start)
+            except _TimedOut:
+                raise _TimedOut("load") from None
+            if "ready" not in message:
+                self.stop()
+                raise _Died("gave an answer that is not a report")
+            self._ready = True
+        parse_limit = parse_timeout_s()
+        stage_end = None
+        while True:
+            end = time.monotonic() + budget.left()
+            if stage_end is not None and stage_end < end:
+                end, late = stage_end, "parse"
+            else:
+                late = "load"
+            try:
+                message = self._message(end, start)
+            except _TimedOut:
+                raise _TimedOut(late) from None
+            stage = message.get("stage")
+            if stage is None:
+                found = message.get("reports")
+                if not isinstance(found, dict):
+                    self.stop()
+                    raise _Died("gave an answer that is not a report")
+                return found
+            # A parse has a short limit of its own; the rest, the load's.
+            stage_end = time.monotonic() + parse_limit if stage == "parse" else None
+
+    def _message(self, deadline: float, start: int) -> dict:
+        """The next line the child writes, as a dict, by `deadline` (the
+        child is stopped past it)."""
         fd = self._proc.stdout.fileno()
         while b"\n" not in self._buffer:
             left = deadline - time.monotonic()
@@ -423,20 +552,26 @@ class _Worker:
                 continue
             chunk = os.read(fd, 1 << 16)
             if not chunk:
-                code = self._proc.wait()
+                # It ended: wait for its exit status, bounded (it closed its
+                # output, so it is exiting).
+                try:
+                    code = self._proc.wait(timeout=5)
+                except subprocess.TimeoutExpired:
+                    self.stop()
+                    raise _Died("stopped answering") from None
                 if code == 0:  # it had timed out idle before this request
                     raise _Idle
                 raise _Died(self._death(code, start))
             self._buffer += chunk
         line, _, self._buffer = self._buffer.partition(b"\n")
         try:
-            found = json.loads(line)
+            message = json.loads(line)
         except ValueError:
-            found = None
-        if not isinstance(found, dict):
+            message = None
+        if not isinstance(message, dict):
             self.stop()
             raise _Died("gave an answer that is not a report")
-        return found
+        return message
 
     def _death(self, code: int, start: int) -> str:
         if code < 0:
@@ -614,6 +749,202 @@ def _avals_text(avals) -> str:
     return "(" + ", ".join(parts) + ")"
 
 
+# -- the artifact's layout, read without deserializing it -----------------------
+
+# What jax's deserializer reaches from each flatbuffer table of an artifact
+# (the schema of `jax/_src/export/serialization_generated.py`), by field
+# index: another table's type, `[type]` a vector of those, `s` a string,
+# `[s]` a vector of strings, `[n]` a vector of n-byte scalars. Scalar fields
+# lie inside their table and need no entry.
+_LAYOUT: dict[str, dict[int, str]] = {
+    "Exported": {
+        1: "s",
+        2: "PyTreeDef",
+        3: "[AbstractValue]",
+        4: "PyTreeDef",
+        5: "[AbstractValue]",
+        7: "[Sharding]",
+        8: "[Sharding]",
+        9: "[s]",
+        10: "[Effect]",
+        11: "[Effect]",
+        12: "[DisabledSafetyCheck]",
+        13: "[1]",
+        15: "[2]",
+        17: "Exported",
+        19: "[AbstractValue]",
+        20: "[AbstractMesh]",
+        21: "[NamedSharding]",
+        22: "[4]",
+        23: "[4]",
+        24: "[4]",
+        25: "[4]",
+    },
+    "PyTreeDef": {1: "[PyTreeDef]", 2: "[s]", 3: "s", 4: "[1]"},
+    "AbstractDevice": {0: "s", 2: "s"},
+    "AbstractMesh": {0: "[4]", 1: "[s]", 2: "[1]", 3: "AbstractDevice"},
+    "PartitionSpecOneAxis": {0: "[s]"},
+    "PartitionSpec": {0: "[PartitionSpecOneAxis]", 1: "[s]", 2: "[s]"},
+    "NamedSharding": {0: "AbstractMesh", 1: "PartitionSpec", 2: "s"},
+    "AbstractValue": {1: "[s]"},
+    "Sharding": {1: "[1]", 2: "NamedSharding"},
+    "Effect": {0: "s"},
+    "DisabledSafetyCheck": {1: "s"},
+}
+# Alignment: what a flatbuffer may hold between the pieces it is made of.
+_ALIGN_BYTES = 8
+# Deeper nesting than this (a pytree inside a pytree ...) is not something
+# jaxlayer saves; jax's deserializer recurses on it.
+_MAX_DEPTH = 100
+
+
+_U16, _U32, _I32 = struct.Struct("<H"), struct.Struct("<I"), struct.Struct("<i")
+
+
+class _Malformed(Exception):
+    """The artifact's layout is not one jax writes; `str` says where."""
+
+
+def check_layout(path: str, size: int, where: str) -> None:
+    """Refuses an artifact whose flatbuffer is malformed or holds bytes that
+    jax's reader would never reach (padding), before anything parses it.
+
+    Args:
+        path: the artifact's file.
+        size: its size in bytes (already checked against the manifest's).
+        where: how messages name it.
+
+    Raises:
+        Refused: the message says what is wrong.
+    """
+    try:
+        reached = layout_bytes(path)
+    except (_Malformed, OSError, ValueError) as err:
+        raise Refused(
+            f"{where} is not laid out as jax writes an artifact ({err}); "
+            "refused before anything parsed it. Save the model again from "
+            "its source."
+        ) from None
+    if size > reached:
+        raise Refused(
+            f"{where} holds {size} bytes, of which jax's reader would reach "
+            f"at most {reached}: the rest is not part of any computation jax "
+            "writes (a padded or crafted file); refused before anything "
+            "parsed it."
+        )
+
+
+def layout_bytes(path: str) -> int:
+    """How many bytes of the artifact at `path` jax's deserializer would
+    reach, read from its flatbuffer's offsets and lengths alone (nothing is
+    deserialized; the file is mapped, not read whole).
+
+    Raises:
+        _Malformed: an offset or a length points outside the file, a table is
+            reached more often than the file could hold distinct ones (a
+            loop, or a tree that shares its branches), or it nests deeper
+            than jax's deserializer could follow; what jax would do with
+            such bytes is loop, recurse or read out of bounds.
+    """
+    with open(path, "rb") as f:
+        if os.fstat(f.fileno()).st_size < 8:
+            raise _Malformed("it is shorter than a flatbuffer's header")
+        with mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as buf:
+            return _Layout(buf).total()
+
+
+class _Layout:
+    """One walk over an artifact's flatbuffer (`layout_bytes`)."""
+
+    def __init__(self, buf) -> None:
+        self.buf = buf
+        self.size = len(buf)
+        self.spans: list[tuple[int, int]] = []
+        # Each table or string reached is one piece of the file, at least four
+        # bytes: more visits than that is a structure reached twice.
+        self.visits = self.size // 4 + 16
+        self.levels = 0
+
+    def total(self) -> int:
+        self.table(self.u32(0), "Exported", 0)
+        covered, end = 0, 0
+        for start, stop in sorted(self.spans):
+            covered += max(0, stop - max(start, end))
+            end = max(end, stop)
+        # The root offset, and the alignment between pieces.
+        return covered + 4 + _ALIGN_BYTES * len(self.spans)
+
+    def read(self, fmt: struct.Struct, at: int) -> int:
+        if at < 0 or at + fmt.size > self.size:
+            raise _Malformed(f"an offset points outside it (to byte {at})")
+        return fmt.unpack_from(self.buf, at)[0]
+
+    def u32(self, at: int) -> int:
+        return self.read(_U32, at)
+
+    def visit(self, depth: int) -> None:
+        self.visits -= 1
+        if self.visits < 0:
+            raise _Malformed("its tables are reached more often than it holds any")
+        if depth > _MAX_DEPTH:
+            raise _Malformed(f"it nests deeper than {_MAX_DEPTH} levels")
+
+    def span(self, start: int, stop: int) -> None:
+        if start < 0 or stop > self.size or stop < start:
+            raise _Malformed(f"a piece of it lies outside it (bytes {start}-{stop})")
+        self.spans.append((start, stop))
+
+    def string(self, at: int, depth: int) -> None:
+        self.visit(depth)
+        # Its length, its bytes and a terminating zero.
+        self.span(at, at + 4 + self.u32(at) + 1)
+
+    def table(self, at: int, kind: str, depth: int) -> None:
+        self.visit(depth)
+        if kind == "Exported":
+            self.levels += 1
+            if self.levels > _MAX_VJP_ORDER + 1:
+                raise _Malformed(
+                    f"it holds VJPs beyond order {_MAX_VJP_ORDER}, more than "
+                    "jaxlayer writes or checks"
+                )
+        vtable = at - self.read(_I32, at)
+        vsize, osize = self.read(_U16, vtable), self.read(_U16, vtable + 2)
+        if vsize < 4 or vsize % 2 or osize < 4:
+            raise _Malformed(f"a table at byte {at} has a malformed layout")
+        self.span(vtable, vtable + vsize)
+        self.span(at, at + osize)
+        for field, what in _LAYOUT[kind].items():
+            slot = 4 + 2 * field
+            offset = self.read(_U16, vtable + slot) if slot < vsize else 0
+            if offset == 0:
+                continue
+            if offset + 4 > osize:
+                raise _Malformed(f"a field of the table at byte {at} lies outside it")
+            target = at + offset + self.u32(at + offset)
+            if what == "s":
+                self.string(target, depth + 1)
+            elif not what.startswith("["):
+                self.table(target, what, depth + 1)
+            else:
+                self.vector(target, what[1:-1], depth + 1)
+
+    def vector(self, at: int, item: str, depth: int) -> None:
+        self.visit(depth)
+        count = self.u32(at)
+        width = int(item) if item.isdigit() else 4
+        self.span(at, at + 4 + count * width)
+        if item.isdigit():
+            return
+        for i in range(count):
+            slot = at + 4 + 4 * i
+            target = slot + self.u32(slot)
+            if item == "s":
+                self.string(target, depth)
+            else:
+                self.table(target, item, depth)
+
+
 # -- the child: `python -I _artifact_check.py --serve`, requests on stdin -------
 
 
@@ -633,6 +964,11 @@ def _serve() -> None:  # pragma: no cover - runs in the verifying process
     idle = float(setup.get("idle", 30.0))
     import jax
 
+    def say(message: dict) -> None:
+        answers.write(json.dumps(message) + "\n")
+        answers.flush()
+
+    say({"ready": True})
     while True:
         line = _read_line(0, buffer, idle)
         if not line:
@@ -650,13 +986,16 @@ def _serve() -> None:  # pragma: no cover - runs in the verifying process
         found = {}
         for name, path in request["files"].items():
             try:
-                found[name] = _describe_file(jax, path)
+                found[name] = _describe_file(
+                    jax,
+                    path,
+                    stage=lambda stage, n=name: say({"stage": stage, "name": n}),
+                )
             except Exception as err:  # noqa: BLE001 - reported, refused by the parent
                 text_lines = str(err).strip().splitlines()
                 text = f"{type(err).__name__}: {text_lines[0] if text_lines else ''}"
                 found[name] = {"error": text[:300]}
-        answers.write(json.dumps(found) + "\n")
-        answers.flush()
+        say({"reports": found})
 
 
 def _read_line(fd: int, buffer: bytearray, timeout: float | None) -> str | None:
@@ -688,7 +1027,11 @@ def describe_here(path: str) -> dict:
     return _describe_file(jax, path, exercise=False)
 
 
-def _describe_file(jax, path: str, exercise: bool = True) -> dict:
+def _describe_file(jax, path: str, exercise: bool = True, stage=None) -> dict:
+    # `stage` tells the loading process what starts: "parse" (it has a short
+    # limit), then "exercise".
+    if stage is not None:
+        stage("parse")
     with open(path, "rb") as f:
         blob = f.read()
     exp = jax.export.deserialize(bytearray(blob))
@@ -712,6 +1055,8 @@ def _describe_file(jax, path: str, exercise: bool = True) -> dict:
     # What jax itself writes for these modules; the file may exceed it only
     # by the slack (`check`).
     canonical = len(exp.serialize(vjp_order=len(levels) - 1))
+    if stage is not None:
+        stage("exercise")
     for level in levels if exercise else ():
         _exercise(jax, level)
     return {"canonical_bytes": canonical, "modules": modules}

@@ -4,7 +4,8 @@ A `.keras` file's artifacts are read from its assets folder
 (`ExportedCall.load`); a program that carries one as data (a `torch.export`
 program's tensor constant) hands over the bytes themselves. Both go through
 `jaxlayer._artifact_check` in the same order before JAX deserializes
-anything: the size cap, the sha256 the bytes are named by, the verifying
+anything: the size cap, the sha256 the bytes are named by, the flatbuffer's
+layout (`check_layout`), the verifying
 child process (its reports cached by that hash), the policy, the
 artifact's own types against what the caller will pass, then
 `jax.export.deserialize`.
@@ -66,9 +67,12 @@ def deserialize_checked(
         path = os.path.join(folder, "artifact.bin")
         with open(path, "wb") as f:
             f.write(data)
-        report = check.reports({"artifact": (path, sha256)}, {"artifact": where})[
-            "artifact"
-        ]
+        check.check_layout(path, size, where)
+        # One deadline for reading and checking it, as for a `.keras` file's.
+        with check.Budget(check.timeout_s()) as budget:
+            report = check.reports(
+                {"artifact": (path, sha256)}, {"artifact": where}, budget
+            )["artifact"]
     check.check(report, where, size)
     platform = jax.export.default_export_platform()
     # Results unchecked: a program's caller knows what it passes, not what

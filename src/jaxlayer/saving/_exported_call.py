@@ -15,7 +15,13 @@ from jaxlayer import _artifact_check as check
 from jaxlayer import _variables as V
 from jaxlayer._record import input_template
 from jaxlayer.export import _registry
-from jaxlayer.saving._manifest import FORMAT, KINDS, Artifacts, record_from_manifest
+from jaxlayer.saving._manifest import (
+    FORMAT,
+    KINDS,
+    Artifacts,
+    check_manifest,
+    record_from_manifest,
+)
 
 # The manifest's helpers under the names this module's code used when it
 # was one file with them (`jaxlayer/saving.py`).
@@ -52,6 +58,8 @@ class ExportedCall:
         init_config: Any = None,
         module_class: str | None = None,
     ):
+        if not isinstance(manifest, dict):
+            check_manifest(manifest, owner)  # refused, with its message
         if manifest.get("format") != FORMAT:
             raise ValueError(
                 f"{owner}: the computation saved in the `.keras` file has "
@@ -61,6 +69,8 @@ class ExportedCall:
                 "jaxlayer, or load the model where its Python code is "
                 "importable."
             )
+        # File content: its structure checked before any of it is used.
+        check_manifest(manifest, owner)
         self.owner = owner
         self.manifest = manifest
         self.fn_config = fn_config
@@ -90,6 +100,23 @@ class ExportedCall:
         functions = manifest.get("functions", {})
         self._out = {}
         self._rng_defs = {}
+        try:
+            self._read_trees(functions)
+        except (
+            KeyError,
+            TypeError,
+            AttributeError,
+            IndexError,
+            ValueError,
+            RecursionError,
+        ) as err:
+            raise ValueError(
+                f"{owner}: the `.keras` file's description of its saved "
+                f"computation is malformed ({_first_line(err)}); refused. Save "
+                "the model again from its source."
+            ) from None
+
+    def _read_trees(self, functions: dict) -> None:
         for kind, entry in functions.items():
             outputs = V.decode_tree(entry["outputs"], lambda b: _Spec(**b))
             leaves, treedef = jax.tree_util.tree_flatten(
@@ -163,8 +190,6 @@ class ExportedCall:
         child process (skipped under `safe_mode=False`), then the policy and
         the manifest's shapes against the artifact's own.
         """
-        functions = self.manifest.get("functions", {})
-        platforms = self.manifest.get("platforms")
         if dirpath is None or not os.path.isdir(dirpath):
             raise ValueError(
                 f"{self.owner}: the `.keras` file has no exported computation "
@@ -173,6 +198,29 @@ class ExportedCall:
                 "that code is importable, or save it again with jaxlayer "
                 ">= 0.2."
             )
+        # One deadline for the file: every layer's reading, checking and
+        # rebuilding spends it (`_artifact_check.Budget`).
+        budget = check.budget_for(_archive_root(dirpath))
+        with budget:
+            try:
+                self._load(dirpath, budget)
+            except (
+                KeyError,
+                TypeError,
+                AttributeError,
+                IndexError,
+                RecursionError,
+            ) as err:
+                # What `check_manifest` did not foresee in a crafted manifest.
+                raise ValueError(
+                    f"{self.owner}: the `.keras` file's description of its saved "
+                    f"computation is malformed ({_first_line(err)}); refused. "
+                    "Save the model again from its source."
+                ) from err
+
+    def _load(self, dirpath: str, budget: check.Budget) -> None:
+        functions = self.manifest.get("functions", {})
+        platforms = self.manifest.get("platforms")
         current = jax.export.default_export_platform()
         cap = check.max_artifact_bytes()
         files, wheres, sizes = {}, {}, {}
@@ -220,13 +268,16 @@ class ExportedCall:
                     "(the default names cpu and cuda), or load it where the "
                     "layer's Python code is importable."
                 )
+            # Its flatbuffer's offsets and lengths, and no bytes beyond them, before
+            # any parser sees it (nothing is read whole).
+            check.check_layout(path, size, where)
             files[name] = (path, sha)
             wheres[name] = where
             sizes[name] = size
         if self.safe_mode:
             # Parsed in the verifying child; under `safe_mode=False` the user trusts
             # the file and it is parsed here, but the policy below still applies.
-            reports = check.reports(files, wheres)
+            reports = check.reports(files, wheres, budget)
         else:
             reports = {name: check.describe_here(p) for name, (p, _) in files.items()}
         for kind, entry in functions.items():
@@ -239,6 +290,12 @@ class ExportedCall:
         for kind, entry in functions.items():
             name = entry["file"]
             where = wheres[name]
+            if budget.left() <= 0:
+                raise check.Refused(
+                    f"{where}: loading the `.keras` file's computations did not "
+                    f"finish in {budget.limit:g} s; refused. If the file is "
+                    "trusted and large, set JAXLAYER_LOAD_TIMEOUT to more seconds."
+                )
             made = f"(exported by jaxlayer {self.manifest.get('jaxlayer_version')})"
             # Exactly the checked number of bytes, hashed again: what is deserialized
             # is what the child verified, even if the file was replaced meanwhile.
@@ -500,6 +557,16 @@ class ExportedCall:
 
     def __repr__(self) -> str:
         return f"<call_fn of {self.owner}, rebuilt from its exported computation>"
+
+
+def _archive_root(dirpath: str) -> str:
+    """What the asset folders of one `.keras` file's layers share: the folder
+    Keras extracted the file to (the part of the path before its last
+    `assets`: a folder of the user's of that name comes before Keras's)."""
+    parts = os.path.abspath(dirpath).split(os.sep)
+    if "assets" in parts:
+        parts = parts[: len(parts) - 1 - parts[::-1].index("assets")]
+    return os.sep.join(parts)
 
 
 def _in_safe_mode() -> bool:

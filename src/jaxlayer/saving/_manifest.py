@@ -22,6 +22,77 @@ KINDS = ("inference", "training")
 SUFFIX = ".jaxexport"
 
 
+def check_manifest(manifest, owner: str) -> None:
+    """Refuses a manifest (file content) whose structure is not the one
+    jaxlayer writes, so that reading it later fails with no `TypeError` or
+    `KeyError` from deep inside the loader.
+
+    Args:
+        manifest: the `exported` entry of a layer's config.
+        owner: the layer, for messages.
+
+    Raises:
+        ValueError: names the entry that is malformed.
+    """
+
+    def need(ok: bool, what: str) -> None:
+        if not ok:
+            raise ValueError(
+                f"{owner}: the `.keras` file's description of its saved "
+                f"computation is malformed (`{what}` is not what jaxlayer "
+                "writes); refused. Save the model again from its source."
+            )
+
+    def strings(value) -> bool:
+        return isinstance(value, list) and all(isinstance(v, str) for v in value)
+
+    def shape(value) -> bool:
+        return isinstance(value, list) and all(
+            d is None or (type(d) is int and d >= 0) for d in value
+        )
+
+    need(isinstance(manifest, dict), "exported")
+    need(strings(manifest.get("call_fn_arguments")), "call_fn_arguments")
+    need(isinstance(manifest.get("inputs"), dict), "inputs")
+    platforms = manifest.get("platforms", [])
+    need(strings(platforms), "platforms")
+    variables = manifest.get("variables", [])
+    need(
+        isinstance(variables, list)
+        and all(
+            isinstance(v, dict)
+            and isinstance(v.get("name"), str)
+            and isinstance(v.get("tree"), str)
+            and shape(v.get("shape"))
+            and isinstance(v.get("dtype"), str)
+            for v in variables
+        ),
+        "variables",
+    )
+    functions = manifest.get("functions")
+    need(
+        isinstance(functions, dict)
+        and bool(functions)
+        and set(functions) <= set(KINDS),
+        "functions",
+    )
+    for kind, entry in functions.items():
+        where = f"functions[{kind!r}]"
+        need(isinstance(entry, dict), where)
+        need(isinstance(entry.get("file"), str), f"{where}['file']")
+        need(strings(entry.get("platforms", platforms)), f"{where}['platforms']")
+        for key in ("outputs", "rng"):
+            need(isinstance(entry.get(key), dict), f"{where}[{key!r}]")
+        order = entry.get("vjp_order", 0)
+        need(type(order) is int and order >= 0, f"{where}['vjp_order']")
+        shapes = entry.get("input_shapes", [])
+        need(
+            isinstance(shapes, list) and all(shape(s) for s in shapes),
+            f"{where}['input_shapes']",
+        )
+        need(isinstance(entry.get("onnx", {}), dict), f"{where}['onnx']")
+
+
 def record_from_manifest(manifest) -> InputRecord | None:
     """The input record a manifest describes (for a reloaded layer)."""
     try:
