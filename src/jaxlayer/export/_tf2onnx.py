@@ -9,6 +9,7 @@ when tf2onnx is imported.
 
 from __future__ import annotations
 
+from jaxlayer import _private
 from jaxlayer.export import _onnx, _registry
 
 
@@ -33,7 +34,7 @@ def convert(ctx, node) -> None:
 
 
 def _convert(ctx, node) -> None:
-    from tf2onnx.utils import make_name
+    _, _, make_name = _private.tf2onnx_internals()
 
     module = node.get_attr_value("module")
     source = _registry.lookup(module) if module is not None else None
@@ -113,7 +114,7 @@ _installed = False
 
 def install() -> None:
     """Registers the handler with tf2onnx (once)."""
-    from tf2onnx import handler, tf_utils
+    handler, tf_utils, _ = _private.tf2onnx_internals()
 
     global _installed
     if _installed:
