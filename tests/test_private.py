@@ -54,7 +54,7 @@ def test_every_entry_names_a_known_library():
 
 
 def test_a_missing_name_raises_naming_the_checked_versions():
-    with pytest.raises(ImportError, match=r"0\.6-0\.10"):
+    with pytest.raises(ImportError, match=r"0\.7-0\.10"):
         _private.resolve("jax._src.config", "no_such_flag_anywhere")
     with pytest.raises(ImportError, match="no_such_module"):
         _private.resolve("no_such_module")

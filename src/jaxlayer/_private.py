@@ -35,7 +35,7 @@ TensorFlow (2.17 - 2.21), used by `bridges/tensorflow/`:
   residuals and a plain forward. If it goes: the bridge assumes a tape may
   record (correct, a little slower in inference).
 
-JAX (0.6 - 0.10):
+JAX (0.7 - 0.10):
 
 - `jax.core.Tracer` (public, but marked for removal from `jax.core` in
   future releases): tells a tracer from a concrete array when `init_fn`
@@ -93,7 +93,7 @@ import importlib
 import types
 from typing import Any
 
-SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.19-2.21, JAX 0.6-0.10"
+SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.19-2.21, JAX 0.7-0.10"
 
 # Every private (or patched) name of another library that jaxlayer uses:
 # (library, module, attribute path or None, versions checked on, fallback).
@@ -136,41 +136,49 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
         "2.19-2.21",
         "always True",
     ),
-    ("jax", "jax.core", "Tracer", "0.6-0.10", "class name"),
+    ("jax", "jax.core", "Tracer", "0.7-0.10", "class name"),
     (
         "jax",
         "jax._src.lib",
         "_jax.dlpack_managed_tensor_to_buffer",
-        "0.6-0.10",
+        "0.7-0.10",
         "jax.dlpack",
     ),
     (
         "jax",
         "jax._src.lib",
         "_jax.buffer_to_dlpack_managed_tensor",
-        "0.6-0.10",
+        "0.7-0.10",
         "torch.from_dlpack",
     ),
-    ("jax", "jax._src.lib", "jaxlib_extension_version", "0.6-0.10", "jax.dlpack"),
+    ("jax", "jax._src.lib", "jaxlib_extension_version", "0.7-0.10", "jax.dlpack"),
     (
         "jax",
         "jax._src.config",
         "include_full_tracebacks_in_locations",
-        "0.6-0.10",
+        "0.7-0.10",
         "jax.config.update",
     ),
     (
         "jax",
         "jax._src.config",
         "hlo_source_file_canonicalization_regex",
-        "0.6-0.10",
+        "0.7-0.10",
         "jax.config.update",
+    ),
+    # Public in `jax.extend.mlir` from jax 0.7.1 (used there when present).
+    (
+        "jax",
+        "jax._src.lib",
+        "_jax.mlir.deserialize_portable_artifact",
+        "0.7-0.10",
+        "jax.extend.mlir",
     ),
     (
         "jax",
         "jax._src.interpreters.mlir",
         "refine_polymorphic_shapes",
-        "0.6-0.10",
+        "0.7-0.10",
         "error",
     ),
     ("tf2onnx", "tf2onnx.handler", "tf_op", "1.17", "error"),
@@ -374,7 +382,10 @@ def jax_mlir() -> types.SimpleNamespace:
     return types.SimpleNamespace(
         make_ir_context=mlir.make_ir_context,
         ir=mlir.ir,
-        deserialize_portable_artifact=extend_mlir.deserialize_portable_artifact,
+        deserialize_portable_artifact=getattr(
+            extend_mlir, "deserialize_portable_artifact", None
+        )
+        or resolve("jax._src.lib", "_jax.mlir.deserialize_portable_artifact"),
         refine_polymorphic_shapes=resolve(
             "jax._src.interpreters.mlir", "refine_polymorphic_shapes"
         ),
