@@ -23,7 +23,7 @@ Keras (3.10 - 3.15):
   variable on torch, which was half the layer's own Python per call. If they
   go: `Variable.value`.
 
-TensorFlow (2.17 - 2.21), used by `bridges/tensorflow/`:
+TensorFlow (2.20 - 2.21), used by `bridges/tensorflow/`:
 
 - `tensorflow.compiler.tf2xla.python.xla.call_module`: the `XlaCallModule`
   op that runs a `jax.export` module inside a TensorFlow graph (what
@@ -93,7 +93,7 @@ import importlib
 import types
 from typing import Any
 
-SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.19-2.21, JAX 0.7-0.10"
+SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.20-2.21, JAX 0.7-0.10"
 
 # Every private (or patched) name of another library that jaxlayer uses:
 # (library, module, attribute path or None, versions checked on, fallback).
@@ -126,14 +126,14 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
         "tensorflow",
         "tensorflow.compiler.tf2xla.python.xla",
         "call_module",
-        "2.19-2.21",
+        "2.20-2.21",
         "error",
     ),
     (
         "tensorflow",
         "tensorflow.python.eager.record",
         "could_possibly_record",
-        "2.19-2.21",
+        "2.20-2.21",
         "always True",
     ),
     ("jax", "jax.core", "Tracer", "0.7-0.10", "class name"),
