@@ -63,15 +63,18 @@ def pytest_collection_finish(session):
 
 
 # A time budget, in seconds (`JAXLAYER_TEST_BUDGET`; unset or 0: none).
-# CI sets one so that a machine far slower than usual still finishes within
-# its time limit: once it is spent, the tests not started yet are skipped,
-# each saying why, and the summary counts them. `scripts/test.sh` turns it
+# CI sets one so that a machine far slower than usual still ends within its
+# time limit: once it is spent, the tests not started yet are skipped, each
+# saying why, and the run FAILS, its summary naming every test that did not
+# run (a run that left tests out is not a pass). `scripts/test.sh` turns it
 # into one deadline for all its backends (`JAXLAYER_TEST_DEADLINE`, a Unix
 # time); a lone pytest process counts it from its own start.
 _BUDGET = float(os.environ.get("JAXLAYER_TEST_BUDGET") or 0)
 _DEADLINE = float(os.environ.get("JAXLAYER_TEST_DEADLINE") or 0) or (
     time.time() - (time.monotonic() - _START) + _BUDGET if _BUDGET else 0
 )
+# The tests the budget left out (node ids), for the summary and exit status.
+_NOT_RUN: list[str] = []
 
 
 def time_left() -> float | None:
@@ -81,10 +84,31 @@ def time_left() -> float | None:
 
 def pytest_runtest_setup(item):
     if _DEADLINE and time.time() > _DEADLINE:
+        _NOT_RUN.append(item.nodeid)
         pytest.skip(
             f"not run: the time budget of this run (JAXLAYER_TEST_BUDGET="
             f"{_BUDGET:.0f} s) was spent"
         )
+
+
+def pytest_sessionfinish(session, exitstatus):
+    # Tests left out for time make the run fail, whatever else passed.
+    if _NOT_RUN and exitstatus == 0:
+        session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+def pytest_terminal_summary(terminalreporter):
+    if not _NOT_RUN:
+        return
+    terminalreporter.section(
+        f"NOT RUN: {len(_NOT_RUN)} tests (time budget spent)", sep="!", red=True
+    )
+    for nodeid in _NOT_RUN:
+        terminalreporter.write_line(nodeid)
+    terminalreporter.write_line(
+        f"FAILED: the time budget (JAXLAYER_TEST_BUDGET={_BUDGET:.0f} s) left "
+        f"{len(_NOT_RUN)} tests unrun; raise it or make the suite faster."
+    )
 
 
 def pytest_report_header(config):

@@ -67,3 +67,41 @@ def test_demo_model_names_the_demo_extra(monkeypatch):
     monkeypatch.delitem(sys.modules, "jaxlayer._demo_model", raising=False)
     with pytest.raises(ImportError, match=r"pip install 'jaxlayer\[demo\]'"):
         import jaxlayer._demo_model  # noqa: F401
+
+
+# Modules imported by src/ that come with a required dependency, or with
+# the package an extra installs (litert-torch brings litert_converter).
+_BROUGHT_BY_OTHERS = {
+    "keras": None,
+    "jax": None,
+    "jaxlib": None,
+    "numpy": None,
+    "flatbuffers": None,
+    "jaxlayer": None,
+    "ml_dtypes": "jax",
+    "litert_converter": "litert_torch",
+}
+
+
+def test_every_optional_import_belongs_to_an_extra():
+    import ast
+    import pathlib
+
+    tomllib = pytest.importorskip("tomllib")  # Python 3.11+
+    root = pathlib.Path(__file__).resolve().parents[1]
+    extras = tomllib.loads((root / "pyproject.toml").read_text())["project"][
+        "optional-dependencies"
+    ]
+    imported = set()
+    for path in (root / "src" / "jaxlayer").rglob("*.py"):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                imported |= {a.name.split(".")[0] for a in node.names}
+            elif isinstance(node, ast.ImportFrom) and not node.level:
+                imported.add(node.module.split(".")[0])
+    # `_deps.require("x")` / `importlib.import_module("x")` name theirs too.
+    known = {m.split(".")[0] for m in _deps._EXTRAS} | set(_BROUGHT_BY_OTHERS)
+    stray = imported - known - set(sys.stdlib_module_names)
+    assert not stray, f"imported by src/ but in no extra (_deps._EXTRAS): {stray}"
+    for module, extra in _deps._EXTRAS.items():
+        assert extra in extras, f"{module}: no extra {extra!r} in pyproject.toml"

@@ -14,12 +14,27 @@ backend for any model (its exporter fails inside torch.export), so there
 and the suite's comparison of the served outputs compares the model's own.
 """
 
+import os
 import types
+import warnings
 
 import keras
 import pytest
 
-kt = pytest.importorskip("keras.src.utils.jax_layer_test")
+try:
+    import keras.src.utils.jax_layer_test as kt
+except ImportError as err:
+    # Some Keras wheels leave their tests out. Never a silent skip: CI
+    # (`CI` or `JAXLAYER_REQUIRE_CONFORMANCE` set) fails, a local run says so.
+    why = (
+        f"Keras's conformance suite (keras/src/utils/jax_layer_test.py) was "
+        f"NOT FOUND in Keras {keras.__version__} ({err}): the drop-in "
+        f"checks against Keras's own JaxLayer/FlaxLayer tests did not run"
+    )
+    if os.environ.get("CI") or os.environ.get("JAXLAYER_REQUIRE_CONFORMANCE"):
+        pytest.fail(why, pytrace=False)
+    warnings.warn(why, stacklevel=1)
+    pytest.skip(why, allow_module_level=True)
 
 from conftest import BACKEND  # noqa: E402
 from jaxlayer import FlaxLayer, JaxLayer  # noqa: E402

@@ -963,6 +963,7 @@ def _serve() -> None:  # pragma: no cover - runs in the verifying process
     sys.path[:] = [str(p) for p in setup.get("path", sys.path)]
     idle = float(setup.get("idle", 30.0))
     import jax
+    import jax.export
 
     def say(message: dict) -> None:
         answers.write(json.dumps(message) + "\n")
@@ -1023,6 +1024,7 @@ def describe_here(path: str) -> dict:
     """The report on an artifact, made in this process (`safe_mode=False`:
     the user trusts the file, so its module is parsed here, not in a child)."""
     import jax
+    import jax.export
 
     return _describe_file(jax, path, exercise=False)
 
@@ -1063,16 +1065,16 @@ def _describe_file(jax, path: str, exercise: bool = True, stage=None) -> dict:
 
 
 def _describe_module(jax, exp) -> dict:
-    from jax._src.interpreters import mlir
-    from jax._src.lib import _jax
-    from jax._src.lib.mlir import ir
+    from jaxlayer import _private
 
+    tools = _private.jax_mlir()
+    ir = tools.ir
     ops: set = set()
     calls: dict = {}
-    with mlir.make_ir_context():
+    with tools.make_ir_context():
         # The parse `Exported.mlir_module()` does, inside this context so the ops
         # can be walked; some jaxlib versions return text, parsed again below.
-        module = _jax.mlir.deserialize_portable_artifact(exp.mlir_module_serialized)
+        module = tools.deserialize_portable_artifact(exp.mlir_module_serialized)
         if isinstance(module, (str, bytes)):
             module = ir.Module.parse(module)
         stack = [module.operation]
@@ -1128,8 +1130,9 @@ def _exercise(jax, exp) -> None:  # pragma: no cover - in the child
     dimensions) and refine its shapes, as compiling it does. A Python
     exception here is left for the loading process to report where it
     happens: only a crash or a hang matters here."""
-    from jax._src.interpreters import mlir
+    from jaxlayer import _private
 
+    refine = _private.jax_mlir().refine_polymorphic_shapes
     try:
         concrete = [
             jax.ShapeDtypeStruct(
@@ -1139,7 +1142,7 @@ def _exercise(jax, exp) -> None:  # pragma: no cover - in the child
         ]
         args, kwargs = jax.tree_util.tree_unflatten(exp.in_tree, concrete)
         lowered = jax.jit(exp.call).lower(*args, **kwargs)
-        mlir.refine_polymorphic_shapes(lowered.compiler_ir("stablehlo"))
+        refine(lowered.compiler_ir("stablehlo"))
     except Exception:  # noqa: BLE001, S110 - see the docstring
         pass
 

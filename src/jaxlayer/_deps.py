@@ -20,6 +20,9 @@ _EXTRAS = {
     "tf2onnx": "export",
     "onnx": "export",
     "openvino": "export",
+    "onnx_ir": "export",
+    "onnxruntime": "export",
+    "litert_torch": "litert",
 }
 
 

@@ -23,7 +23,7 @@ Keras (3.10 - 3.15):
   variable on torch, which was half the layer's own Python per call. If they
   go: `Variable.value`.
 
-TensorFlow (2.17 - 2.21), used by `bridges/tensorflow/`:
+TensorFlow (2.20 - 2.21), used by `bridges/tensorflow/`:
 
 - `tensorflow.compiler.tf2xla.python.xla.call_module`: the `XlaCallModule`
   op that runs a `jax.export` module inside a TensorFlow graph (what
@@ -35,7 +35,7 @@ TensorFlow (2.17 - 2.21), used by `bridges/tensorflow/`:
   residuals and a plain forward. If it goes: the bridge assumes a tape may
   record (correct, a little slower in inference).
 
-JAX (0.6 - 0.10):
+JAX (0.7 - 0.10):
 
 - `jax.core.Tracer` (public, but marked for removal from `jax.core` in
   future releases): tells a tracer from a concrete array when `init_fn`
@@ -46,13 +46,192 @@ JAX (0.6 - 0.10):
   Python checks in `jax.dlpack.from_dlpack`. Probed at first use; if they
   are missing or behave differently the bridge uses the public
   `jax.dlpack.from_dlpack` / `torch.from_dlpack` (tested both ways).
+- `jax._src.config.include_full_tracebacks_in_locations` and
+  `hlo_source_file_canonicalization_regex` (context managers; saving keeps
+  the saving machine's paths out of exported modules). If they go: the same
+  flags set through the public `jax.config.update` for the duration.
+- `jax._src.interpreters.mlir.refine_polymorphic_shapes` (the load-safety
+  verifier's trial lowering of a module, as compiling does). If it goes:
+  the verifier raises, naming the versions supported (a load is refused,
+  never run unchecked). The rest of its MLIR toolkit is public:
+  `jax.interpreters.mlir.make_ir_context` / `.ir` and
+  `jax.extend.mlir.deserialize_portable_artifact`.
+
+Keras (3.10 - 3.15), besides the above:
+
+- `keras.src.backend.common.stateless_scope.in_stateless_scope`: whether
+  a `keras.StatelessScope` is active (its values replace the stored ones).
+  If it goes: no read of the stored tensors (`Variable.value` instead).
+- `keras.src.saving.serialization_lib.in_safe_mode`: whether the load in
+  progress said `safe_mode=False`. If it goes: safe mode (the strict
+  choice) is assumed.
+
+Export converters (the `export` and `litert` extras; checked with
+tf2onnx 1.17, jax2onnx 0.17, openvino 2026.4, litert-torch 0.10):
+
+- tf2onnx: `tf2onnx.handler.tf_op` (its documented way to add a custom op
+  handler), `tf2onnx.utils.make_name` and `tf2onnx.tf_utils.
+  TF_IGNORED_NODE_ATTRS` (the `XlaCallModule` attribute it cannot read).
+- tf2onnx: `tf2onnx.convert.from_function` (public) is wrapped in
+  `export/_tf2onnx.py`, which writes the checked model with
+  `tf2onnx.utils.save_protobuf`.
+- jax2onnx's replacement of `jax.numpy` functions while it traces (a
+  behaviour, not a name): `export/_onnx._plain_numpy` undoes it for symbolic
+  shapes; `tests/test_export_onnx.py` fails when jax2onnx stops doing it.
+- jax2onnx: `jax2onnx.plugins.plugin_system` (`register_primitive`,
+  `PLUGIN_REGISTRY`): the plugin for `call_exported`.
+- openvino: `openvino.convert_model` is replaced by a wrapper (public name,
+  patched) that converts a model holding a jaxlayer layer through ONNX.
+- litert-torch: `litert_torch.backend.jax_bridge.wrap`,
+  `litert_torch.backend.lowerings.registry.lower` and
+  `litert_converter.mlir.ir`: the lowering of `jaxlayer::call_exported`.
+
+For all of these: if a name has gone, the export raises an ImportError
+naming the name and the versions checked (no fallback: the export cannot
+be done another way). `CATALOGUE` lists every entry; tests/test_private.py
+checks that each one resolves in the installed versions.
 """
 
 from __future__ import annotations
 
+import contextlib
+import importlib
+import types
 from typing import Any
 
-SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.17-2.21, JAX 0.6-0.10"
+SUPPORTED = "Keras 3.10-3.15, TensorFlow 2.20-2.21, JAX 0.7-0.10"
+
+# Every private (or patched) name of another library that jaxlayer uses:
+# (library, module, attribute path or None, versions checked on, fallback).
+# tests/test_private.py resolves each one in the installed versions.
+CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
+    ("keras", "keras.layers", "Layer._track_variable", "3.10-3.15", "list attr"),
+    ("keras", "keras.layers", "Layer._untrack_variable", "3.10-3.15", "error"),
+    (
+        "keras",
+        "keras.src.backend.common.global_state",
+        "GLOBAL_STATE_TRACKER",
+        "3.10-3.15",
+        "Variable.value",
+    ),
+    (
+        "keras",
+        "keras.src.backend.common.stateless_scope",
+        "in_stateless_scope",
+        "3.10-3.15",
+        "Variable.value",
+    ),
+    (
+        "keras",
+        "keras.src.saving.serialization_lib",
+        "in_safe_mode",
+        "3.10-3.15",
+        "safe mode",
+    ),
+    (
+        "tensorflow",
+        "tensorflow.compiler.tf2xla.python.xla",
+        "call_module",
+        "2.20-2.21",
+        "error",
+    ),
+    (
+        "tensorflow",
+        "tensorflow.python.eager.record",
+        "could_possibly_record",
+        "2.20-2.21",
+        "always True",
+    ),
+    ("jax", "jax.core", "Tracer", "0.7-0.10", "class name"),
+    (
+        "jax",
+        "jax._src.lib",
+        "_jax.dlpack_managed_tensor_to_buffer",
+        "0.7-0.10",
+        "jax.dlpack",
+    ),
+    (
+        "jax",
+        "jax._src.lib",
+        "_jax.buffer_to_dlpack_managed_tensor",
+        "0.7-0.10",
+        "torch.from_dlpack",
+    ),
+    ("jax", "jax._src.lib", "jaxlib_extension_version", "0.7-0.10", "jax.dlpack"),
+    (
+        "jax",
+        "jax._src.config",
+        "include_full_tracebacks_in_locations",
+        "0.7-0.10",
+        "jax.config.update",
+    ),
+    (
+        "jax",
+        "jax._src.config",
+        "hlo_source_file_canonicalization_regex",
+        "0.7-0.10",
+        "jax.config.update",
+    ),
+    # Public in `jax.extend.mlir` from jax 0.7.1 (used there when present).
+    (
+        "jax",
+        "jax._src.lib",
+        "_jax.mlir.deserialize_portable_artifact",
+        "0.7-0.10",
+        "jax.extend.mlir",
+    ),
+    (
+        "jax",
+        "jax._src.interpreters.mlir",
+        "refine_polymorphic_shapes",
+        "0.7-0.10",
+        "error",
+    ),
+    ("tf2onnx", "tf2onnx.handler", "tf_op", "1.17", "error"),
+    ("tf2onnx", "tf2onnx.utils", "make_name", "1.17", "error"),
+    ("tf2onnx", "tf2onnx.tf_utils", "TF_IGNORED_NODE_ATTRS", "1.17", "error"),
+    # Public, wrapped (export/_tf2onnx.py): its BaseException becomes a
+    # ValueError, and the model is checked at another shape before writing.
+    ("tf2onnx", "tf2onnx.convert", "from_function", "1.17", "patched; error"),
+    ("tf2onnx", "tf2onnx.utils", "save_protobuf", "1.17", "error"),
+    (
+        "jax2onnx",
+        "jax2onnx.plugins.plugin_system",
+        "register_primitive",
+        "0.17",
+        "error",
+    ),
+    ("jax2onnx", "jax2onnx.plugins.plugin_system", "PLUGIN_REGISTRY", "0.17", "error"),
+    ("openvino", "openvino", "convert_model", "2026.4", "patched; error"),
+    ("litert_torch", "litert_torch.backend.jax_bridge", "wrap", "0.10", "error"),
+    (
+        "litert_torch",
+        "litert_torch.backend.lowerings.registry",
+        "lower",
+        "0.10",
+        "error",
+    ),
+    ("litert_torch", "litert_converter.mlir", "ir", "0.10", "error"),
+)
+
+
+def resolve(module: str, attribute: str | None = None) -> Any:
+    """The catalogued `module` (and dotted `attribute` in it), or an
+    ImportError naming it and the versions it was checked on."""
+    entry = next((e for e in CATALOGUE if e[1] == module and e[2] == attribute), None)
+    checked = f"{entry[0]} {entry[3]}" if entry else SUPPORTED
+    try:
+        value = importlib.import_module(module)
+        for name in (attribute or "").split(".") if attribute else ():
+            value = getattr(value, name)
+    except (ImportError, AttributeError) as err:
+        what = f"{module}.{attribute}" if attribute else module
+        raise ImportError(
+            f"jaxlayer needs `{what}`, which this installation does not "
+            f"provide ({type(err).__name__}: {err}); it was checked on "
+            f"{checked}."
+        ) from err
+    return value
 
 
 def unsupported(what: str, err: Exception) -> ImportError:
@@ -176,3 +355,116 @@ def _plain_reader():
         return None if any(x is None for x in values) else values
 
     return read
+
+
+# JAX.
+
+
+def jax_config_scope(name: str, value: Any):
+    """A context in which JAX's flag `jax_<name>` is `value` (see the module
+    docstring: `jax._src.config`'s context managers, or the public
+    `jax.config.update` undone on exit)."""
+    try:
+        return resolve("jax._src.config", name)(value)
+    except ImportError:
+        return _updated_flag(f"jax_{name}", value)
+
+
+@contextlib.contextmanager
+def _updated_flag(flag: str, value: Any):
+    import jax
+
+    old = getattr(jax.config, flag)
+    jax.config.update(flag, value)
+    try:
+        yield
+    finally:
+        jax.config.update(flag, old)
+
+
+def jax_mlir() -> types.SimpleNamespace:
+    """JAX's MLIR tools for the load-safety verifier: `make_ir_context`,
+    `ir`, `deserialize_portable_artifact` (public) and
+    `refine_polymorphic_shapes` on a module (private; see the docstring)."""
+    from jax.extend import mlir as extend_mlir
+    from jax.interpreters import mlir
+
+    return types.SimpleNamespace(
+        make_ir_context=mlir.make_ir_context,
+        ir=mlir.ir,
+        deserialize_portable_artifact=getattr(
+            extend_mlir, "deserialize_portable_artifact", None
+        )
+        or resolve("jax._src.lib", "_jax.mlir.deserialize_portable_artifact"),
+        refine_polymorphic_shapes=resolve(
+            "jax._src.interpreters.mlir", "refine_polymorphic_shapes"
+        ),
+    )
+
+
+def jax_dlpack_extension() -> tuple[Any, int]:
+    """jaxlib's extension module and its version, for the torch bridge's
+    DLPack exchange (ImportError when missing: the bridge uses the public
+    DLPack functions)."""
+    resolve("jax._src.lib", "_jax.dlpack_managed_tensor_to_buffer")
+    resolve("jax._src.lib", "_jax.buffer_to_dlpack_managed_tensor")
+    lib = resolve("jax._src.lib")
+    return lib._jax, resolve("jax._src.lib", "jaxlib_extension_version")
+
+
+# Keras.
+
+
+def keras_in_stateless_scope() -> Any:
+    """Keras's `in_stateless_scope` function, or None where it has gone."""
+    try:
+        return resolve("keras.src.backend.common.stateless_scope", "in_stateless_scope")
+    except ImportError:
+        return None
+
+
+def keras_in_safe_mode() -> bool:
+    """Keras's `safe_mode` now: False only where a load said
+    `safe_mode=False` (or unsafe deserialization was enabled); True where
+    Keras's `in_safe_mode` has gone (the strict choice)."""
+    try:
+        in_safe_mode = resolve("keras.src.saving.serialization_lib", "in_safe_mode")
+    except ImportError:
+        return True
+    # None outside any load: safe.
+    return in_safe_mode() is not False
+
+
+# Export converters.
+
+
+def tf2onnx_internals() -> tuple[Any, Any, Any]:
+    """tf2onnx's `handler` module, `tf_utils` module and `utils.make_name`."""
+    return (
+        resolve("tf2onnx.handler"),
+        resolve("tf2onnx.tf_utils"),
+        resolve("tf2onnx.utils", "make_name"),
+    )
+
+
+def jax2onnx_plugin_system() -> Any:
+    """jax2onnx's plugin registry module (`register_primitive`, ...)."""
+    module = resolve("jax2onnx.plugins.plugin_system")
+    resolve("jax2onnx.plugins.plugin_system", "register_primitive")
+    return module
+
+
+def patch_openvino_convert_model(wrap: Any) -> None:
+    """Replaces `openvino.convert_model` by `wrap(openvino.convert_model)`."""
+    openvino = resolve("openvino")
+    resolve("openvino", "convert_model")
+    openvino.convert_model = wrap(openvino.convert_model)
+
+
+def litert_torch_internals() -> tuple[Any, Any, Any]:
+    """litert-torch's MLIR `ir`, `jax_bridge` and lowering `registry`."""
+    return (
+        resolve("litert_converter.mlir", "ir"),
+        resolve("litert_torch.backend.jax_bridge"),
+        resolve("litert_torch.backend.lowerings.registry"),
+    )

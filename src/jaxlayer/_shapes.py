@@ -12,6 +12,7 @@ from __future__ import annotations
 import itertools
 
 import jax
+import jax.export
 import jax.numpy as jnp
 import keras
 import numpy as np

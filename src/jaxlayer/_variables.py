@@ -510,12 +510,9 @@ def values_of(spec: TreeSpec | None, stored: bool = False) -> list | None:
         # `.value` makes one per variable (`_private.plain_values`).
         values = _private.plain_values(spec.variables)
         return values if values is not None else [v.value for v in spec.variables]
-    try:
-        # Not public API (see `jaxlayer._private`): without it, no stored read.
-        from keras.src.backend.common.stateless_scope import in_stateless_scope
-    except ImportError:
-        return None
-    if in_stateless_scope():
+    # Not public API (see `jaxlayer._private`): without it, no stored read.
+    in_stateless_scope = _private.keras_in_stateless_scope()
+    if in_stateless_scope is None or in_stateless_scope():
         return None
     # `_value` is None while a deferred variable is not yet created.
     values = [getattr(v, "_value", None) for v in spec.variables]

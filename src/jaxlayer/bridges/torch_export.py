@@ -41,6 +41,7 @@ from collections.abc import Callable, Sequence
 from typing import NamedTuple
 
 import jax
+import jax.export
 import numpy as np
 import torch
 

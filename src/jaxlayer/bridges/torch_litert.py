@@ -18,11 +18,11 @@ from __future__ import annotations
 import dataclasses
 
 import torch
-from litert_converter.mlir import ir
-from litert_torch.backend import jax_bridge
-from litert_torch.backend.lowerings import registry
 
+from jaxlayer import _private
 from jaxlayer.bridges import torch_export
+
+ir, jax_bridge, registry = _private.litert_torch_internals()
 
 
 def _lowering(lctx, artifact, sha256, params, inputs, state, rng):

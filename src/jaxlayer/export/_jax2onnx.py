@@ -11,6 +11,7 @@ Installed by `_hooks` when jax2onnx is imported.
 
 from __future__ import annotations
 
+from jaxlayer import _private
 from jaxlayer.export import _onnx, _registry
 
 _STANDARD_DOMAINS = ("", "ai.onnx")
@@ -123,7 +124,7 @@ def lower(ctx, eqn) -> None:
 
 def install() -> None:
     """Registers the plugin with jax2onnx (once)."""
-    from jax2onnx.plugins import plugin_system
+    plugin_system = _private.jax2onnx_plugin_system()
 
     if "call_exported" in plugin_system.PLUGIN_REGISTRY:
         return

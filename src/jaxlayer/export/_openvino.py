@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import functools
 
+from jaxlayer import _private
 from jaxlayer.export import _onnx, _registry, _torch_onnx
 
 # The ONNX opset of the intermediate model (OpenVINO reads up to 23 here).
@@ -109,6 +110,4 @@ def wrap(convert_model):
 
 def install() -> None:
     """Wraps `openvino.convert_model` (once)."""
-    import openvino
-
-    openvino.convert_model = wrap(openvino.convert_model)
+    _private.patch_openvino_convert_model(wrap)

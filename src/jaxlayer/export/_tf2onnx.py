@@ -9,6 +9,7 @@ when tf2onnx is imported.
 
 from __future__ import annotations
 
+from jaxlayer import _private
 from jaxlayer.export import _onnx, _registry
 
 
@@ -40,7 +41,7 @@ def convert(ctx, node) -> None:
 
 
 def _convert(ctx, node) -> None:
-    from tf2onnx.utils import make_name
+    _, _, make_name = _private.tf2onnx_internals()
 
     module = node.get_attr_value("module")
     source = _registry.lookup(module) if module is not None else None
@@ -230,9 +231,8 @@ def _wrap_from_function(convert_module) -> None:
             signature = args[0] if args else kwargs.get("input_signature")
             check_at_other_shape(function, signature, model_proto)
         if output_path:
-            from tf2onnx import utils
-
-            utils.save_protobuf(output_path, model_proto)
+            save = _private.resolve("tf2onnx.utils", "save_protobuf")
+            save(output_path, model_proto)
         return result
 
     from_function._jaxlayer_wrapped = True
@@ -246,7 +246,8 @@ def install() -> None:
     """Registers the handler with tf2onnx (once)."""
     import tf2onnx
     from tf2onnx import convert as tf2onnx_convert
-    from tf2onnx import handler, tf_utils
+
+    handler, tf_utils, _ = _private.tf2onnx_internals()
 
     global _installed
     if _installed:

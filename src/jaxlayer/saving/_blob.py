@@ -18,6 +18,7 @@ import os
 import tempfile
 
 import jax
+import jax.export
 
 from jaxlayer import _artifact_check as check
 from jaxlayer.saving._manifest import first_line

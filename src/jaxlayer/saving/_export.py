@@ -8,9 +8,11 @@ import hashlib
 from collections.abc import Callable
 
 import jax
+import jax.export
 import jax.numpy as jnp
 import keras
 
+from jaxlayer import _private
 from jaxlayer import _variables as V
 from jaxlayer._record import InputRecord, input_template, shared_groups
 from jaxlayer._shapes import symbolic_specs
@@ -236,11 +238,13 @@ def _no_source_paths():
     emptied. The VJP is exported while serializing, so both run in here.
     """
     # Private flags: jax has no public switch for what locations hold.
-    from jax._src import config
-
     scope = contextlib.ExitStack()
-    scope.enter_context(config.include_full_tracebacks_in_locations(False))
-    scope.enter_context(config.hlo_source_file_canonicalization_regex(r".*"))
+    scope.enter_context(
+        _private.jax_config_scope("include_full_tracebacks_in_locations", False)
+    )
+    scope.enter_context(
+        _private.jax_config_scope("hlo_source_file_canonicalization_regex", r".*")
+    )
     return scope
 
 

@@ -9,6 +9,7 @@ import os
 from typing import Any
 
 import jax
+import jax.export
 import jax.numpy as jnp
 
 from jaxlayer import _artifact_check as check
@@ -572,13 +573,9 @@ def _archive_root(dirpath: str) -> str:
 def _in_safe_mode() -> bool:
     """Keras's `safe_mode` now: True unless a load said `safe_mode=False` or
     `keras.config.enable_unsafe_deserialization()` was called."""
-    try:
-        # `in_safe_mode` is not public API; it answers None outside any load,
-        # which counts as safe.
-        from keras.src.saving import serialization_lib
-    except ImportError:  # a Keras without it: the safe choice
-        return True
-    return serialization_lib.in_safe_mode() is not False
+    from jaxlayer import _private
+
+    return _private.keras_in_safe_mode()
 
 
 def _is_array(x) -> bool:

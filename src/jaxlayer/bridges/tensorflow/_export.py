@@ -10,6 +10,7 @@ from __future__ import annotations
 from typing import Any
 
 import jax
+import jax.export
 import tensorflow as tf
 
 from jaxlayer.bridges.tensorflow._graph import call_module

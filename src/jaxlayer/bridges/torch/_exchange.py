@@ -24,6 +24,8 @@ import numpy as np
 import torch
 from torch.utils import dlpack as _torch_dlpack
 
+from jaxlayer import _private
+
 #: Counts, for tests and debugging: `forward_traces` (the no-gradient
 #: forward), `vjp_traces` (the forward that returns residuals),
 #: `backward_traces`, `jit_functions` (compiled functions made), `compiles`
@@ -81,8 +83,7 @@ def _cpu_importer() -> Callable[[torch.Tensor], jax.Array]:
         return jax.dlpack.from_dlpack(t)
 
     try:
-        from jax._src.lib import _jax, jaxlib_extension_version
-
+        _jax, jaxlib_extension_version = _private.jax_dlpack_extension()
         device = jax.devices("cpu")[0]
         to_buffer = _jax.dlpack_managed_tensor_to_buffer
         to_dlpack = _torch_dlpack.to_dlpack
@@ -122,8 +123,7 @@ def _cpu_exporter() -> Callable[[jax.Array], torch.Tensor]:
         return torch.from_dlpack(a)
 
     try:
-        from jax._src.lib import _jax
-
+        _jax, _ = _private.jax_dlpack_extension()
         to_capsule = _jax.buffer_to_dlpack_managed_tensor
         from_dlpack = _torch_dlpack.from_dlpack
 
