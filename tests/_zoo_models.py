@@ -204,9 +204,7 @@ def nnx_cnn():
     layer = jaxlayer.NNXLayer(CNN(rngs=nnx.Rngs(0)), name="cnn")
     inputs = keras.Input((28, 28, 1))
     model = keras.Model(inputs, layer(inputs))
-    model.compile(
-        "adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True)
-    )
+    model.compile("adam", keras.losses.SparseCategoricalCrossentropy(from_logits=True))
 
     def reference(model, images):
         module = layer.to_module()

@@ -68,7 +68,7 @@ def write_inputs(folder, name, more=True):
     for batch, length in shapes(name, more=True):
         x = ZOO[name].inputs(batch, length or 1, seed=batch + length)
         inputs[_key(batch, length)] = x
-        for input_name, a in (x.items() if isinstance(x, dict) else [("x", x)]):
+        for input_name, a in x.items() if isinstance(x, dict) else [("x", x)]:
             arrays[f"{_key(batch, length)}/{input_name}"] = a
     path = os.path.join(folder, f"{name}-inputs.npz")
     np.savez(path, **arrays)
