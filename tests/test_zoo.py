@@ -193,7 +193,29 @@ def test_predict_equals_the_library_model(zoo, name):
         )
 
 
-@pytest.mark.parametrize("name", NAMES)
+# Cells that fail because of a known bug of jaxlayer (issue 30, being fixed
+# apart): strict, so each mark goes once its bug is fixed. The text is the
+# error each raises.
+_SHARED_DIMS = (
+    "ValueError: FlaxLayer '{0}' runs the computation saved in its `.keras` "
+    "file, which takes 2 input array(s) of shapes (2, 8), (2, 8); it got 2 of "
+    "shapes (2, 5), (2, 5). (saving gave the token ids and the mask separate "
+    "symbolic sequence dimensions, fell back to the shapes of the first call)"
+)
+KNOWN_RELOAD = {
+    (name, backend): _SHARED_DIMS.format(name)
+    for name in TEXT
+    for backend in ("jax", "tensorflow", "torch")
+}
+
+
+def _reload_case(name):
+    reason = KNOWN_RELOAD.get((name, BACKEND))
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [_reload_case(n) for n in NAMES])
 def test_reloaded_without_the_library_predicts_the_same(zoo, reloaded, name):
     report, outputs, inputs = reloaded
     assert report["imported"] == [], report["imported"]

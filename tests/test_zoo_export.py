@@ -114,7 +114,8 @@ _LOADER = textwrap.dedent(
             return {o: feed[i.name] for i, o in zip(ins, use)}, out
         if fmt == "openvino":
             import openvino as ov
-            c = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+            f32 = {"INFERENCE_PRECISION_HINT": "f32"}
+            c = ov.Core().compile_model(path, "CPU", f32)
             names = [" ".join(sorted(i.get_names())) for i in c.inputs]
             use = pick(names, list(x))
             args = [
@@ -146,7 +147,8 @@ _LOADER = textwrap.dedent(
             x = {k: np.load(v) for k, v in feeds[name.split(":")[0]].items()}
             used, out = run(fmt, path, x)
             file = os.path.join(folder, name.replace(":", "-") + "-out.npz")
-            np.savez(file, **{"in/" + k: v for k, v in used.items()}, out=np.asarray(out))
+            saved = {"in/" + k: v for k, v in used.items()}
+            np.savez(file, **saved, out=np.asarray(out))
             results[name] = file
         except Exception as err:
             results[name] = "error: " + f"{type(err).__name__}: {str(err)[:400]}"
@@ -185,8 +187,9 @@ def _export(model, path, fmt):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory):
-    """`(models, {f"{name}:{fmt}": npz file or error text})`: every zoo model
-    exported to every format of this backend, run in one fresh process."""
+    """`(models, {f"{name}:{fmt}": npz file or error text}, {name: predict at
+    the export shape before exporting})`: every zoo model exported to every
+    format of this backend, run in one fresh process."""
     for lib in ("transformers", "flax", "equinox", "haiku"):
         pytest.importorskip(lib)
     from _zoo_models import EXPORT, ZOO
@@ -195,9 +198,12 @@ def exported(tmp_path_factory):
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         models = {name: _called(name) for name in NAMES}
-    feeds, artifacts, results = {}, {}, {}
+    feeds, artifacts, results, before = {}, {}, {}, {}
     for name in NAMES:
         x = ZOO[name].inputs(*EXPORT, seed=3)
+        # What the model predicts before any export (each cell is checked
+        # against it; that exporting leaves the model as it was is a test).
+        before[name] = models[name].predict(x, verbose=0)
         x = x if isinstance(x, dict) else {"x": x}
         feeds[name] = {}
         for k, a in x.items():
@@ -220,7 +226,7 @@ def exported(tmp_path_factory):
         json.dump(feeds, f)
     if artifacts:
         results.update(run_loader(_LOADER, folder, artifacts, ())[0])
-    return models, results
+    return models, results, before
 
 
 def _missing(module):
@@ -231,7 +237,40 @@ def _missing(module):
     return False
 
 
-CELLS = [(name, fmt) for fmt in FORMATS for name in NAMES]
+# Cells that fail because of known bugs of jaxlayer (issue 30, being fixed
+# apart): strict, so each mark goes once its bug is fixed. The text is the
+# error each raises.
+_SHARED_DIMS_JAX = {
+    "bert": "export: TypeError: add got incompatible shapes for broadcasting: "
+    "(batch, 2, b, b), (batch, 1, 1, a) (the token ids and the mask get "
+    "separate symbolic sequence dimensions)",
+    "gpt2": "export: ValueError: Incompatible types for broadcasting: input "
+    "type=int32[batch,1,1,a] and requested type=int32[batch,1,min(32, b),"
+    "min(32, b)] (the token ids and the mask get separate symbolic sequence "
+    "dimensions)",
+}
+KNOWN = {
+    **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
+    **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
+}
+# Models that no longer predict after their exports (the export leaked a
+# tracer into the layer's state).
+_LEAK = (
+    "jax.errors.UnexpectedTracerError: Encountered an unexpected tracer ... "
+    "traced for jit (jax2onnx's conversion_api) ... created on line "
+    "jaxlayer/_contract.py:119 (check_state): the ONNX export on jax leaves "
+    "a tracer in the layer's state"
+)
+KNOWN_AFTER = {(n, "jax"): _LEAK for n in ("nnx_cnn", "equinox_bn", "haiku_bn")}
+
+
+def _cell(name, fmt):
+    reason = KNOWN.get((name, BACKEND, fmt))
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(name, fmt, marks=marks, id=f"{name}-{fmt}")
+
+
+CELLS = [_cell(name, fmt) for fmt in FORMATS for name in NAMES]
 
 
 @pytest.mark.parametrize(("name", "fmt"), CELLS)
@@ -240,7 +279,7 @@ def test_export_runs_in_its_runtime_at_other_shapes(exported, name, fmt):
         pytest.importorskip(module)
     from _zoo_models import EXPORT
 
-    models, results = exported
+    models, results, before = exported
     got = results[f"{name}:{fmt}"]
     assert not got.startswith(("export: ", "error: ")), f"{name}:{fmt}: {got}"
     with np.load(got) as data:
@@ -252,5 +291,24 @@ def test_export_runs_in_its_runtime_at_other_shapes(exported, name, fmt):
         # The runtime ran at the export shape, not one the model was called at.
         want_shape = EXPORT if name in ("bert", "gpt2") else EXPORT[:1]
         assert first.shape[: len(want_shape)] == want_shape, first.shape
-    want = models[name].predict(x, verbose=0)
+        want = before[name]
+    else:
+        want = models[name].predict(x, verbose=0)
     np.testing.assert_allclose(out, want, atol=ATOL, err_msg=f"{name}:{fmt}")
+
+
+def _after(name):
+    reason = KNOWN_AFTER.get((name, BACKEND))
+    marks = [pytest.mark.xfail(strict=True, reason=reason)] if reason else []
+    return pytest.param(name, marks=marks)
+
+
+@pytest.mark.parametrize("name", [_after(n) for n in NAMES])
+def test_exports_leave_the_model_as_it_was(exported, name):
+    from _zoo_models import EXPORT, ZOO
+
+    models, _, before = exported
+    x = ZOO[name].inputs(*EXPORT, seed=3)
+    np.testing.assert_allclose(
+        models[name].predict(x, verbose=0), before[name], atol=1e-6, err_msg=name
+    )
