@@ -249,9 +249,35 @@ _SHARED_DIMS_JAX = {
     "min(32, b)] (the token ids and the mask get separate symbolic sequence "
     "dimensions)",
 }
+# On tensorflow the same bug sends the text models through an `EagerPyFunc`
+# (the TF bridge's eager fallback), which no artifact can hold.
+_PYFUNC = " (the layer ran as an EagerPyFunc: the token ids and the mask got "
+_PYFUNC += "separate symbolic sequence dimensions)"
+_SHARED_DIMS_TF = {
+    "tf_saved_model": "error: InvalidArgumentError: Graph execution error: "
+    "ValueError: Could not find callback with key=pyfunc_N in the registry",
+    "onnx": "error: InvalidGraph: [ONNXRuntimeError] : 10 : INVALID_GRAPH : "
+    "... This is an invalid model. In Node, (.../EagerPyFunc, EagerPyFunc, ...)",
+    "openvino": "export: OpConversionFailure: ... Model wasn't fully converted. "
+    "-- No conversion rule found for operations: EagerPyFunc",
+    "litert": "export: ConverterError: Could not translate MLIR to FlatBuffer. "
+    "... EagerPyFunc",
+}
 KNOWN = {
     **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
+    **{
+        (n, "tensorflow", f): r + _PYFUNC
+        for n in ("bert", "gpt2")
+        for f, r in _SHARED_DIMS_TF.items()
+    },
+    # The layer's XlaCallModule with a symbolic batch: HF's
+    # `hidden_states[:, 0]` lowers to a dynamic gather, which LiteRT lacks.
+    ("vit", "tensorflow", "litert"): "export: ConverterError: Could not "
+    "translate MLIR to FlatBuffer. transformers/models/vit/modeling_flax_vit.py"
+    ":424:27: error: 'vhlo.dynamic_gather_v1' op is not part of the vhlo "
+    "support yet. (cls_hidden_state = hidden_states[:, 0], in the layer's "
+    "XlaCallModule)",
 }
 # Models that no longer predict after their exports (the export leaked a
 # tracer into the layer's state).
