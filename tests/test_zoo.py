@@ -257,14 +257,27 @@ SAVE_ON_JAX = textwrap.dedent(
 )
 
 
-@pytest.mark.skipif(BACKEND != "numpy", reason="the NumPy backend's check")
-def test_numpy_loads_and_runs_the_saved_zoo(tmp_path):
+_SHARED_DIMS_NUMPY = (
+    "ValueError: FlaxLayer '{0}' runs the computation saved in its `.keras` "
+    "file, which takes 2 input array(s) of shapes (2, 5), (2, 5); it got 2 of "
+    "shapes (3, 5), (3, 5). (saving gave the token ids and the mask separate "
+    "symbolic sequence dimensions, fell back to the shapes of the first call)"
+)
+
+
+@pytest.fixture(scope="module")
+def saved_on_jax(tmp_path_factory):
+    """`(jobs, report, outputs)`: the zoo saved by a jax process, loaded and
+    run by one fresh numpy process."""
+    if BACKEND != "numpy":
+        pytest.skip("the NumPy backend's check")
     _needs_libraries()
-    folder = str(tmp_path)
-    script = tmp_path / "save.py"
-    script.write_text(SAVE_ON_JAX)
+    folder = str(tmp_path_factory.mktemp("zoo-numpy"))
+    script = os.path.join(folder, "save.py")
+    with open(script, "w") as f:
+        f.write(SAVE_ON_JAX)
     done = subprocess.run(
-        [sys.executable, str(script), folder, HERE],
+        [sys.executable, script, folder, HERE],
         capture_output=True,
         text=True,
         env=dict(os.environ, KERAS_BACKEND="jax"),
@@ -274,12 +287,24 @@ def test_numpy_loads_and_runs_the_saved_zoo(tmp_path):
     assert line, done.stderr[-3000:]
     jobs = json.loads(line[0][len("JOBS") :])
     report, outputs = reload_in_fresh_process(folder, jobs, backend="numpy")
+    return folder, report, outputs
+
+
+def _numpy_case(name):
+    if name not in TEXT:
+        return name
+    reason = _SHARED_DIMS_NUMPY.format(name)
+    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
+
+
+@pytest.mark.parametrize("name", [_numpy_case(n) for n in NAMES])
+def test_numpy_loads_and_runs_the_saved_zoo(saved_on_jax, name):
+    folder, report, outputs = saved_on_jax
     assert report["imported"] == [], report["imported"]
-    for name, *_ in jobs:
-        assert not isinstance(report[name], str), f"{name}: {report[name]}"
-        with np.load(os.path.join(folder, f"{name}-want.npz")) as want:
-            assert sorted(want.files) == sorted(outputs[name])
-            for shape in want.files:
-                np.testing.assert_allclose(
-                    outputs[name][shape], want[shape], atol=1e-5, err_msg=name
-                )
+    assert not isinstance(report[name], str), f"{name}: {report[name]}"
+    with np.load(os.path.join(folder, f"{name}-want.npz")) as want:
+        assert sorted(want.files) == sorted(outputs[name])
+        for shape in want.files:
+            np.testing.assert_allclose(
+                outputs[name][shape], want[shape], atol=1e-5, err_msg=name
+            )
