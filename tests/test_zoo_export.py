@@ -295,7 +295,8 @@ KNOWN = {
     **{
         (n, "torch", "litert"): "export: RuntimeError: Failed to convert "
         "PyTorch model to LiteRT. ... Original error: Exception encountered "
-        f"when calling {c}.call() (a layer with state)"
+        f"when calling {c}.call() ... (for haiku_bn, checked alone: expected "
+        "compiled_fn to be GraphModule, got <class 'function'>)"
         for n, c in (
             ("nnx_cnn", "NNXLayer"),
             ("equinox_bn", "EquinoxLayer"),
