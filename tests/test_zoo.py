@@ -36,6 +36,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 NAMES = ("bert", "gpt2", "vit", "nnx_cnn", "equinox_bn", "haiku_bn")
 TEXT = ("bert", "gpt2")
 LIBRARIES = ("transformers", "flax", "equinox", "haiku")
+# Minutes per backend (building, fitting and reloading six models): slow.
+pytestmark = pytest.mark.slow
 
 
 def _needs_libraries():
