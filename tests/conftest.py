@@ -35,6 +35,7 @@ NUMPY_FILES = (
     "test_load_safety.py",  # files saved here, loaded in fresh processes
     "test_load_fuzz.py",  # the same, mutated
     "test_transforms.py",  # LoRA / int8 files load and predict
+    "test_zoo.py",  # the zoo saved on jax loads and predicts
 )
 if BACKEND == "numpy":
     collect_ignore_glob = [
