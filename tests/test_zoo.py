@@ -204,9 +204,11 @@ _SHARED_DIMS = (
     "shapes (2, 5), (2, 5). (saving gave the token ids and the mask separate "
     "symbolic sequence dimensions, fell back to the shapes of the first call)"
 )
+# BERT's ids and mask now share one symbol. GPT-2 still falls back: its
+# causal mask is sliced to min(n_positions, length), which jax.export cannot
+# broadcast against the length without a `length <= n_positions` constraint.
 KNOWN_RELOAD = {
-    (name, backend): _SHARED_DIMS.format(name)
-    for name in TEXT
+    ("gpt2", backend): _SHARED_DIMS.format("gpt2")
     for backend in ("jax", "tensorflow", "torch")
 }
 
@@ -293,7 +295,7 @@ def saved_on_jax(tmp_path_factory):
 
 
 def _numpy_case(name):
-    if name not in TEXT:
+    if name != "gpt2":  # see KNOWN_RELOAD
         return name
     reason = _SHARED_DIMS_NUMPY.format(name)
     return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
