@@ -84,6 +84,34 @@ def test_inference_inside_tf_function_stores_the_state():
     assert counts(layer) == (3, 12)
 
 
+@pytest.mark.skipif(BACKEND != "jax", reason="a foreign jax trace: jax backend")
+def test_a_foreign_jax_trace_leaves_the_state_concrete():
+    # Keras's ONNX export on jax runs `model(x)` under jax2onnx's trace (a
+    # `jax.jit` here): its new state is a tracer, which must not stay in the
+    # variables. Inside a `StatelessScope` the update is collected as usual.
+    layer = counter_layer()
+    x = np.ones((4, 3), "float32")
+    layer(x)
+    out = jax.jit(lambda x: layer(x, training=False))(x)
+    np.testing.assert_allclose(np.asarray(out), 2 * x, **TOL)
+    assert counts(layer) == (1, 4)
+    layer(x)  # a later call runs on concrete values
+    assert counts(layer) == (2, 8)
+
+    def stateless(values, x):
+        with keras.StatelessScope(
+            state_mapping=list(zip(layer.variables, values, strict=True))
+        ) as scope:
+            layer(x)
+        state = layer.non_trainable_weights
+        return {v.path.split("/")[-1]: scope.get_current_value(v) for v in state}
+
+    values = [v.value for v in layer.variables]
+    new = jax.jit(stateless)(values, x)
+    assert {k: int(np.asarray(v)) for k, v in new.items()} == {"calls": 3, "seen": 12}
+    assert counts(layer) == (2, 8)
+
+
 @pytest.mark.skipif(BACKEND != "torch", reason="torch.no_grad: PyTorch")
 def test_inference_under_no_grad_stores_the_state():
     import torch

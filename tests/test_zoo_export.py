@@ -319,15 +319,9 @@ KNOWN = {
         )
     },
 }
-# Models that no longer predict after their exports (the export leaked a
-# tracer into the layer's state).
-_LEAK = (
-    "jax.errors.UnexpectedTracerError: Encountered an unexpected tracer ... "
-    "traced for jit (jax2onnx's conversion_api) ... created on line "
-    "jaxlayer/_contract.py:119 (check_state): the ONNX export on jax leaves "
-    "a tracer in the layer's state"
-)
-KNOWN_AFTER = {(n, "jax"): _LEAK for n in ("nnx_cnn", "equinox_bn", "haiku_bn")}
+# Models that no longer predict after their exports: none now (the ONNX
+# export on jax left a tracer in the state of the models with state).
+KNOWN_AFTER: dict = {}
 
 
 def _cell(name, fmt):

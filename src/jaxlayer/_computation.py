@@ -17,10 +17,17 @@ from typing import Any
 import keras
 
 from jaxlayer import _contract as K
-from jaxlayer import _record
+from jaxlayer import _private, _record
 from jaxlayer import _shapes as S
 from jaxlayer import _variables as V
 from jaxlayer._pure import PureFunction
+
+
+def _stateless() -> bool:
+    """Whether a Keras `StatelessScope` is active (True where Keras no
+    longer says: then the assignment goes ahead, as before)."""
+    in_scope = _private.keras_in_stateless_scope()
+    return in_scope is None or bool(in_scope())
 
 
 class Computation:
@@ -129,9 +136,20 @@ class Computation:
         order): in training and in inference (as Keras does); a function
         that must leave it alone returns it unchanged."""
         state_spec = self._specs[1]
-        if state_spec is not None:
-            for variable, value in zip(state_spec.variables, new_state, strict=True):
-                variable.assign(value)
+        if state_spec is None:
+            return
+        new_state = list(new_state)
+        if new_state and _private.is_tracer(new_state[0]) and not _stateless():
+            # Traced outside any `StatelessScope`: the trace is someone
+            # else's (Keras's ONNX export on jax runs `model(x)` under
+            # jax2onnx's trace; a user's `jax.jit` around a model call).
+            # Assigned, the tracer would stay in the variable and fail every
+            # later call; its value exists only inside that trace, whose
+            # outputs are all the caller gets. Keras's own trainers and
+            # `stateless_call` trace inside a scope, which collects it.
+            return
+        for variable, value in zip(state_spec.variables, new_state, strict=True):
+            variable.assign(value)
 
     # -- the pure functions ----------------------------------------------
 
