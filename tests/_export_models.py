@@ -24,6 +24,17 @@ X = np.random.RandomState(0).randn(5, 8).astype("float32")
 X7 = np.random.RandomState(1).randn(7, 8).astype("float32")
 
 
+def text_init(rng, inputs):
+    """The parameters of the tests' small text models (token ids and their
+    mask: a vocabulary of 10, positions up to 16, width 4, 2 outputs)."""
+    k1, k2, k3 = jax.random.split(rng, 3)
+    return {
+        "emb": jax.random.normal(k1, (10, 4)),
+        "pos": jax.random.normal(k2, (16, 4)),
+        "w": jax.random.normal(k3, (4, 2)),
+    }
+
+
 def init_fn(rng, inputs):
     k1, k2 = jax.random.split(rng)
     return {

@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 
 import jaxlayer
-from _export_models import ATOL, X7, X, run_loader
+from _export_models import ATOL, X7, X, run_loader, text_init
 from _export_models import model as _model
 
 pytest.importorskip("jax2onnx")
@@ -183,15 +183,6 @@ def _text_fn(params, inputs):
     return jnp.tanh(h).sum(1) @ params["w"]
 
 
-def _text_init(rng, inputs):
-    k1, k2, k3 = jax.random.split(rng, 3)
-    return {
-        "emb": jax.random.normal(k1, (10, 4)),
-        "pos": jax.random.normal(k2, (16, 4)),
-        "w": jax.random.normal(k3, (4, 2)),
-    }
-
-
 def _text_data(batch, length):
     rng = np.random.default_rng(batch * 100 + length)
     ids = rng.integers(0, 10, (batch, length)).astype("int32")
@@ -221,7 +212,7 @@ _TEXT_LOADER = textwrap.dedent(
 def text_model():
     ids = keras.Input((None,), dtype="int32")
     mask = keras.Input((None,), dtype="int32")
-    layer = jaxlayer.JaxLayer(_text_fn, _text_init, seed=0, name="text")
+    layer = jaxlayer.JaxLayer(_text_fn, text_init, seed=0, name="text")
     model = keras.Model([ids, mask], layer([ids, mask]))
     model(_text_data(2, 5))  # Keras's ONNX export on jax wants a call
     return model

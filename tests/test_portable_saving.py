@@ -24,6 +24,7 @@ import keras
 import numpy as np
 import pytest
 
+from _export_models import text_init
 from conftest import time_left
 from jaxlayer import JaxLayer, saving
 
@@ -845,15 +846,6 @@ def _text_fn(params, inputs):
     return jnp.tanh(h).sum(1) @ params["w"]
 
 
-def _text_init(rng, inputs):
-    k1, k2, k3 = jax.random.split(rng, 3)
-    return {
-        "emb": jax.random.normal(k1, (10, 4)),
-        "pos": jax.random.normal(k2, (16, 4)),
-        "w": jax.random.normal(k3, (4, 2)),
-    }
-
-
 def text_data(batch, length, seed=0):
     rng = np.random.default_rng(seed)
     ids = rng.integers(0, 10, (batch, length)).astype("int32")
@@ -864,7 +856,7 @@ def text_data(batch, length, seed=0):
 def text_model():
     """Two `keras.Input((None,), "int32")`s, one sequence length."""
     ids, mask = keras.Input((None,), dtype="int32"), keras.Input((None,), dtype="int32")
-    layer = JaxLayer(_text_fn, _text_init, seed=0, name="text")
+    layer = JaxLayer(_text_fn, text_init, seed=0, name="text")
     return keras.Model([ids, mask], layer([ids, mask]))
 
 
