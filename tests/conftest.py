@@ -15,6 +15,13 @@ os.environ.setdefault("JAXLAYER_CACHE_DIR", tempfile.mkdtemp(prefix="jaxlayer-ca
 # One verifying process for the whole run of a backend's tests (loads are
 # often more than the default 30 s apart).
 os.environ.setdefault("JAXLAYER_VERIFY_IDLE", "3600")
+# The load deadline (30 s; 10 s per parse) counts the verifying process's
+# start (`import jax`), which four backends' suites on two cores can slow
+# past it: legitimate files would then be refused at random. The suite
+# allows more; the tests of the deadline set their own limits, and the fuzz
+# campaign's runners get the defaults back (tests/test_load_fuzz.py).
+os.environ.setdefault("JAXLAYER_LOAD_TIMEOUT", "120")
+os.environ.setdefault("JAXLAYER_PARSE_TIMEOUT", "60")
 # No ONNX form in saved files (with jax2onnx installed, every save would
 # convert its layer to ONNX: seconds each); the tests of that form turn it
 # on (tests/test_export_onnx.py).

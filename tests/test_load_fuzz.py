@@ -360,6 +360,11 @@ for name, path in json.loads(sys.argv[2]):
 """
 
 
+# The runners load with jaxlayer's default deadlines (the suite's own,
+# longer ones are for legitimate files on a busy machine: tests/conftest.py).
+_SUITE_ONLY = ("JAXLAYER_LOAD_TIMEOUT", "JAXLAYER_PARSE_TIMEOUT")
+
+
 def run_cases(paths: dict, x, folder: str, env: dict | None = None) -> dict:
     """Loads each case; name -> its outcome (`ok`, or a refusal's `type` and
     `message`, or `failure`: what went wrong with the runner)."""
@@ -378,7 +383,10 @@ def run_cases(paths: dict, x, folder: str, env: dict | None = None) -> dict:
             ],
             stdout=subprocess.PIPE,
             stderr=subprocess.DEVNULL,
-            env={**os.environ, **(env or {})},
+            env={
+                **{k: v for k, v in os.environ.items() if k not in _SUITE_ONLY},
+                **(env or {}),
+            },
             cwd=folder,
             start_new_session=True,
         )

@@ -532,8 +532,9 @@ def test_one_verifying_process_serves_many_loads(files, tmp_path, monkeypatch):
 
     monkeypatch.setattr(_artifact_check, "_Worker", Counted)
     monkeypatch.setattr(_artifact_check, "_WORKER", None)
-    # Long enough for the second load to come within it on a busy machine.
-    monkeypatch.setenv("JAXLAYER_VERIFY_IDLE", "3")
+    # Long enough for the second load to come within it on a busy machine
+    # (3 s was not, with four backends' suites on two cores).
+    monkeypatch.setenv("JAXLAYER_VERIFY_IDLE", "10")
     monkeypatch.setattr(_artifact_check, "_REPORTS", {})
     monkeypatch.setenv("JAXLAYER_CACHE_DIR", str(tmp_path / "cache"))
     model = keras.saving.load_model(files["paths"]["base"])

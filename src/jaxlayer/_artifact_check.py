@@ -435,13 +435,20 @@ def _verify(request: dict, budget: Budget) -> dict:
         for _ in range(2):
             worker = _WORKER
             if worker is None or not worker.usable():
+                # A child that ended (or a parent's, after a fork) is dropped
+                # with its pipes and message file closed, not left to the
+                # garbage collector (a ResourceWarning in whatever runs then).
+                if worker is not None:
+                    worker.stop()
                 worker = _WORKER = _Worker()
             try:
                 found = worker.ask(request, budget)
             except _Idle:
+                worker.stop()
                 _WORKER = None
                 continue
             except (_TimedOut, _Died):
+                worker.stop()
                 _WORKER = None
                 raise
             # Hostile input gets a fresh child: one that failed to parse is stopped.
@@ -590,6 +597,7 @@ class _Worker:
         return f"failed in the verifying process (exit {code}: {last or 'no output'})"
 
     def stop(self) -> None:
+        """Ends the child (if it runs) and closes its files; safe to repeat."""
         if self._pid != os.getpid():
             return
         with contextlib.suppress(OSError):
