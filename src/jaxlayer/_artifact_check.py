@@ -41,6 +41,7 @@ import atexit
 import contextlib
 import contextvars
 import hashlib
+import importlib.util
 import json
 import mmap
 import os
@@ -1072,10 +1073,32 @@ def _describe_file(jax, path: str, exercise: bool = True, stage=None) -> dict:
     return {"canonical_bytes": canonical, "modules": modules}
 
 
-def _describe_module(jax, exp) -> dict:
-    from jaxlayer import _private
+def _private_module():
+    """`jaxlayer._private`, whose `jax_mlir()` the verifying child uses.
 
-    tools = _private.jax_mlir()
+    Imported as a package module here in the loading process; in the child
+    (this file run alone, `-I`), the file beside this one, loaded by itself:
+    `from jaxlayer import ...` would run `jaxlayer/__init__` and import
+    Keras, about a second more on every child's start (and more code run
+    where hostile bytes are parsed). It imports nothing but the standard
+    library at module level.
+    """
+    if __package__:
+        from jaxlayer import _private
+
+        return _private
+    module = sys.modules.get("_jaxlayer_private")
+    if module is None:
+        path = os.path.join(os.path.dirname(os.path.abspath(__file__)), "_private.py")
+        spec = importlib.util.spec_from_file_location("_jaxlayer_private", path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules["_jaxlayer_private"] = module
+        spec.loader.exec_module(module)
+    return module
+
+
+def _describe_module(jax, exp) -> dict:
+    tools = _private_module().jax_mlir()
     ir = tools.ir
     ops: set = set()
     calls: dict = {}
@@ -1138,9 +1161,7 @@ def _exercise(jax, exp) -> None:  # pragma: no cover - in the child
     dimensions) and refine its shapes, as compiling it does. A Python
     exception here is left for the loading process to report where it
     happens: only a crash or a hang matters here."""
-    from jaxlayer import _private
-
-    refine = _private.jax_mlir().refine_polymorphic_shapes
+    refine = _private_module().jax_mlir().refine_polymorphic_shapes
     try:
         concrete = [
             jax.ShapeDtypeStruct(
