@@ -202,7 +202,15 @@ def mlp():
     return model
 
 
-def reference(model, x):
+def squeezed_call(params, inputs):
+    # The bias kept as (16, 1, 1), as Equinox's Conv2d keeps its own:
+    # jax2onnx writes a Squeeze of axes (1, 2) of a parameter, a node that
+    # TorchScript's ONNX export folds into a constant.
+    bias = jnp.squeeze(params["b"], axis=(1, 2))
+    return jnp.tanh(inputs @ params["w"] + bias)
+
+
+def reference(model, x, call=mlp_call):
     """`model` computed in JAX alone: the Dense kernels and the layer's
     params through `jax.jit` of the same functions."""
     d1, layer, d2 = model.layers
@@ -213,7 +221,7 @@ def reference(model, x):
 
     @jax.jit
     def f(x):
-        return mlp_call(params, x @ k1 + b1) @ k2 + b2
+        return call(params, x @ k1 + b1) @ k2 + b2
 
     return np.asarray(f(x))
 
@@ -453,14 +461,33 @@ def needs_onnx_openvino():
         pytest.importorskip(name, reason="needs jaxlayer[export] and the runtimes")
 
 
+FMTS = ("onnx", "openvino")
+
+
 def test_onnx_and_openvino_from_the_torch_backend(mlp, tmp_path):
     # Keras traces the model with torch.jit.trace: the layer is one
     # jaxlayer::call_exported node, converted to the ONNX graph of its JAX
     # function; the batch stays dynamic, as for native layers.
+    # A parameter squeezed on several axes: TorchScript folds that Squeeze
+    # applying the axes one by one, in ascending order ("Dimension out of
+    # range"); jaxlayer writes it as one Squeeze per axis.
     needs_onnx_openvino()
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(1)
+    params = {
+        "w": rng.normal(size=(16, 16)).astype("float32") / 4,
+        "b": rng.normal(size=(16, 1, 1)).astype("float32"),
+    }
+    squeezed = around(JaxLayer(squeezed_call, params=params, name="squeezed"))
     x = batch(4, seed=9)
     np.testing.assert_allclose(mlp.predict(x, verbose=0), reference(mlp, x), **TOL)
-    cases = export_onnx_openvino({"mlp": mlp}, str(tmp_path))
+    np.testing.assert_allclose(
+        squeezed.predict(x, verbose=0),
+        reference(squeezed, x, squeezed_call),
+        **TOL,
+    )
+    cases = export_onnx_openvino({"mlp": mlp, "squeezed": squeezed}, str(tmp_path))
     import onnx
 
     graph = onnx.load(cases["mlp/onnx"]["path"]).graph
@@ -469,9 +496,32 @@ def test_onnx_and_openvino_from_the_torch_backend(mlp, tmp_path):
     # The artifact constant is not in the file: the weights and graph only.
     assert os.path.getsize(cases["mlp/onnx"]["path"]) < 20_000
     out = load_onnx_openvino(cases, str(tmp_path))
-    assert sorted(out) == ["mlp/onnx", "mlp/openvino"]
+    assert sorted(out) == [f"{m}/{f}" for m in ("mlp", "squeezed") for f in FMTS]
     for name, errors in out.items():
         assert len(errors) == 2 and max(errors) <= 1e-4, (name, errors)
+
+
+def test_squeeze_and_unsqueeze_of_several_axes_go_one_axis_at_a_time():
+    # The order in which one-axis nodes give ONNX's result, whatever order
+    # TorchScript's constant folding applies several axes in.
+    onnx = pytest.importorskip("onnx")
+    from jaxlayer.export import _torch_onnx
+
+    def steps(op, axes, rank=3):
+        node = onnx.helper.make_node(op, ["x", "axes"], ["y"])
+        return _torch_onnx._axis_steps(node, {"x": rank}, {"axes": np.array(axes)})
+
+    assert steps("Squeeze", [1, 2]) == [2, 1]
+    assert steps("Squeeze", [-1, 0]) == [2, 0]
+    assert steps("Unsqueeze", [-1, -2], rank=1) == [1, 2]
+    assert steps("Unsqueeze", [0, -1], rank=1) == [0, 2]
+    assert steps("Squeeze", [1]) is None  # one axis: folded right
+    # A negative axis of a value whose rank is not known: left as it is.
+    node = onnx.helper.make_node("Squeeze", ["x", "axes"], ["y"])
+    assert _torch_onnx._axis_steps(node, {}, {"axes": np.array([-1, -2])}) is None
+    # Opset < 13: the axes are an attribute.
+    node = onnx.helper.make_node("Squeeze", ["x"], ["y"], axes=[0, 2])
+    assert _torch_onnx._axis_steps(node, {}, {}) == [2, 0]
 
 
 @pytest.mark.slow

@@ -303,11 +303,6 @@ KNOWN = {
         for n in ("bert", "gpt2")
     },
     **{
-        ("equinox_bn", "torch", f): "export: IndexError: Dimension out of "
-        "range (expected to be in range of [-2, 1], but got 2)"
-        for f in ("onnx", "openvino")
-    },
-    **{
         (n, "torch", "litert"): "export: RuntimeError: Failed to convert "
         "PyTorch model to LiteRT. ... Original error: Exception encountered "
         f"when calling {c}.call() ... To express '_param_constantN' as a "

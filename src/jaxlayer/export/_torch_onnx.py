@@ -230,12 +230,21 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
         del name
         return g.op("Constant", value_t=torch.from_numpy(np.array(array)))
 
+    ranks, arrays = None, None
+
     def make(n, host_inputs):
+        nonlocal ranks, arrays
         if any(x is None for x in host_inputs):
             raise ValueError(
                 f"jaxlayer: the layer's ONNX node {n.op_type} omits an input, "
                 "which the TorchScript ONNX exporter cannot write."
             )
+        if n.op_type in _ONE_AXIS_ORDER and not n.domain:
+            if ranks is None:
+                ranks, arrays = _ranks(proto), _constant_arrays(graph)
+            steps = _axis_steps(n, ranks, arrays)
+            if steps is not None:
+                return [_one_axis_chain(g, n.op_type, host_inputs[0], steps)]
         kind = n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
         made = g.op(kind, *host_inputs, outputs=len(n.output), **_attributes(n))
         return [made] if len(n.output) == 1 else list(made)
@@ -245,6 +254,87 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
 
     results = _onnx.splice(graph, names, constant, make, missing)
     return g.op("prim::ListConstruct", *results)
+
+
+# -- Squeeze and Unsqueeze of several axes -----------------------------------
+# TorchScript's ONNX export folds the nodes whose inputs are all constants
+# or parameters (`do_constant_folding`, on in Keras's export) by running
+# them in torch; its fold of Squeeze and Unsqueeze applies the axes one at a
+# time in ascending order, which is wrong for several axes: a Squeeze of
+# axes (1, 2) of a (4, 1, 1) parameter (Equinox's Conv2d bias) fails with
+# "Dimension out of range (expected to be in range of [-2, 1], but got 2)",
+# and an Unsqueeze of several negative axes folds to the wrong shape. The
+# symbolic writes such a node as a chain of one-axis nodes, in an order in
+# which each axis is still the one ONNX meant.
+
+#: Per op, whether its one-axis steps go in descending axis order.
+_ONE_AXIS_ORDER = {"Squeeze": True, "Unsqueeze": False}
+
+
+def _ranks(proto) -> dict:
+    """The rank of each value of `proto`'s graph that ONNX shape inference
+    knows, by name."""
+    import onnx
+
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - the ranks the graph states, then
+        graph = proto.graph
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        kind = v.type.tensor_type
+        if kind.HasField("shape"):
+            ranks[v.name] = len(kind.shape.dim)
+    return ranks
+
+
+def _constant_arrays(graph) -> dict:
+    """The graph's initializers and `Constant` nodes' values, by name."""
+    arrays = _onnx.initializer_arrays(graph)
+    for n in graph.node:
+        if n.op_type == "Constant" and not n.domain:
+            value = _onnx.attribute_values(n).get("value")
+            if value is not None:
+                arrays[n.output[0]] = value
+    return arrays
+
+
+def _axis_steps(node, ranks: dict, arrays: dict) -> list | None:
+    """The non-negative axes, in the order to apply them one at a time, of
+    a Squeeze or Unsqueeze `node` of several constant axes (None for one
+    axis, axes not constant, or a rank not known where one is needed)."""
+    import numpy as np
+
+    if len(node.input) > 1:
+        axes = arrays.get(node.input[1])
+    else:
+        axes = _onnx.attribute_values(node).get("axes")
+    if axes is None:
+        return None
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if len(axes) < 2:
+        return None
+    if any(a < 0 for a in axes):
+        rank = ranks.get(node.input[0])
+        if rank is None:
+            return None
+        if node.op_type == "Unsqueeze":
+            rank += len(axes)
+        axes = [a + rank if a < 0 else a for a in axes]
+    return sorted(set(axes), reverse=_ONE_AXIS_ORDER[node.op_type])
+
+
+def _one_axis_chain(g, op_type: str, value, axes: list):
+    """`value` through one `op_type` node per axis of `axes`, in order."""
+    import torch
+
+    for axis in axes:
+        if g.opset >= 13:
+            index = g.op("Constant", value_t=torch.tensor([axis], dtype=torch.int64))
+            value = g.op(op_type, value, index)
+        else:
+            value = g.op(op_type, value, axes_i=[axis])
+    return value
 
 
 # -- OpenVINO ----------------------------------------------------------------
