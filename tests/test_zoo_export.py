@@ -302,17 +302,6 @@ KNOWN = {
         ":421, please report a bug to PyTorch."
         for n in ("bert", "gpt2")
     },
-    **{
-        (n, "torch", "litert"): "export: RuntimeError: Failed to convert "
-        "PyTorch model to LiteRT. ... Original error: Exception encountered "
-        f"when calling {c}.call() ... To express '_param_constantN' as a "
-        "function of another Tensor, compute the value in the forward"
-        for n, c in (
-            ("nnx_cnn", "NNXLayer"),
-            ("equinox_bn", "EquinoxLayer"),
-            ("haiku_bn", "JaxLayer"),
-        )
-    },
 }
 # Models that no longer predict after their exports: none now (the ONNX
 # export on jax left a tracer in the state of the models with state).

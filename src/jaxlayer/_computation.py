@@ -134,7 +134,8 @@ class Computation:
     def assign_state(self, new_state) -> None:
         """Stores the state `call_fn` returned (backend tensors, in variable
         order): in training and in inference (as Keras does); a function
-        that must leave it alone returns it unchanged."""
+        that must leave it alone returns it unchanged. A bridge passes None
+        for a value it knows is the variable's own (not assigned)."""
         state_spec = self._specs[1]
         if state_spec is None:
             return
@@ -149,7 +150,8 @@ class Computation:
             # `stateless_call` trace inside a scope, which collects it.
             return
         for variable, value in zip(state_spec.variables, new_state, strict=True):
-            variable.assign(value)
+            if value is not None:  # None: a bridge knows it unchanged
+                variable.assign(value)
 
     # -- the pure functions ----------------------------------------------
 

@@ -132,15 +132,29 @@ def layer_call(computation, inputs, training):
             _torch_onnx.install()
         sha = site_artifact(site, *[described(g) for g in (params, leaves, state, rng)])
         flat = torch_export.call(artifact_tensor(sha), sha, params, leaves, state, rng)
+        # State the computation returns as it took it (a BatchNorm's
+        # statistics in inference) is not assigned: the program then
+        # mutates no parameter for it (LiteRT cannot convert one that does).
+        unchanged = _unchanged_state(sha)
     else:
         flat = _operators.call(site, params, leaves, state, rng)
+        unchanged = ()
     # Outputs first, then the new state (the flat results of the artifact).
     n_out, spec = site_out(site)
-    computation.assign_state(flat[n_out:])
+    new_state = list(flat[n_out:])
+    for k in unchanged:
+        new_state[k] = None
+    computation.assign_state(new_state)
     outputs = flat[:n_out]
     if spec is None:
         return _eager_unflatten(site, outputs)
     return py_build(spec, outputs)
+
+
+@torch.compiler.assume_constant_result
+def _unchanged_state(sha: str) -> tuple:
+    """`torch_export.unchanged_state`, a constant of the traced graph."""
+    return torch_export.unchanged_state(sha)
 
 
 @torch.compiler.disable
