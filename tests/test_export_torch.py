@@ -340,6 +340,34 @@ print(json.dumps(out))
 """
 
 
+def kept_state_call(params, state, inputs):
+    # The state returned as it came (a BatchNorm's statistics in inference):
+    # a LiteRT model holds it as constants. `jnp.where` of a Python int is
+    # float64 while litert-torch has turned `jax_enable_x64` on.
+    n = state["n"]
+    scale = jnp.where(n == 0, 1, 1 - 0.9**n)
+    return jnp.tanh(inputs @ params["w"]) * (state["mean"] / scale), state
+
+
+def counter_call(params, state, inputs):
+    out, state = kept_state_call(params, state, inputs)
+    return out, {**state, "n": state["n"] + 1}
+
+
+def with_state(call):
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(2)
+    params = {"w": rng.normal(size=(16, 16)).astype("float32") / 4}
+    state = {
+        "mean": rng.normal(size=(16,)).astype("float32"),
+        "n": np.array(3, "int32"),
+    }
+    built = around(JaxLayer(call, params=params, state=state, name="stateful"))
+    built(batch(2))
+    return built
+
+
 @pytest.fixture
 def keeps_x64():
     """Importing litert-torch turns on `jax_enable_x64` for the whole process
@@ -363,7 +391,7 @@ def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
         warnings.simplefilter("ignore")
         reloaded = keras.saving.load_model(os.path.join(folder, "mlp.keras"))
     models = {kind: model(kind) for kind in ("native", "flax", "nnx", "equinox")}
-    models.update(mlp=mlp, reloaded=reloaded)
+    models.update(mlp=mlp, reloaded=reloaded, state=with_state(kept_state_call))
     cases = {}
     for name, built in models.items():
         path = os.path.join(folder, f"{name}.tflite")
@@ -371,6 +399,15 @@ def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
             warnings.simplefilter("ignore")
             built.export(path, format="litert", verbose=False)
         cases[name] = case(built, path, [1], folder, name, "litert")
+    # State that changes in inference: refused, no file.
+    counter = with_state(counter_call)
+    path = os.path.join(folder, "counter.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Keras re-raises what the converter raised as a RuntimeError.
+        with pytest.raises(RuntimeError, match=r"JaxLayer 'stateful'.*state\['n'\]"):
+            counter.export(path, format="litert", verbose=False)
+    assert not os.path.exists(path)
     out = run_cases(LOAD_TFLITE, cases, folder, "litert-cases.json")
     assert sorted(out) == sorted(models)
     for name, (errors, signature) in out.items():

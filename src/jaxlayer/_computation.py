@@ -131,6 +131,13 @@ class Computation:
             params = V.values_of(params_spec)
         return params, V.values_of(state_spec), cast
 
+    def state_names(self) -> list[str]:
+        """Each state leaf's pytree path, for messages (`state['n']`)."""
+        state_spec = self._specs[1]
+        if state_spec is None:
+            return []
+        return [V.keystr(path, "state") for path in state_spec.paths]
+
     def assign_state(self, new_state) -> None:
         """Stores the state `call_fn` returned (backend tensors, in variable
         order): in training and in inference (as Keras does); a function
