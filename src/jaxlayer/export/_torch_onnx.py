@@ -355,36 +355,198 @@ def has_jaxlayer_node(model) -> bool:
 
 
 def to_onnx_file(module) -> io.BytesIO:
-    """The ONNX model (an in-memory file) of a traced module with the node,
-    its inputs' leading dimension dynamic."""
+    """The ONNX model (an in-memory file) of a traced module with the node.
+
+    Keras traces the model at its input signature with each unknown size
+    as 1, and hands OpenVINO the traced module alone: the sizes of 1 are
+    taken as the unknown ones and declared dynamic (with the batch), then
+    the model is run by OpenVINO at other sizes. Where it fails there (a
+    size 1 that the model needs, or one the trace baked in), only the
+    batch is declared dynamic; where that fails too, a `ValueError`.
+    """
     import torch
 
     install()
-    graph_inputs = list(module.graph.inputs())[1:]  # the first is `self`
-    examples, names, axes = [], [], {}
-    for i, value in enumerate(graph_inputs):
-        kind = value.type()
-        sizes = kind.sizes() if hasattr(kind, "sizes") else None
-        dtype = kind.dtype() if hasattr(kind, "dtype") else None
-        if sizes is None or dtype is None:
-            raise ValueError(
-                "jaxlayer: converting a traced module with a jaxlayer layer "
-                f"to OpenVINO needs its inputs' shapes; input {i} has none. "
-                "Trace it with `torch.jit.trace` on example tensors."
+    args, flat = _example_inputs(module)
+    if any(isinstance(a, dict) for a in args):
+        module = _flat_inputs(module, args)
+        args = list(flat)
+    names = [f"input_{i}" for i in range(len(flat))]
+    wide = {
+        name: {
+            j: "batch" if j == 0 else f"{name}_{j}"
+            for j, d in enumerate(t.shape)
+            if j == 0 or d == 1
+        }
+        for name, t in zip(names, flat, strict=True)
+        if t.dim()
+    }
+    batch = {name: {0: "batch"} for name, t in zip(names, flat, strict=True) if t.dim()}
+    tries = (wide, batch) if wide != batch else (batch,)
+    error = None
+    for axes in tries:
+        buffer = io.BytesIO()
+        try:
+            torch.onnx.export(
+                module,
+                (*args, {}),
+                buffer,
+                input_names=names,
+                dynamic_axes=axes,
+                opset_version=OPENVINO_OPSET,
+                dynamo=False,
             )
-        examples.append(torch.zeros(sizes, dtype=dtype))
-        names.append(f"input_{i}")
-        if sizes:
-            axes[names[-1]] = {0: "batch"}
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module,
-        tuple(examples),
-        buffer,
-        input_names=names,
-        dynamic_axes=axes,
-        opset_version=OPENVINO_OPSET,
-        dynamo=False,
+        except ValueError as err:  # jaxlayer's: the function, not symbolic
+            if axes is tries[-1]:
+                raise
+            error = str(err)
+            continue
+        failed = _fails_at_other_sizes(buffer.getvalue(), flat, names, axes)
+        if failed is None:
+            if axes is not tries[0]:
+                _warn_static(module, wide, error)
+            buffer.seek(0)
+            return buffer
+        error = failed
+    raise ValueError(
+        f"{_owners(module)}: the OpenVINO model made through ONNX (torch "
+        "backend) does not run at a batch size other than the traced one "
+        f"({error}); give `model.export` an `input_signature` with static "
+        "shapes, or export with format='onnx'."
     )
-    buffer.seek(0)
-    return buffer
+
+
+def _warn_static(module, wide, error) -> None:
+    """The warning for sizes of 1 kept static (`to_onnx_file`)."""
+    import warnings
+
+    dims = ", ".join(
+        f"input {name[6:]} dimension {j}"
+        for name, axes in wide.items()
+        for j in axes
+        if j
+    )
+    warnings.warn(
+        f"{_owners(module)}: the OpenVINO model declares only the batch "
+        f"dynamic; {dims} (traced at size 1: fixed by the input signature, "
+        "or unknown and traced as 1 by Keras) stay at 1, since with them "
+        f"dynamic the model fails ({error[:300]}). Give `model.export` an "
+        "`input_signature` with the sizes you need.",
+        stacklevel=4,
+    )
+
+
+def _example(kind, where: str):
+    """Zeros of the traced shape and dtype of a TorchScript tensor type."""
+    import torch
+
+    sizes = kind.sizes() if isinstance(kind, torch._C.TensorType) else None
+    dtype = kind.dtype() if sizes is not None else None
+    if sizes is None or dtype is None:
+        raise ValueError(
+            "jaxlayer: converting a traced module with a jaxlayer layer to "
+            f"OpenVINO needs its inputs' shapes; {where} has none. Trace it "
+            "with `torch.jit.trace` on example tensors."
+        )
+    return torch.zeros(sizes, dtype=dtype)
+
+
+def _example_inputs(module) -> tuple[list, list]:
+    """`(args, tensors)`: example arguments of the traced `module` (tensors,
+    or dicts of tensors: Keras traces a model of named inputs with one
+    dict), and their tensors in the order `torch.onnx.export` takes them."""
+    import torch
+
+    graph = module.inlined_graph
+    args, flat = [], []
+    for i, value in enumerate(list(graph.inputs())[1:]):  # the first: `self`
+        kind = value.type()
+        if not isinstance(kind, torch._C.DictType):
+            args.append(_example(kind, f"input {i}"))
+            flat.append(args[-1])
+            continue
+        entries = {}
+        for use in value.uses():
+            node = use.user
+            key = (
+                node.inputsAt(1).toIValue()
+                if node.kind() == "aten::__getitem__"
+                else None
+            )
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"jaxlayer: input {i} of the traced module is a dict that "
+                    f"the graph reads with {node.kind()}, which the conversion "
+                    "to OpenVINO through ONNX cannot follow; pass the inputs "
+                    "as a list."
+                )
+            entries.setdefault(key, _example(node.output().type(), f"input {key!r}"))
+        args.append(entries)
+        flat.extend(entries.values())
+    return args, flat
+
+
+def _flat_inputs(module, args):
+    """`module` traced again as a function of its tensors one by one (the
+    TorchScript ONNX exporter leaves a dict input of a scripted module a
+    `Gather` of string keys, which no runtime reads)."""
+    import torch
+
+    def rebuild(flat):
+        it = iter(flat)
+        return [
+            {k: next(it) for k in a} if isinstance(a, dict) else next(it) for a in args
+        ]
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *flat):
+            return self.inner(*rebuild(flat))
+
+    flat = [t for a in args for t in (a.values() if isinstance(a, dict) else [a])]
+    return torch.jit.trace(Flat(), tuple(flat), check_trace=False)
+
+
+def _fails_at_other_sizes(onnx_bytes, flat, names, axes) -> str | None:
+    """None if OpenVINO runs the ONNX model with its dynamic sizes at 2 and
+    3 (the batch at 3), else what failed."""
+    import numpy as np
+    import openvino
+
+    try:
+        compiled = openvino.Core().compile_model(
+            openvino.Core().read_model(io.BytesIO(onnx_bytes)), "CPU"
+        )
+        for size in (2, 3):
+            feed = []
+            for name, t in zip(names, flat, strict=True):
+                shape = [
+                    (3 if j == 0 else size) if j in axes.get(name, {}) else d
+                    for j, d in enumerate(t.shape)
+                ]
+                feed.append(np.zeros(shape, dtype=t.numpy().dtype))
+            compiled(feed)
+    except Exception as err:  # noqa: BLE001 - reported, or the next try
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    return None
+
+
+def _owners(module) -> str:
+    """The jaxlayer layers in a traced module's graph, for messages."""
+    from jaxlayer.bridges import torch_export
+
+    found = []
+    for node in module.inlined_graph.nodes():
+        if node.kind() != KIND:
+            continue
+        sha = node.inputsAt(1).toIValue()
+        live = torch_export.live_function(sha) if isinstance(sha, str) else None
+        fn = live.fn() if live is not None else None
+        owner = getattr(fn, "owner", None)
+        if owner and owner not in found:
+            found.append(str(owner))
+    return ", ".join(found) or "a jaxlayer layer"
