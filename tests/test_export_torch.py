@@ -605,6 +605,107 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
         assert max(errors) <= 1e-4, (name, errors)
 
 
+# The fresh process for OpenVINO models of several inputs, by name.
+LOAD_OPENVINO_NAMED = """
+import json
+import numpy as np
+import openvino
+
+cases = json.load(open({cases!r}))
+out = {{}}
+for name, case in cases.items():
+    compiled = openvino.Core().compile_model(
+        case["path"], "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}}
+    )
+    names = [sorted(i.get_names())[0] for i in compiled.inputs]
+    errors = []
+    for xs, y in zip(case["inputs"], case["expected"]):
+        xs = {{k: np.load(v) for k, v in xs.items()}}
+        got = compiled([xs.get(n, xs.get("input_0")) for n in names])[0]
+        errors.append(float(np.abs(got - np.load(y)).max()))
+    shapes = [str(i.get_partial_shape()) for i in compiled.inputs]
+    out[name] = [errors, names, shapes]
+print(json.dumps(out))
+"""
+
+
+def embed_call(params, inputs):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return (params["emb"][ids] * mask[..., None]).sum(axis=1)
+
+
+def test_openvino_of_named_inputs_and_unknown_lengths_from_torch(tmp_path):
+    # Keras traces a model of named inputs with one dict, each unknown size
+    # as 1, and hands OpenVINO the traced module alone: jaxlayer goes
+    # through ONNX with the inputs one by one and those sizes dynamic
+    # (checked by running OpenVINO at other sizes). An input whose size 1
+    # is real keeps it, with a warning.
+    needs_onnx_openvino()
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(10, 4)).astype("float32")
+    named = {
+        n: keras.Input((None,), dtype="int32", name=n)
+        for n in ("input_ids", "attention_mask")
+    }
+    text = keras.Model(named, JaxLayer(embed_call, params={"emb": emb})(named))
+    one = keras.Sequential(
+        [
+            keras.Input((1,)),
+            JaxLayer(mlp_call, params={"w1": emb[:1], "b1": emb[0], "w2": emb[:4]}),
+        ]
+    )
+
+    def text_inputs(n, length, seed):
+        r = np.random.default_rng(seed)
+        return {
+            "input_ids": r.integers(0, 10, (n, length)).astype("int32"),
+            "attention_mask": r.integers(0, 2, (n, length)).astype("int32"),
+        }
+
+    examples = {
+        "text": (text, [text_inputs(2, 5, 0), text_inputs(3, 7, 1)]),
+        "one": (one, [{"input_0": batch(n, seed=n)[:, :1]} for n in (1, 5)]),
+    }
+    cases = {}
+    for name, (model, xs) in examples.items():
+        model.predict(xs[0] if name == "text" else xs[0]["input_0"], verbose=0)
+        path = str(tmp_path / f"{name}.xml")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.export(path, format="openvino", verbose=False)
+        said = [
+            str(w.message)
+            for w in caught
+            if "declares only the batch" in str(w.message)
+        ]
+        assert bool(said) == (name == "one"), said
+        inputs, expected = [], []
+        for i, x in enumerate(xs):
+            files = {}
+            for k, a in x.items():
+                files[k] = str(tmp_path / f"{name}-{i}-{k}.npy")
+                np.save(files[k], a)
+            inputs.append(files)
+            expected.append(str(tmp_path / f"{name}-{i}-y.npy"))
+            arg = x if name == "text" else x["input_0"]
+            np.save(expected[-1], model.predict(arg, verbose=0))
+        cases[name] = {"path": path, "inputs": inputs, "expected": expected}
+    # The reference: the layer's function in JAX on the same weights.
+    x = examples["text"][1][1]
+    np.testing.assert_allclose(
+        text.predict(x, verbose=0), np.asarray(embed_call({"emb": emb}, x)), **TOL
+    )
+    out = run_cases(LOAD_OPENVINO_NAMED, cases, str(tmp_path), "named.json")
+    errors, names, shapes = out["text"]
+    assert max(errors) <= 1e-4 and len(errors) == 2, errors
+    assert names == ["input_ids", "attention_mask"]
+    assert shapes == ["[?,?]", "[?,?]"], shapes
+    errors, _, shapes = out["one"]
+    assert max(errors) <= 1e-4 and shapes == ["[?,1]"], (errors, shapes)
+
+
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])
 def test_a_call_torch_jit_trace_cannot_record_is_one_clear_error(tmp_path, fmt):
     # A layer whose computation jax.export cannot export: one error naming
