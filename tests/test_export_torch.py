@@ -538,6 +538,23 @@ def test_onnx_and_openvino_from_the_torch_backend(mlp, tmp_path):
         assert len(errors) == 2 and max(errors) <= 1e-4, (name, errors)
 
 
+def test_state_returned_as_it_came_is_found_through_jit_and_stop_gradient():
+    # Such state is not assigned while torch exports (no parameter mutation
+    # in the program); state computed anew is.
+    from jaxlayer.bridges import torch_export
+
+    @jax.jit
+    def inner(s):
+        return jax.lax.stop_gradient(s)
+
+    def flat(p, x, s1, s2, s3):
+        return x @ p, inner(s1), s2 + 1, jnp.zeros_like(s3)
+
+    args = [jnp.ones((2, 2)), jnp.ones((3, 2)), jnp.ones(2), jnp.ones(()), jnp.ones(())]
+    jaxpr = jax.make_jaxpr(flat)(*args).jaxpr
+    assert torch_export._unchanged_state(jaxpr, (1, 1, 3, 0)) == (0,)
+
+
 def test_squeeze_and_unsqueeze_of_several_axes_go_one_axis_at_a_time():
     # The order in which one-axis nodes give ONNX's result, whatever order
     # TorchScript's constant folding applies several axes in.

@@ -42,7 +42,6 @@ from typing import NamedTuple
 
 import jax
 import jax.export
-import jax.extend
 import numpy as np
 import torch
 
@@ -256,7 +255,7 @@ def _forwarded(jaxpr) -> list[int | None]:
 
     def source(v) -> int | None:
         while True:
-            if not isinstance(v, jax.extend.core.Var):
+            if hasattr(v, "val"):
                 return None  # a literal
             if v in arguments:
                 return arguments[v]
