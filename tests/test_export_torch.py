@@ -202,7 +202,15 @@ def mlp():
     return model
 
 
-def reference(model, x):
+def squeezed_call(params, inputs):
+    # The bias kept as (16, 1, 1), as Equinox's Conv2d keeps its own:
+    # jax2onnx writes a Squeeze of axes (1, 2) of a parameter, a node that
+    # TorchScript's ONNX export folds into a constant.
+    bias = jnp.squeeze(params["b"], axis=(1, 2))
+    return jnp.tanh(inputs @ params["w"] + bias)
+
+
+def reference(model, x, call=mlp_call):
     """`model` computed in JAX alone: the Dense kernels and the layer's
     params through `jax.jit` of the same functions."""
     d1, layer, d2 = model.layers
@@ -213,7 +221,7 @@ def reference(model, x):
 
     @jax.jit
     def f(x):
-        return mlp_call(params, x @ k1 + b1) @ k2 + b2
+        return call(params, x @ k1 + b1) @ k2 + b2
 
     return np.asarray(f(x))
 
@@ -332,6 +340,34 @@ print(json.dumps(out))
 """
 
 
+def kept_state_call(params, state, inputs):
+    # The state returned as it came (a BatchNorm's statistics in inference):
+    # a LiteRT model holds it as constants. `jnp.where` of a Python int is
+    # float64 while litert-torch has turned `jax_enable_x64` on.
+    n = state["n"]
+    scale = jnp.where(n == 0, 1, 1 - 0.9**n)
+    return jnp.tanh(inputs @ params["w"]) * (state["mean"] / scale), state
+
+
+def counter_call(params, state, inputs):
+    out, state = kept_state_call(params, state, inputs)
+    return out, {**state, "n": state["n"] + 1}
+
+
+def with_state(call):
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(2)
+    params = {"w": rng.normal(size=(16, 16)).astype("float32") / 4}
+    state = {
+        "mean": rng.normal(size=(16,)).astype("float32"),
+        "n": np.array(3, "int32"),
+    }
+    built = around(JaxLayer(call, params=params, state=state, name="stateful"))
+    built(batch(2))
+    return built
+
+
 @pytest.fixture
 def keeps_x64():
     """Importing litert-torch turns on `jax_enable_x64` for the whole process
@@ -355,7 +391,7 @@ def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
         warnings.simplefilter("ignore")
         reloaded = keras.saving.load_model(os.path.join(folder, "mlp.keras"))
     models = {kind: model(kind) for kind in ("native", "flax", "nnx", "equinox")}
-    models.update(mlp=mlp, reloaded=reloaded)
+    models.update(mlp=mlp, reloaded=reloaded, state=with_state(kept_state_call))
     cases = {}
     for name, built in models.items():
         path = os.path.join(folder, f"{name}.tflite")
@@ -363,6 +399,15 @@ def test_litert_from_the_torch_backend(mlp, tmp_path, keeps_x64):
             warnings.simplefilter("ignore")
             built.export(path, format="litert", verbose=False)
         cases[name] = case(built, path, [1], folder, name, "litert")
+    # State that changes in inference: refused, no file.
+    counter = with_state(counter_call)
+    path = os.path.join(folder, "counter.tflite")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        # Keras re-raises what the converter raised as a RuntimeError.
+        with pytest.raises(RuntimeError, match=r"JaxLayer 'stateful'.*state\['n'\]"):
+            counter.export(path, format="litert", verbose=False)
+    assert not os.path.exists(path)
     out = run_cases(LOAD_TFLITE, cases, folder, "litert-cases.json")
     assert sorted(out) == sorted(models)
     for name, (errors, signature) in out.items():
@@ -453,14 +498,33 @@ def needs_onnx_openvino():
         pytest.importorskip(name, reason="needs jaxlayer[export] and the runtimes")
 
 
+FMTS = ("onnx", "openvino")
+
+
 def test_onnx_and_openvino_from_the_torch_backend(mlp, tmp_path):
     # Keras traces the model with torch.jit.trace: the layer is one
     # jaxlayer::call_exported node, converted to the ONNX graph of its JAX
     # function; the batch stays dynamic, as for native layers.
+    # A parameter squeezed on several axes: TorchScript folds that Squeeze
+    # applying the axes one by one, in ascending order ("Dimension out of
+    # range"); jaxlayer writes it as one Squeeze per axis.
     needs_onnx_openvino()
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(1)
+    params = {
+        "w": rng.normal(size=(16, 16)).astype("float32") / 4,
+        "b": rng.normal(size=(16, 1, 1)).astype("float32"),
+    }
+    squeezed = around(JaxLayer(squeezed_call, params=params, name="squeezed"))
     x = batch(4, seed=9)
     np.testing.assert_allclose(mlp.predict(x, verbose=0), reference(mlp, x), **TOL)
-    cases = export_onnx_openvino({"mlp": mlp}, str(tmp_path))
+    np.testing.assert_allclose(
+        squeezed.predict(x, verbose=0),
+        reference(squeezed, x, squeezed_call),
+        **TOL,
+    )
+    cases = export_onnx_openvino({"mlp": mlp, "squeezed": squeezed}, str(tmp_path))
     import onnx
 
     graph = onnx.load(cases["mlp/onnx"]["path"]).graph
@@ -469,9 +533,49 @@ def test_onnx_and_openvino_from_the_torch_backend(mlp, tmp_path):
     # The artifact constant is not in the file: the weights and graph only.
     assert os.path.getsize(cases["mlp/onnx"]["path"]) < 20_000
     out = load_onnx_openvino(cases, str(tmp_path))
-    assert sorted(out) == ["mlp/onnx", "mlp/openvino"]
+    assert sorted(out) == [f"{m}/{f}" for m in ("mlp", "squeezed") for f in FMTS]
     for name, errors in out.items():
         assert len(errors) == 2 and max(errors) <= 1e-4, (name, errors)
+
+
+def test_state_returned_as_it_came_is_found_through_jit_and_stop_gradient():
+    # Such state is not assigned while torch exports (no parameter mutation
+    # in the program); state computed anew is.
+    from jaxlayer.bridges import torch_export
+
+    @jax.jit
+    def inner(s):
+        return jax.lax.stop_gradient(s)
+
+    def flat(p, x, s1, s2, s3):
+        return x @ p, inner(s1), s2 + 1, jnp.zeros_like(s3)
+
+    args = [jnp.ones((2, 2)), jnp.ones((3, 2)), jnp.ones(2), jnp.ones(()), jnp.ones(())]
+    jaxpr = jax.make_jaxpr(flat)(*args).jaxpr
+    assert torch_export._unchanged_state(jaxpr, (1, 1, 3, 0)) == (0,)
+
+
+def test_squeeze_and_unsqueeze_of_several_axes_go_one_axis_at_a_time():
+    # The order in which one-axis nodes give ONNX's result, whatever order
+    # TorchScript's constant folding applies several axes in.
+    onnx = pytest.importorskip("onnx")
+    from jaxlayer.export import _torch_onnx
+
+    def steps(op, axes, rank=3):
+        node = onnx.helper.make_node(op, ["x", "axes"], ["y"])
+        return _torch_onnx._axis_steps(node, {"x": rank}, {"axes": np.array(axes)})
+
+    assert steps("Squeeze", [1, 2]) == [2, 1]
+    assert steps("Squeeze", [-1, 0]) == [2, 0]
+    assert steps("Unsqueeze", [-1, -2], rank=1) == [1, 2]
+    assert steps("Unsqueeze", [0, -1], rank=1) == [0, 2]
+    assert steps("Squeeze", [1]) is None  # one axis: folded right
+    # A negative axis of a value whose rank is not known: left as it is.
+    node = onnx.helper.make_node("Squeeze", ["x", "axes"], ["y"])
+    assert _torch_onnx._axis_steps(node, {}, {"axes": np.array([-1, -2])}) is None
+    # Opset < 13: the axes are an attribute.
+    node = onnx.helper.make_node("Squeeze", ["x"], ["y"], axes=[0, 2])
+    assert _torch_onnx._axis_steps(node, {}, {}) == [2, 0]
 
 
 @pytest.mark.slow
@@ -516,6 +620,107 @@ def test_onnx_and_openvino_from_torch_static_adapters_and_reloaded(
     assert len(out) == 9, sorted(out)
     for name, errors in out.items():
         assert max(errors) <= 1e-4, (name, errors)
+
+
+# The fresh process for OpenVINO models of several inputs, by name.
+LOAD_OPENVINO_NAMED = """
+import json
+import numpy as np
+import openvino
+
+cases = json.load(open({cases!r}))
+out = {{}}
+for name, case in cases.items():
+    compiled = openvino.Core().compile_model(
+        case["path"], "CPU", {{"INFERENCE_PRECISION_HINT": "f32"}}
+    )
+    names = [sorted(i.get_names())[0] for i in compiled.inputs]
+    errors = []
+    for xs, y in zip(case["inputs"], case["expected"]):
+        xs = {{k: np.load(v) for k, v in xs.items()}}
+        got = compiled([xs.get(n, xs.get("input_0")) for n in names])[0]
+        errors.append(float(np.abs(got - np.load(y)).max()))
+    shapes = [str(i.get_partial_shape()) for i in compiled.inputs]
+    out[name] = [errors, names, shapes]
+print(json.dumps(out))
+"""
+
+
+def embed_call(params, inputs):
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    return (params["emb"][ids] * mask[..., None]).sum(axis=1)
+
+
+def test_openvino_of_named_inputs_and_unknown_lengths_from_torch(tmp_path):
+    # Keras traces a model of named inputs with one dict, each unknown size
+    # as 1, and hands OpenVINO the traced module alone: jaxlayer goes
+    # through ONNX with the inputs one by one and those sizes dynamic
+    # (checked by running OpenVINO at other sizes). An input whose size 1
+    # is real keeps it, with a warning.
+    needs_onnx_openvino()
+    from jaxlayer import JaxLayer
+
+    rng = np.random.default_rng(3)
+    emb = rng.normal(size=(10, 4)).astype("float32")
+    named = {
+        n: keras.Input((None,), dtype="int32", name=n)
+        for n in ("input_ids", "attention_mask")
+    }
+    text = keras.Model(named, JaxLayer(embed_call, params={"emb": emb})(named))
+    one = keras.Sequential(
+        [
+            keras.Input((1,)),
+            JaxLayer(mlp_call, params={"w1": emb[:1], "b1": emb[0], "w2": emb[:4]}),
+        ]
+    )
+
+    def text_inputs(n, length, seed):
+        r = np.random.default_rng(seed)
+        return {
+            "input_ids": r.integers(0, 10, (n, length)).astype("int32"),
+            "attention_mask": r.integers(0, 2, (n, length)).astype("int32"),
+        }
+
+    examples = {
+        "text": (text, [text_inputs(2, 5, 0), text_inputs(3, 7, 1)]),
+        "one": (one, [{"input_0": batch(n, seed=n)[:, :1]} for n in (1, 5)]),
+    }
+    cases = {}
+    for name, (model, xs) in examples.items():
+        model.predict(xs[0] if name == "text" else xs[0]["input_0"], verbose=0)
+        path = str(tmp_path / f"{name}.xml")
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            model.export(path, format="openvino", verbose=False)
+        said = [
+            str(w.message)
+            for w in caught
+            if "declares only the batch" in str(w.message)
+        ]
+        assert bool(said) == (name == "one"), said
+        inputs, expected = [], []
+        for i, x in enumerate(xs):
+            files = {}
+            for k, a in x.items():
+                files[k] = str(tmp_path / f"{name}-{i}-{k}.npy")
+                np.save(files[k], a)
+            inputs.append(files)
+            expected.append(str(tmp_path / f"{name}-{i}-y.npy"))
+            arg = x if name == "text" else x["input_0"]
+            np.save(expected[-1], model.predict(arg, verbose=0))
+        cases[name] = {"path": path, "inputs": inputs, "expected": expected}
+    # The reference: the layer's function in JAX on the same weights.
+    x = examples["text"][1][1]
+    np.testing.assert_allclose(
+        text.predict(x, verbose=0), np.asarray(embed_call({"emb": emb}, x)), **TOL
+    )
+    out = run_cases(LOAD_OPENVINO_NAMED, cases, str(tmp_path), "named.json")
+    errors, names, shapes = out["text"]
+    assert max(errors) <= 1e-4 and len(errors) == 2, errors
+    assert names == ["input_ids", "attention_mask"]
+    assert shapes == ["[?,?]", "[?,?]"], shapes
+    errors, _, shapes = out["one"]
+    assert max(errors) <= 1e-4 and shapes == ["[?,1]"], (errors, shapes)
 
 
 @pytest.mark.parametrize("fmt", ["onnx", "openvino"])

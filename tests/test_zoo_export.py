@@ -296,28 +296,12 @@ KNOWN = {
     ("gpt2", "torch", "onnx"): "export: ValueError: FlaxLayer 'gpt2': jax2onnx "
     "could not convert its function with the dimension(s) 'batch', 'd1', 'd2' "
     "left symbolic (min(32, d2) against d1)",
-    **{
-        (n, "torch", "openvino"): "export: RuntimeError: r INTERNAL ASSERT "
-        'FAILED at "/__w/pytorch/pytorch/aten/src/ATen/core/jit_type_base.h"'
-        ":421, please report a bug to PyTorch."
-        for n in ("bert", "gpt2")
-    },
-    **{
-        ("equinox_bn", "torch", f): "export: IndexError: Dimension out of "
-        "range (expected to be in range of [-2, 1], but got 2)"
-        for f in ("onnx", "openvino")
-    },
-    **{
-        (n, "torch", "litert"): "export: RuntimeError: Failed to convert "
-        "PyTorch model to LiteRT. ... Original error: Exception encountered "
-        f"when calling {c}.call() ... To express '_param_constantN' as a "
-        "function of another Tensor, compute the value in the forward"
-        for n, c in (
-            ("nnx_cnn", "NNXLayer"),
-            ("equinox_bn", "EquinoxLayer"),
-            ("haiku_bn", "JaxLayer"),
-        )
-    },
+    # Written with the sequence length static at 1, Keras's traced size for
+    # an unknown one, and a warning saying so: the same min(n_positions,
+    # length) cannot be converted with a symbolic length (Keras hands
+    # OpenVINO the traced module alone, without the input signature).
+    ("gpt2", "torch", "openvino"): "the OpenVINO model keeps the sequence "
+    "length at 1 (jaxlayer warns); the cell runs it at another length",
 }
 # Models that no longer predict after their exports: none now (the ONNX
 # export on jax left a tracer in the state of the models with state).

@@ -131,10 +131,18 @@ class Computation:
             params = V.values_of(params_spec)
         return params, V.values_of(state_spec), cast
 
+    def state_names(self) -> list[str]:
+        """Each state leaf's pytree path, for messages (`state['n']`)."""
+        state_spec = self._specs[1]
+        if state_spec is None:
+            return []
+        return [V.keystr(path, "state") for path in state_spec.paths]
+
     def assign_state(self, new_state) -> None:
         """Stores the state `call_fn` returned (backend tensors, in variable
         order): in training and in inference (as Keras does); a function
-        that must leave it alone returns it unchanged."""
+        that must leave it alone returns it unchanged. A bridge passes None
+        for a value it knows is the variable's own (not assigned)."""
         state_spec = self._specs[1]
         if state_spec is None:
             return
@@ -149,7 +157,8 @@ class Computation:
             # `stateless_call` trace inside a scope, which collects it.
             return
         for variable, value in zip(state_spec.variables, new_state, strict=True):
-            variable.assign(value)
+            if value is not None:  # None: a bridge knows it unchanged
+                variable.assign(value)
 
     # -- the pure functions ----------------------------------------------
 

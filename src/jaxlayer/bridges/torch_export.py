@@ -178,17 +178,103 @@ def artifact_for(
     if sha is not None and sha in _LOADED:
         return sha
     counts = key[2]
-    structs = _structs(tensors)
     platforms = fn.native_serialization_platforms or DEFAULT_PLATFORMS
-    exported = jax.export.export(
-        jax.jit(_flat_call(fn, cast, counts)), platforms=tuple(platforms)
-    )(*structs)
+    flat_fn = jax.jit(_flat_call(fn, cast, counts))
+    with _x64_of(tensors):
+        structs = _structs(tensors)
+        exported = jax.export.export(flat_fn, platforms=tuple(platforms))(*structs)
+        if counts[2]:
+            jaxpr = jax.make_jaxpr(flat_fn)(*structs).jaxpr
     blob = bytes(exported.serialize())
     sha = hashlib.sha256(blob).hexdigest()
     _LOADED[sha] = _Loaded(exported, blob)
     _LIVE[sha] = _Live(fn, cast, counts)
+    if counts[2]:
+        _UNCHANGED[sha] = _unchanged_state(jaxpr, counts)
     made[key] = sha
     return sha
+
+
+_WIDE = (torch.float64, torch.int64, torch.complex128, torch.uint64)
+
+
+def _x64_of(tensors: Sequence[Described]):
+    """The context to trace a layer of `tensors` in: `jax_enable_x64` off
+    while litert-torch has turned it on (importing litert-torch turns it on
+    for the whole process; Keras's LiteRT export turns it back afterwards)
+    and no tensor is 64-bit. With it on, a layer of 32-bit tensors traces
+    Python scalars and integer literals as 64-bit (`jnp.where(c, 1, x)` is
+    float64, and so is all that follows), which is not what the layer
+    computes elsewhere, and which LiteRT's converter rejects
+    (`failed to legalize operation 'tfl.div'` of float64)."""
+    import contextlib
+
+    if (
+        jax.config.jax_enable_x64
+        and "litert_torch" in sys.modules
+        and not any(t.dtype in _WIDE for t in tensors)
+    ):
+        return jax.enable_x64(False)
+    return contextlib.nullcontext()
+
+
+# sha256 -> the positions (in the state) of the state values the artifact
+# made here returns as it took them.
+_UNCHANGED: dict[str, tuple[int, ...]] = {}
+
+
+def unchanged_state(sha: str) -> tuple[int, ...]:
+    """The positions of the state values that the artifact `sha` (made in
+    this process) returns unchanged: its argument itself, not a computed
+    value (a BatchNorm's statistics in inference). Assigning those to their
+    variables changes nothing, and a traced program that did would mutate
+    its parameters, which LiteRT's converter cannot express."""
+    return _UNCHANGED.get(sha, ())
+
+
+def _unchanged_state(jaxpr, counts) -> tuple[int, ...]:
+    """The state positions whose new value is the state argument itself."""
+    n_params, n_inputs, n_state, _ = counts
+    first = n_params + n_inputs
+    sources = _forwarded(jaxpr)
+    n_out = len(jaxpr.outvars) - n_state
+    return tuple(k for k in range(n_state) if sources[n_out + k] == first + k)
+
+
+# Primitives whose one output is their one input's value (the adapters stop
+# the gradient of the state they return).
+_IDENTITIES = frozenset({"stop_gradient", "copy", "copy_p"})
+
+
+def _forwarded(jaxpr) -> list[int | None]:
+    """For each output of `jaxpr`, the index of the argument it is (through
+    nested `jit` calls), or None where it is computed."""
+    arguments = {v: i for i, v in enumerate(jaxpr.invars)}
+    made_by = {v: (eqn, k) for eqn in jaxpr.eqns for k, v in enumerate(eqn.outvars)}
+    inner_cache: dict = {}
+
+    def source(v) -> int | None:
+        while True:
+            if hasattr(v, "val"):
+                return None  # a literal
+            if v in arguments:
+                return arguments[v]
+            eqn, k = made_by.get(v, (None, None))
+            if eqn is not None and eqn.primitive.name in _IDENTITIES:
+                v = eqn.invars[0]
+                continue
+            inner = eqn.params.get("jaxpr") if eqn is not None else None
+            inner = getattr(inner, "jaxpr", inner)
+            if inner is None or not hasattr(inner, "outvars"):
+                return None
+            if id(inner) not in inner_cache:
+                inner_cache[id(inner)] = _forwarded(inner)
+            j = inner_cache[id(inner)][k]
+            if j is None:
+                return None
+            v = eqn.invars[j]
+
+    return [source(v) for v in jaxpr.outvars]
 
 
 def artifact_blob(sha: str) -> bytes:

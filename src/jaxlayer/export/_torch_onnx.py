@@ -230,12 +230,21 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
         del name
         return g.op("Constant", value_t=torch.from_numpy(np.array(array)))
 
+    ranks, arrays = None, None
+
     def make(n, host_inputs):
+        nonlocal ranks, arrays
         if any(x is None for x in host_inputs):
             raise ValueError(
                 f"jaxlayer: the layer's ONNX node {n.op_type} omits an input, "
                 "which the TorchScript ONNX exporter cannot write."
             )
+        if n.op_type in _ONE_AXIS_ORDER and not n.domain:
+            if ranks is None:
+                ranks, arrays = _ranks(proto), _constant_arrays(graph)
+            steps = _axis_steps(n, ranks, arrays)
+            if steps is not None:
+                return [_one_axis_chain(g, n.op_type, host_inputs[0], steps)]
         kind = n.op_type if not n.domain else f"{n.domain}::{n.op_type}"
         made = g.op(kind, *host_inputs, outputs=len(n.output), **_attributes(n))
         return [made] if len(n.output) == 1 else list(made)
@@ -245,6 +254,87 @@ def _symbolic(g, artifact, sha, params, inputs, state, rng):
 
     results = _onnx.splice(graph, names, constant, make, missing)
     return g.op("prim::ListConstruct", *results)
+
+
+# -- Squeeze and Unsqueeze of several axes -----------------------------------
+# TorchScript's ONNX export folds the nodes whose inputs are all constants
+# or parameters (`do_constant_folding`, on in Keras's export) by running
+# them in torch; its fold of Squeeze and Unsqueeze applies the axes one at a
+# time in ascending order, which is wrong for several axes: a Squeeze of
+# axes (1, 2) of a (4, 1, 1) parameter (Equinox's Conv2d bias) fails with
+# "Dimension out of range (expected to be in range of [-2, 1], but got 2)",
+# and an Unsqueeze of several negative axes folds to the wrong shape. The
+# symbolic writes such a node as a chain of one-axis nodes, in an order in
+# which each axis is still the one ONNX meant.
+
+#: Per op, whether its one-axis steps go in descending axis order.
+_ONE_AXIS_ORDER = {"Squeeze": True, "Unsqueeze": False}
+
+
+def _ranks(proto) -> dict:
+    """The rank of each value of `proto`'s graph that ONNX shape inference
+    knows, by name."""
+    import onnx
+
+    try:
+        graph = onnx.shape_inference.infer_shapes(proto).graph
+    except Exception:  # noqa: BLE001 - the ranks the graph states, then
+        graph = proto.graph
+    ranks = {t.name: len(t.dims) for t in graph.initializer}
+    for v in (*graph.input, *graph.value_info, *graph.output):
+        kind = v.type.tensor_type
+        if kind.HasField("shape"):
+            ranks[v.name] = len(kind.shape.dim)
+    return ranks
+
+
+def _constant_arrays(graph) -> dict:
+    """The graph's initializers and `Constant` nodes' values, by name."""
+    arrays = _onnx.initializer_arrays(graph)
+    for n in graph.node:
+        if n.op_type == "Constant" and not n.domain:
+            value = _onnx.attribute_values(n).get("value")
+            if value is not None:
+                arrays[n.output[0]] = value
+    return arrays
+
+
+def _axis_steps(node, ranks: dict, arrays: dict) -> list | None:
+    """The non-negative axes, in the order to apply them one at a time, of
+    a Squeeze or Unsqueeze `node` of several constant axes (None for one
+    axis, axes not constant, or a rank not known where one is needed)."""
+    import numpy as np
+
+    if len(node.input) > 1:
+        axes = arrays.get(node.input[1])
+    else:
+        axes = _onnx.attribute_values(node).get("axes")
+    if axes is None:
+        return None
+    axes = [int(a) for a in np.asarray(axes).reshape(-1)]
+    if len(axes) < 2:
+        return None
+    if any(a < 0 for a in axes):
+        rank = ranks.get(node.input[0])
+        if rank is None:
+            return None
+        if node.op_type == "Unsqueeze":
+            rank += len(axes)
+        axes = [a + rank if a < 0 else a for a in axes]
+    return sorted(set(axes), reverse=_ONE_AXIS_ORDER[node.op_type])
+
+
+def _one_axis_chain(g, op_type: str, value, axes: list):
+    """`value` through one `op_type` node per axis of `axes`, in order."""
+    import torch
+
+    for axis in axes:
+        if g.opset >= 13:
+            index = g.op("Constant", value_t=torch.tensor([axis], dtype=torch.int64))
+            value = g.op(op_type, value, index)
+        else:
+            value = g.op(op_type, value, axes_i=[axis])
+    return value
 
 
 # -- OpenVINO ----------------------------------------------------------------
@@ -265,36 +355,198 @@ def has_jaxlayer_node(model) -> bool:
 
 
 def to_onnx_file(module) -> io.BytesIO:
-    """The ONNX model (an in-memory file) of a traced module with the node,
-    its inputs' leading dimension dynamic."""
+    """The ONNX model (an in-memory file) of a traced module with the node.
+
+    Keras traces the model at its input signature with each unknown size
+    as 1, and hands OpenVINO the traced module alone: the sizes of 1 are
+    taken as the unknown ones and declared dynamic (with the batch), then
+    the model is run by OpenVINO at other sizes. Where it fails there (a
+    size 1 that the model needs, or one the trace baked in), only the
+    batch is declared dynamic; where that fails too, a `ValueError`.
+    """
     import torch
 
     install()
-    graph_inputs = list(module.graph.inputs())[1:]  # the first is `self`
-    examples, names, axes = [], [], {}
-    for i, value in enumerate(graph_inputs):
-        kind = value.type()
-        sizes = kind.sizes() if hasattr(kind, "sizes") else None
-        dtype = kind.dtype() if hasattr(kind, "dtype") else None
-        if sizes is None or dtype is None:
-            raise ValueError(
-                "jaxlayer: converting a traced module with a jaxlayer layer "
-                f"to OpenVINO needs its inputs' shapes; input {i} has none. "
-                "Trace it with `torch.jit.trace` on example tensors."
+    args, flat = _example_inputs(module)
+    if any(isinstance(a, dict) for a in args):
+        module = _flat_inputs(module, args)
+        args = list(flat)
+    names = [f"input_{i}" for i in range(len(flat))]
+    wide = {
+        name: {
+            j: "batch" if j == 0 else f"{name}_{j}"
+            for j, d in enumerate(t.shape)
+            if j == 0 or d == 1
+        }
+        for name, t in zip(names, flat, strict=True)
+        if t.dim()
+    }
+    batch = {name: {0: "batch"} for name, t in zip(names, flat, strict=True) if t.dim()}
+    tries = (wide, batch) if wide != batch else (batch,)
+    error = None
+    for axes in tries:
+        buffer = io.BytesIO()
+        try:
+            torch.onnx.export(
+                module,
+                (*args, {}),
+                buffer,
+                input_names=names,
+                dynamic_axes=axes,
+                opset_version=OPENVINO_OPSET,
+                dynamo=False,
             )
-        examples.append(torch.zeros(sizes, dtype=dtype))
-        names.append(f"input_{i}")
-        if sizes:
-            axes[names[-1]] = {0: "batch"}
-    buffer = io.BytesIO()
-    torch.onnx.export(
-        module,
-        tuple(examples),
-        buffer,
-        input_names=names,
-        dynamic_axes=axes,
-        opset_version=OPENVINO_OPSET,
-        dynamo=False,
+        except ValueError as err:  # jaxlayer's: the function, not symbolic
+            if axes is tries[-1]:
+                raise
+            error = str(err)
+            continue
+        failed = _fails_at_other_sizes(buffer.getvalue(), flat, names, axes)
+        if failed is None:
+            if axes is not tries[0]:
+                _warn_static(module, wide, error)
+            buffer.seek(0)
+            return buffer
+        error = failed
+    raise ValueError(
+        f"{_owners(module)}: the OpenVINO model made through ONNX (torch "
+        "backend) does not run at a batch size other than the traced one "
+        f"({error}); give `model.export` an `input_signature` with static "
+        "shapes, or export with format='onnx'."
     )
-    buffer.seek(0)
-    return buffer
+
+
+def _warn_static(module, wide, error) -> None:
+    """The warning for sizes of 1 kept static (`to_onnx_file`)."""
+    import warnings
+
+    dims = ", ".join(
+        f"input {name[6:]} dimension {j}"
+        for name, axes in wide.items()
+        for j in axes
+        if j
+    )
+    warnings.warn(
+        f"{_owners(module)}: the OpenVINO model declares only the batch "
+        f"dynamic; {dims} (traced at size 1: fixed by the input signature, "
+        "or unknown and traced as 1 by Keras) stay at 1, since with them "
+        f"dynamic the model fails ({error[:300]}). Give `model.export` an "
+        "`input_signature` with the sizes you need.",
+        stacklevel=4,
+    )
+
+
+def _example(kind, where: str):
+    """Zeros of the traced shape and dtype of a TorchScript tensor type."""
+    import torch
+
+    sizes = kind.sizes() if isinstance(kind, torch._C.TensorType) else None
+    dtype = kind.dtype() if sizes is not None else None
+    if sizes is None or dtype is None:
+        raise ValueError(
+            "jaxlayer: converting a traced module with a jaxlayer layer to "
+            f"OpenVINO needs its inputs' shapes; {where} has none. Trace it "
+            "with `torch.jit.trace` on example tensors."
+        )
+    return torch.zeros(sizes, dtype=dtype)
+
+
+def _example_inputs(module) -> tuple[list, list]:
+    """`(args, tensors)`: example arguments of the traced `module` (tensors,
+    or dicts of tensors: Keras traces a model of named inputs with one
+    dict), and their tensors in the order `torch.onnx.export` takes them."""
+    import torch
+
+    graph = module.inlined_graph
+    args, flat = [], []
+    for i, value in enumerate(list(graph.inputs())[1:]):  # the first: `self`
+        kind = value.type()
+        if not isinstance(kind, torch._C.DictType):
+            args.append(_example(kind, f"input {i}"))
+            flat.append(args[-1])
+            continue
+        entries = {}
+        for use in value.uses():
+            node = use.user
+            key = (
+                node.inputsAt(1).toIValue()
+                if node.kind() == "aten::__getitem__"
+                else None
+            )
+            if not isinstance(key, str):
+                raise ValueError(
+                    f"jaxlayer: input {i} of the traced module is a dict that "
+                    f"the graph reads with {node.kind()}, which the conversion "
+                    "to OpenVINO through ONNX cannot follow; pass the inputs "
+                    "as a list."
+                )
+            entries.setdefault(key, _example(node.output().type(), f"input {key!r}"))
+        args.append(entries)
+        flat.extend(entries.values())
+    return args, flat
+
+
+def _flat_inputs(module, args):
+    """`module` traced again as a function of its tensors one by one (the
+    TorchScript ONNX exporter leaves a dict input of a scripted module a
+    `Gather` of string keys, which no runtime reads)."""
+    import torch
+
+    def rebuild(flat):
+        it = iter(flat)
+        return [
+            {k: next(it) for k in a} if isinstance(a, dict) else next(it) for a in args
+        ]
+
+    class Flat(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = module
+
+        def forward(self, *flat):
+            return self.inner(*rebuild(flat))
+
+    flat = [t for a in args for t in (a.values() if isinstance(a, dict) else [a])]
+    return torch.jit.trace(Flat(), tuple(flat), check_trace=False)
+
+
+def _fails_at_other_sizes(onnx_bytes, flat, names, axes) -> str | None:
+    """None if OpenVINO runs the ONNX model with its dynamic sizes at 2 and
+    3 (the batch at 3), else what failed."""
+    import numpy as np
+    import openvino
+
+    try:
+        compiled = openvino.Core().compile_model(
+            openvino.Core().read_model(io.BytesIO(onnx_bytes)), "CPU"
+        )
+        for size in (2, 3):
+            feed = []
+            for name, t in zip(names, flat, strict=True):
+                shape = [
+                    (3 if j == 0 else size) if j in axes.get(name, {}) else d
+                    for j, d in enumerate(t.shape)
+                ]
+                feed.append(np.zeros(shape, dtype=t.numpy().dtype))
+            compiled(feed)
+    except Exception as err:  # noqa: BLE001 - reported, or the next try
+        text = str(err).strip().splitlines()
+        return f"{type(err).__name__}: {text[0][:300] if text else ''}"
+    return None
+
+
+def _owners(module) -> str:
+    """The jaxlayer layers in a traced module's graph, for messages."""
+    from jaxlayer.bridges import torch_export
+
+    found = []
+    for node in module.inlined_graph.nodes():
+        if node.kind() != KIND:
+            continue
+        sha = node.inputsAt(1).toIValue()
+        live = torch_export.live_function(sha) if isinstance(sha, str) else None
+        fn = live.fn() if live is not None else None
+        owner = getattr(fn, "owner", None)
+        if owner and owner not in found:
+            found.append(str(owner))
+    return ", ".join(found) or "a jaxlayer layer"

@@ -16,6 +16,7 @@ graph break at the layer.
 
 from __future__ import annotations
 
+import sys
 import warnings
 from collections.abc import Callable
 
@@ -132,15 +133,60 @@ def layer_call(computation, inputs, training):
             _torch_onnx.install()
         sha = site_artifact(site, *[described(g) for g in (params, leaves, state, rng)])
         flat = torch_export.call(artifact_tensor(sha), sha, params, leaves, state, rng)
+        # State the computation returns as it took it (a BatchNorm's
+        # statistics in inference) is not assigned: the program then
+        # mutates no parameter for it (LiteRT cannot convert one that does).
+        unchanged = _unchanged_state(sha)
+        if not jit_tracing and len(unchanged) < len(state) and _litert_converting():
+            names = computation.state_names()
+            changed = [n for k, n in enumerate(names) if k not in unchanged]
+            raise ValueError(
+                LITERT_STATE.format(
+                    owner=computation.owner, names=", ".join(changed[:4])
+                )
+            )
     else:
         flat = _operators.call(site, params, leaves, state, rng)
+        unchanged = ()
     # Outputs first, then the new state (the flat results of the artifact).
     n_out, spec = site_out(site)
-    computation.assign_state(flat[n_out:])
+    new_state = list(flat[n_out:])
+    for k in unchanged:
+        new_state[k] = None
+    computation.assign_state(new_state)
     outputs = flat[:n_out]
     if spec is None:
         return _eager_unflatten(site, outputs)
     return py_build(spec, outputs)
+
+
+LITERT_STATE = (
+    "{owner}: LiteRT cannot hold state that changes: in inference, `call_fn` "
+    "returns new values for {names}, and a LiteRT model has no variables to "
+    "write them to (litert-torch cannot convert a program that assigns its "
+    "parameters). Return the state unchanged when `training` is False (as "
+    "Keras's BatchNorm does), or export with format='torch' (a torch.export "
+    "program updates its state)."
+)
+
+
+def _litert_converting() -> bool:
+    """Whether litert-torch's converter is what traces (one of its frames
+    is on the stack)."""
+    if "litert_torch" not in sys.modules:
+        return False
+    frame = sys._getframe(1)
+    while frame is not None:
+        if frame.f_globals.get("__name__", "").startswith("litert_torch."):
+            return True
+        frame = frame.f_back
+    return False
+
+
+@torch.compiler.assume_constant_result
+def _unchanged_state(sha: str) -> tuple:
+    """`torch_export.unchanged_state`, a constant of the traced graph."""
+    return torch_export.unchanged_state(sha)
 
 
 @torch.compiler.disable
