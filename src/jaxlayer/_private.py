@@ -80,6 +80,11 @@ tf2onnx 1.17, jax2onnx 0.17, openvino 2026.4, litert-torch 0.10):
   shapes; `tests/test_export_onnx.py` fails when jax2onnx stops doing it.
 - jax2onnx: `jax2onnx.plugins.plugin_system` (`register_primitive`,
   `PLUGIN_REGISTRY`): the plugin for `call_exported`.
+- jax2onnx: `jax2onnx.to_onnx` (public) and Keras's
+  `keras.src.export.export_saved_model` and `keras.src.export.onnx.
+  _export_onnx_jax` are wrapped (`export/_keras_jax.py`): on the jax backend,
+  an export that fails with one symbol per input dimension is made again
+  with one symbol for the dimensions a jaxlayer layer recorded equal.
 - openvino: `openvino.convert_model` is replaced by a wrapper (public name,
   patched) that converts a model holding a jaxlayer layer through ONNX.
 - litert-torch: `litert_torch.backend.jax_bridge.wrap`,
@@ -203,6 +208,12 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
     ),
     ("jax2onnx", "jax2onnx.plugins.plugin_system", "PLUGIN_REGISTRY", "0.17", "error"),
     ("openvino", "openvino", "convert_model", "2026.4", "patched; error"),
+    # Public, wrapped (export/_keras_jax.py): a retried export on the jax
+    # backend names the inputs' dimensions jaxlayer knows equal as one.
+    ("jax2onnx", "jax2onnx", "to_onnx", "0.17", "patched; error"),
+    ("keras", "keras.src.export", "export_saved_model", "3.15", "patched; error"),
+    ("keras", "keras.src.export.onnx", "_export_onnx_jax", "3.15", "patched; error"),
+    ("keras", "keras.src.export.export_utils", "get_input_signature", "3.15", "error"),
     ("litert_torch", "litert_torch.backend.jax_bridge", "wrap", "0.10", "error"),
     (
         "litert_torch",
@@ -459,6 +470,12 @@ def patch_openvino_convert_model(wrap: Any) -> None:
     openvino = resolve("openvino")
     resolve("openvino", "convert_model")
     openvino.convert_model = wrap(openvino.convert_model)
+
+
+def patch_jax2onnx_to_onnx(wrap: Any) -> None:
+    """Replaces `jax2onnx.to_onnx` by `wrap(jax2onnx.to_onnx)`."""
+    jax2onnx = resolve("jax2onnx")
+    jax2onnx.to_onnx = wrap(resolve("jax2onnx", "to_onnx"))
 
 
 def litert_torch_internals() -> tuple[Any, Any, Any]:
