@@ -242,9 +242,6 @@ def _missing(module):
 # On jax, Keras's own exporter gives each input its own symbolic sequence
 # dimension, so a model whose ids and mask must share one cannot be traced.
 _SHARED_DIMS_JAX = {
-    "bert": "export: TypeError: add got incompatible shapes for broadcasting: "
-    "(batch, 2, b, b), (batch, 1, 1, a) (Keras's jax exporter gives the token "
-    "ids and the mask separate symbolic sequence dimensions)",
     "gpt2": "export: ValueError: Incompatible types for broadcasting: input "
     "type=int32[batch,1,1,a] and requested type=int32[batch,1,min(32, b),"
     "min(32, b)] (Keras's jax exporter gives the token ids and the mask "

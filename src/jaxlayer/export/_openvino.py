@@ -79,10 +79,12 @@ def via_onnx(model, sources):
     from jaxlayer.export import _tf2onnx
 
     _tf2onnx.install()
-    signature = [
-        tf.TensorSpec(s.shape, s.dtype, name=s.name)
-        for s in tf.nest.flatten(_concrete(model).structured_input_signature)
-    ]
+    # The function's positional arguments as it takes them (a model of a
+    # dict of inputs takes one dict), each spec keeping its name.
+    args, _ = _concrete(model).structured_input_signature
+    signature = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape, s.dtype, name=s.name), list(args)
+    )
     proto, _ = tf2onnx.convert.from_function(
         model, input_signature=signature, opset=OPSET
     )
