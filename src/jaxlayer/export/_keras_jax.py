@@ -19,7 +19,7 @@ Two functions of Keras are wrapped (public behaviour unchanged otherwise):
 ...}`, Keras's own option) and `keras.src.export.onnx._export_onnx_jax`
 (the retry has jaxlayer's wrapper of `jax2onnx.to_onnx`, installed with
 jaxlayer's jax2onnx plugin, rename the symbols of the inputs Keras gives
-it).
+it, and trace the model with `jax.numpy` as it is: `_onnx._plain_numpy`).
 """
 
 from __future__ import annotations
@@ -248,7 +248,12 @@ def wrap_to_onnx(to_onnx: Callable) -> Callable:
         if inputs is None:
             return to_onnx(fn, *args, **kwargs)
         if dims is not None:
+            # Symbolic dimensions through `jax.numpy` as it is (jax2onnx's
+            # replacements of `arange`, `full`, ... need sizes).
+            from jaxlayer.export import _onnx
+
             inputs = _renamed(inputs, dims)
+            fn = _onnx._plain_numpy(fn)
         return to_onnx(fn, *args, inputs=inputs, **kwargs)
 
     convert._jaxlayer_wrapped = True
