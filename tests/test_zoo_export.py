@@ -240,12 +240,15 @@ def _missing(module):
 # apart): strict, so each mark goes once its bug is fixed. The text is the
 # error each raises.
 # On jax, Keras's own exporter gives each input its own symbolic sequence
-# dimension, so a model whose ids and mask must share one cannot be traced.
+# dimension; jaxlayer exports again with one for the ids and the mask (the
+# layer recorded them equal), which GPT-2's causal mask, sliced to
+# min(n_positions, length), still cannot take without a length <=
+# n_positions constraint.
 _SHARED_DIMS_JAX = {
     "gpt2": "export: ValueError: Incompatible types for broadcasting: input "
-    "type=int32[batch,1,1,a] and requested type=int32[batch,1,min(32, b),"
-    "min(32, b)] (Keras's jax exporter gives the token ids and the mask "
-    "separate symbolic sequence dimensions)",
+    "type=int32[batch,1,1,attention_mask_1] and requested type=int32[batch,1,"
+    "min(32, attention_mask_1),min(32, attention_mask_1)] (GPT-2's causal mask "
+    "needs a length <= n_positions constraint)",
 }
 # GPT-2 on tensorflow: its causal mask, sliced to min(n_positions, length),
 # cannot be traced with a symbolic length, so the TF bridge runs the layer

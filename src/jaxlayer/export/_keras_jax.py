@@ -139,7 +139,9 @@ def _layer_groups(model, inputs, specs):
 
 
 def _retry_note(notes, dims, err) -> str:
-    shared = sorted({d for leaf in dims for d in leaf if isinstance(d, str)})
+    shared = sorted(
+        {d for leaf in dims for d in leaf if isinstance(d, str) and d != "batch"}
+    )
     first = str(err).strip().splitlines()
     return (
         f"jaxlayer: exported again with the input dimensions that "
