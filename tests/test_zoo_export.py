@@ -275,15 +275,6 @@ KNOWN = {
     **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{("gpt2", "tensorflow", f): r + _PYFUNC for f, r in _GPT2_TF.items()},
-    # Refused before writing (jaxlayer's check at another shape): tf2onnx's
-    # optimizer folds a Reshape's target shape into a constant.
-    ("bert", "tensorflow", "onnx"): "export: ValueError: The ONNX model made "
-    "of the model for input shapes (3, 3), (3, 3) (its dynamic dimensions at "
-    "3) does not run, although it declares those dimensions dynamic (Reshape "
-    "node XlaCallModule_Reshape__479)",
-    ("bert", "tensorflow", "openvino"): "export: TypeError: Binding inputs to "
-    "tf.function failed due to `too many positional arguments` (the dict of "
-    "ids and mask given positionally to the converted function)",
     # The layer's XlaCallModule with a symbolic batch: HF's
     # `hidden_states[:, 0]` lowers to a dynamic gather, which LiteRT lacks.
     ("bert", "tensorflow", "litert"): _DYNAMIC_GATHER.format(

@@ -74,7 +74,9 @@ tf2onnx 1.17, jax2onnx 0.17, openvino 2026.4, litert-torch 0.10):
   TF_IGNORED_NODE_ATTRS` (the `XlaCallModule` attribute it cannot read).
 - tf2onnx: `tf2onnx.convert.from_function` (public) is wrapped in
   `export/_tf2onnx.py`, which writes the checked model with
-  `tf2onnx.utils.save_protobuf`.
+  `tf2onnx.utils.save_protobuf`; a model that fails the check at another
+  shape is converted again without `tf2onnx.optimizer._optimizers`'
+  `reshape_optimizer` (it merges two of a layer's `Reshape`s wrongly).
 - jax2onnx's replacement of `jax.numpy` functions while it traces (a
   behaviour, not a name): `export/_onnx._plain_numpy` undoes it for symbolic
   shapes; `tests/test_export_onnx.py` fails when jax2onnx stops doing it.
@@ -199,6 +201,9 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
     # ValueError, and the model is checked at another shape before writing.
     ("tf2onnx", "tf2onnx.convert", "from_function", "1.17", "patched; error"),
     ("tf2onnx", "tf2onnx.utils", "save_protobuf", "1.17", "error"),
+    # A converted model that fails at another shape is converted again
+    # without its `reshape_optimizer` (export/_tf2onnx.py).
+    ("tf2onnx", "tf2onnx.optimizer", "_optimizers", "1.17", "error"),
     (
         "jax2onnx",
         "jax2onnx.plugins.plugin_system",
