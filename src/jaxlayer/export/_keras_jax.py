@@ -156,7 +156,20 @@ def _signature(model, input_signature):
     if input_signature is not None:
         return input_signature
     get = _private.resolve("keras.src.export.export_utils", "get_input_signature")
-    return get(model)
+    try:
+        return get(model)
+    except Exception:  # noqa: BLE001 - then Keras's own error stands
+        return None
+
+
+def _plan(model, signature):
+    """`shared_dims`, or None where it cannot tell (Keras's error stands)."""
+    if signature is None:
+        return None
+    try:
+        return shared_dims(model, signature)
+    except Exception:  # noqa: BLE001 - a model jaxlayer cannot read
+        return None
 
 
 def wrap_export_saved_model(export_saved_model: Callable) -> Callable:
@@ -180,7 +193,7 @@ def wrap_export_saved_model(export_saved_model: Callable) -> Callable:
             ):
                 raise
             signature = _signature(model, input_signature)
-            plan = shared_dims(model, signature)
+            plan = _plan(model, signature)
             if plan is None:
                 raise
             dims, notes = plan
@@ -218,7 +231,7 @@ def wrap_export_onnx_jax(export_onnx_jax: Callable) -> Callable:
                 model, filepath, input_signature, opset_version, *args, **kwargs
             )
         except Exception as err:
-            plan = shared_dims(model, input_signature)
+            plan = _plan(model, input_signature)
             if plan is None:
                 raise
             dims, notes = plan
