@@ -83,6 +83,17 @@ def shared_dims(model, signature) -> tuple[list[list], list[str]] | None:
             notes.append(layer)
     if not parent:
         return None
+    symbols: dict = {}
+
+    def symbol(root):
+        # The first input's name and the dimension (`input_ids_1`), unique.
+        if root not in symbols:
+            text = f"{_symbol(names[root[0]])}_{root[1]}"
+            while text in symbols.values() or text == "batch":
+                text += "_"
+            symbols[root] = text
+        return symbols[root]
+
     dims = []
     for j, spec in enumerate(specs):
         leaf = []
@@ -92,8 +103,7 @@ def shared_dims(model, signature) -> tuple[list[list], list[str]] | None:
             elif i == 0:
                 leaf.append("batch")
             else:
-                root = find((j, i))
-                leaf.append(f"{_symbol(names[root[0]])}_{root[1]}")
+                leaf.append(symbol(find((j, i))))
         dims.append(leaf)
     return dims, notes
 
