@@ -218,16 +218,12 @@ def text_model():
     return model
 
 
-def test_shared_dimension_exports_work_at_other_shapes_or_refuse(text_model, tmp_path):
+def test_shared_dimension_exports_work_at_other_shapes(text_model, tmp_path):
+    # On jax, Keras's exporter gives each input its own sequence symbol
+    # (`dim_0_1`, `dim_1_1`), which this function cannot take: jaxlayer
+    # exports again with the one the layer recorded equal.
     path = tmp_path / "text.onnx"
-    try:
-        text_model.export(str(path), format="onnx", verbose=False)
-    except ValueError:
-        # Keras's jax exporter gives each input its own sequence symbol
-        # (`dim_0_1`, `dim_1_1`), which this function cannot take.
-        assert BACKEND == "jax"
-        assert not path.exists()
-        return
+    text_model.export(str(path), format="onnx", verbose=False)
     shapes = [(3, 7), (1, 2)]
     script = tmp_path / "load.py"
     script.write_text(_TEXT_LOADER)
@@ -247,6 +243,90 @@ def test_shared_dimension_exports_work_at_other_shapes_or_refuse(text_model, tmp
     for (b, t), y in zip(shapes, got, strict=True):
         want = text_model.predict(_text_data(b, t), verbose=0)
         np.testing.assert_allclose(np.asarray(y), want, atol=ATOL)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="Keras's jax2tf export: jax backend")
+def test_shared_dimension_saved_model_on_jax(text_model, tmp_path):
+    import tensorflow as tf
+
+    path = str(tmp_path / "text_saved_model")
+    text_model.export(path, format="tf_saved_model", verbose=False)
+    serve = tf.saved_model.load(path).signatures["serving_default"]
+    names = [t.name for t in text_model.inputs]
+    assert sorted(names) == sorted(serve.structured_input_signature[1])
+    for b, t in [(3, 7), (1, 2)]:
+        x = _text_data(b, t)
+        feed = {n: tf.constant(a) for n, a in zip(names, x, strict=True)}
+        (got,) = serve(**feed).values()
+        want = text_model.predict(x, verbose=0)
+        np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
+
+
+def _apart_fn(params, inputs):
+    # Two sequences of any lengths, one after the other.
+    ids, more = inputs
+    return params["emb"][jnp.concatenate([ids, more], axis=1)].sum(1)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="Keras's jax export: jax backend")
+def test_inputs_apart_keep_their_own_symbols_and_explicit_shapes_are_kept(
+    text_model, tmp_path
+):
+    import onnx
+
+    # Called with equal lengths, but exported as Keras makes it (one symbol
+    # per input dimension), since that works.
+    a, b = keras.Input((None,), dtype="int32"), keras.Input((None,), dtype="int32")
+    layer = jaxlayer.JaxLayer(_apart_fn, text_init, seed=0, name="apart")
+    model = keras.Model([a, b], layer([a, b]))
+    model(_text_data(2, 5))
+    path = tmp_path / "apart.onnx"
+    model.export(str(path), format="onnx", verbose=False)
+    dims = [
+        [d.dim_param or d.dim_value for d in v.type.tensor_type.shape.dim]
+        for v in onnx.load(str(path)).graph.input
+    ]
+    assert dims[0][0] == dims[1][0] and dims[0][1] != dims[1][1], dims
+    # The user's own `polymorphic_shapes`: used as given, never retried.
+    shapes = [["(b, x)", "(b, y)"]]
+    with pytest.raises(Exception) as info:
+        text_model.export(
+            str(tmp_path / "kept"),
+            format="tf_saved_model",
+            verbose=False,
+            jax2tf_kwargs={"polymorphic_shapes": shapes},
+        )
+    notes = " ".join(getattr(info.value, "__notes__", []))
+    assert "exported again" not in notes
+
+
+def _dict_fn(params, inputs):
+    return _text_fn(params, (inputs["ids"], inputs["a_mask"]))
+
+
+@pytest.mark.skipif(BACKEND != "tensorflow", reason="tf -> openvino: tensorflow")
+def test_openvino_of_a_dict_of_inputs(tmp_path):
+    # Keras's OpenVINO export gives the model's function one positional
+    # argument, the dict, and names the converted model's inputs in the
+    # dict's order (here not the sorted one, tf2onnx's).
+    pytest.importorskip("openvino")
+    import openvino as ov
+
+    keys = ("ids", "a_mask")
+    inputs = {n: keras.Input((None,), dtype="int32", name=n) for n in keys}
+    layer = jaxlayer.JaxLayer(_dict_fn, text_init, seed=0, name="text_dict")
+    model = keras.Model(inputs, layer(inputs))
+    model(dict(zip(keys, _text_data(2, 5), strict=True)))
+    path = str(tmp_path / "text_dict.xml")
+    model.export(path, format="openvino", verbose=False)
+    compiled = ov.Core().compile_model(path, "CPU", {"INFERENCE_PRECISION_HINT": "f32"})
+    order = [next(iter(i.get_names() & set(keys))) for i in compiled.inputs]
+    assert sorted(order) == sorted(keys)
+    for b, t in [(3, 7), (1, 2)]:
+        x = dict(zip(keys, _text_data(b, t), strict=True))
+        got = compiled({n: x[n] for n in order})[0]
+        want = model.predict(x, verbose=0)
+        np.testing.assert_allclose(np.asarray(got), want, atol=ATOL)
 
 
 @pytest.mark.skipif(BACKEND != "tensorflow", reason="tf2onnx: tensorflow backend")

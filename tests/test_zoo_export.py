@@ -240,15 +240,15 @@ def _missing(module):
 # apart): strict, so each mark goes once its bug is fixed. The text is the
 # error each raises.
 # On jax, Keras's own exporter gives each input its own symbolic sequence
-# dimension, so a model whose ids and mask must share one cannot be traced.
+# dimension; jaxlayer exports again with one for the ids and the mask (the
+# layer recorded them equal), which GPT-2's causal mask, sliced to
+# min(n_positions, length), still cannot take without a length <=
+# n_positions constraint.
 _SHARED_DIMS_JAX = {
-    "bert": "export: TypeError: add got incompatible shapes for broadcasting: "
-    "(batch, 2, b, b), (batch, 1, 1, a) (Keras's jax exporter gives the token "
-    "ids and the mask separate symbolic sequence dimensions)",
     "gpt2": "export: ValueError: Incompatible types for broadcasting: input "
-    "type=int32[batch,1,1,a] and requested type=int32[batch,1,min(32, b),"
-    "min(32, b)] (Keras's jax exporter gives the token ids and the mask "
-    "separate symbolic sequence dimensions)",
+    "type=int32[batch,1,1,attention_mask_1] and requested type=int32[batch,1,"
+    "min(32, attention_mask_1),min(32, attention_mask_1)] (GPT-2's causal mask "
+    "needs a length <= n_positions constraint)",
 }
 # GPT-2 on tensorflow: its causal mask, sliced to min(n_positions, length),
 # cannot be traced with a symbolic length, so the TF bridge runs the layer
@@ -275,15 +275,6 @@ KNOWN = {
     **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{("gpt2", "tensorflow", f): r + _PYFUNC for f, r in _GPT2_TF.items()},
-    # Refused before writing (jaxlayer's check at another shape): tf2onnx's
-    # optimizer folds a Reshape's target shape into a constant.
-    ("bert", "tensorflow", "onnx"): "export: ValueError: The ONNX model made "
-    "of the model for input shapes (3, 3), (3, 3) (its dynamic dimensions at "
-    "3) does not run, although it declares those dimensions dynamic (Reshape "
-    "node XlaCallModule_Reshape__479)",
-    ("bert", "tensorflow", "openvino"): "export: TypeError: Binding inputs to "
-    "tf.function failed due to `too many positional arguments` (the dict of "
-    "ids and mask given positionally to the converted function)",
     # The layer's XlaCallModule with a symbolic batch: HF's
     # `hidden_states[:, 0]` lowers to a dynamic gather, which LiteRT lacks.
     ("bert", "tensorflow", "litert"): _DYNAMIC_GATHER.format(

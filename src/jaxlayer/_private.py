@@ -74,12 +74,19 @@ tf2onnx 1.17, jax2onnx 0.17, openvino 2026.4, litert-torch 0.10):
   TF_IGNORED_NODE_ATTRS` (the `XlaCallModule` attribute it cannot read).
 - tf2onnx: `tf2onnx.convert.from_function` (public) is wrapped in
   `export/_tf2onnx.py`, which writes the checked model with
-  `tf2onnx.utils.save_protobuf`.
+  `tf2onnx.utils.save_protobuf`; a model that fails the check at another
+  shape is converted again without `tf2onnx.optimizer._optimizers`'
+  `reshape_optimizer` (it merges two of a layer's `Reshape`s wrongly).
 - jax2onnx's replacement of `jax.numpy` functions while it traces (a
   behaviour, not a name): `export/_onnx._plain_numpy` undoes it for symbolic
   shapes; `tests/test_export_onnx.py` fails when jax2onnx stops doing it.
 - jax2onnx: `jax2onnx.plugins.plugin_system` (`register_primitive`,
   `PLUGIN_REGISTRY`): the plugin for `call_exported`.
+- jax2onnx: `jax2onnx.to_onnx` (public) and Keras's
+  `keras.src.export.export_saved_model` and `keras.src.export.onnx.
+  _export_onnx_jax` are wrapped (`export/_keras_jax.py`): on the jax backend,
+  an export that fails with one symbol per input dimension is made again
+  with one symbol for the dimensions a jaxlayer layer recorded equal.
 - openvino: `openvino.convert_model` is replaced by a wrapper (public name,
   patched) that converts a model holding a jaxlayer layer through ONNX.
 - litert-torch: `litert_torch.backend.jax_bridge.wrap`,
@@ -194,6 +201,9 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
     # ValueError, and the model is checked at another shape before writing.
     ("tf2onnx", "tf2onnx.convert", "from_function", "1.17", "patched; error"),
     ("tf2onnx", "tf2onnx.utils", "save_protobuf", "1.17", "error"),
+    # A converted model that fails at another shape is converted again
+    # without its `reshape_optimizer` (export/_tf2onnx.py).
+    ("tf2onnx", "tf2onnx.optimizer", "_optimizers", "1.17", "error"),
     (
         "jax2onnx",
         "jax2onnx.plugins.plugin_system",
@@ -203,6 +213,12 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
     ),
     ("jax2onnx", "jax2onnx.plugins.plugin_system", "PLUGIN_REGISTRY", "0.17", "error"),
     ("openvino", "openvino", "convert_model", "2026.4", "patched; error"),
+    # Public, wrapped (export/_keras_jax.py): a retried export on the jax
+    # backend names the inputs' dimensions jaxlayer knows equal as one.
+    ("jax2onnx", "jax2onnx", "to_onnx", "0.17", "patched; error"),
+    ("keras", "keras.src.export", "export_saved_model", "3.15", "patched; error"),
+    ("keras", "keras.src.export.onnx", "_export_onnx_jax", "3.15", "patched; error"),
+    ("keras", "keras.src.export.export_utils", "get_input_signature", "3.15", "error"),
     ("litert_torch", "litert_torch.backend.jax_bridge", "wrap", "0.10", "error"),
     (
         "litert_torch",
@@ -459,6 +475,12 @@ def patch_openvino_convert_model(wrap: Any) -> None:
     openvino = resolve("openvino")
     resolve("openvino", "convert_model")
     openvino.convert_model = wrap(openvino.convert_model)
+
+
+def patch_jax2onnx_to_onnx(wrap: Any) -> None:
+    """Replaces `jax2onnx.to_onnx` by `wrap(jax2onnx.to_onnx)`."""
+    jax2onnx = resolve("jax2onnx")
+    jax2onnx.to_onnx = wrap(resolve("jax2onnx", "to_onnx"))
 
 
 def litert_torch_internals() -> tuple[Any, Any, Any]:

@@ -1,5 +1,6 @@
 """Installs jaxlayer's converters in tf2onnx and OpenVINO when (and only
-when) the program imports them.
+when) the program imports them, and its wrappers of Keras's jax-backend
+exports (`_keras_jax`, at `install()`: Keras imports those with itself).
 
 Keras imports the exporters itself inside `model.export`, so there is no
 call of ours in between: a finder on `sys.meta_path` (it answers for these
@@ -64,6 +65,9 @@ class _Finder(importlib.abc.MetaPathFinder):
 def install() -> None:
     """Installs the finder (once), and the converters of the libraries
     already imported."""
+    from jaxlayer.export import _keras_jax
+
+    _keras_jax.install()
     if not any(isinstance(f, _Finder) for f in sys.meta_path):
         sys.meta_path.insert(0, _Finder())
     for name in _INSTALLERS:

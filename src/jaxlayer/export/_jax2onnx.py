@@ -123,7 +123,11 @@ def lower(ctx, eqn) -> None:
 
 
 def install() -> None:
-    """Registers the plugin with jax2onnx (once)."""
+    """Registers the plugin with jax2onnx (once), and wraps `to_onnx` for
+    Keras's exports on the jax backend (`_keras_jax`)."""
+    from jaxlayer.export import _keras_jax
+
+    _private.patch_jax2onnx_to_onnx(_keras_jax.wrap_to_onnx)
     plugin_system = _private.jax2onnx_plugin_system()
 
     if "call_exported" in plugin_system.PLUGIN_REGISTRY:

@@ -79,14 +79,47 @@ def via_onnx(model, sources):
     from jaxlayer.export import _tf2onnx
 
     _tf2onnx.install()
-    signature = [
-        tf.TensorSpec(s.shape, s.dtype, name=s.name)
-        for s in tf.nest.flatten(_concrete(model).structured_input_signature)
-    ]
+    # The function's positional arguments as it takes them (a model of a
+    # dict of inputs takes one dict), each spec keeping its name.
+    args, _ = _concrete(model).structured_input_signature
+    signature = tf.nest.map_structure(
+        lambda s: tf.TensorSpec(s.shape, s.dtype, name=s.name), list(args)
+    )
     proto, _ = tf2onnx.convert.from_function(
         model, input_signature=signature, opset=OPSET
     )
+    _inputs_in_signature_order(proto, _names_in_order(signature))
     return _onnx.as_file_object(proto)
+
+
+def _names_in_order(structure) -> list:
+    """The specs' names in `structure`, dicts in their insertion order (the
+    order in which Keras names the converted model's inputs, where tf2onnx
+    orders them by sorted key)."""
+    if isinstance(structure, dict):
+        return [n for v in structure.values() for n in _names_in_order(v)]
+    if isinstance(structure, (list, tuple)):
+        return [n for v in structure for n in _names_in_order(v)]
+    return [getattr(structure, "name", None)]
+
+
+def _inputs_in_signature_order(proto, names) -> None:
+    """Reorders the ONNX graph's inputs as `names` (an input is named after
+    its spec, `name` or `name:0`); left as they are where they do not match."""
+    graph = proto.graph
+    initializers = {t.name for t in graph.initializer}
+    inputs = [v for v in graph.input if v.name not in initializers]
+    found = [
+        next((v for v in inputs if n and v.name in (n, f"{n}:0")), None) for n in names
+    ]
+    if len(inputs) != len(names) or any(v is None for v in found):
+        return
+    if len({id(v) for v in found}) != len(found):
+        return
+    rest = [v for v in graph.input if v.name in initializers]
+    ordered = [type(v).FromString(v.SerializeToString()) for v in found + rest]
+    del graph.input[:]
+    graph.input.extend(ordered)
 
 
 def wrap(convert_model):

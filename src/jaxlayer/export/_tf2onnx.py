@@ -170,8 +170,12 @@ def check_at_other_shape(function, signature, model_proto, size: int = 3) -> Non
         f"{', '.join(str(s) for s in shapes)} (its dynamic dimensions at {size})"
     )
     try:
+        options = ort.SessionOptions()
+        options.log_severity_level = 4  # a failure is this check's to report
         session = ort.InferenceSession(
-            model_proto.SerializeToString(), providers=["CPUExecutionProvider"]
+            model_proto.SerializeToString(),
+            options,
+            providers=["CPUExecutionProvider"],
         )
         got = session.run(None, feed)
     except Exception as err:  # noqa: BLE001 - reported as the refusal's cause
@@ -226,10 +230,18 @@ def _wrap_from_function(convert_module) -> None:
             raise as_value_error(err) from err.__cause__
         if large:
             return result
-        model_proto = result[0]
         if _converted != before:
             signature = args[0] if args else kwargs.get("input_signature")
-            check_at_other_shape(function, signature, model_proto)
+            try:
+                check_at_other_shape(function, signature, result[0])
+            except ValueError:
+                result = _without_reshape_merging(
+                    lambda: original(function, *args, output_path=None, **kwargs)
+                )
+                if result is None:
+                    raise
+                check_at_other_shape(function, signature, result[0])
+        model_proto = result[0]
         if output_path:
             save = _private.resolve("tf2onnx.utils", "save_protobuf")
             save(output_path, model_proto)
@@ -237,6 +249,30 @@ def _wrap_from_function(convert_module) -> None:
 
     from_function._jaxlayer_wrapped = True
     convert_module.from_function = from_function
+
+
+def _without_reshape_merging(convert):
+    """`convert()` with tf2onnx's `reshape_optimizer` left out (None when
+    tf2onnx has none).
+
+    That optimizer merges two `Reshape`s of a layer's graph (a `Gemm`'s
+    2-D output to `(batch, length, 16)`, then to `(batch, length, 2, 8)`)
+    into one that copies the first two dimensions of the 2-D input (`[0, 0,
+    2, 8]`), right only at the shape it was traced with (Hugging Face's
+    BERT), which `check_at_other_shape` finds.
+    """
+    optimizers = _private.resolve("tf2onnx.optimizer", "_optimizers")
+    if "reshape_optimizer" not in optimizers:
+        return None
+    kept = dict(optimizers)
+    del optimizers["reshape_optimizer"]
+    try:
+        return convert()
+    except ExportAborted as err:
+        raise as_value_error(err) from err.__cause__
+    finally:
+        optimizers.clear()
+        optimizers.update(kept)
 
 
 _installed = False
