@@ -100,6 +100,7 @@ def pytest_runtest_setup(item):
 
 
 def pytest_sessionfinish(session, exitstatus):
+    _write_file_times()
     # Tests left out for time make the run fail, whatever else passed.
     if _NOT_RUN and exitstatus == 0:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
@@ -117,6 +118,34 @@ def pytest_terminal_summary(terminalreporter):
         f"FAILED: the time budget (JAXLAYER_TEST_BUDGET={_BUDGET:.0f} s) left "
         f"{len(_NOT_RUN)} tests unrun; raise it or make the suite faster."
     )
+
+
+# Seconds per test file, wall and CPU (this process's and the processes it
+# waited for), written at the end to the file `JAXLAYER_DURATIONS_OUT`
+# names: scripts/_pool.py reports them and keeps them as the weights by
+# which it splits the suite (tests/durations.json).
+_FILE_TIMES: dict[str, list[float]] = {}
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    wall, cpu = time.perf_counter(), sum(os.times()[:4])
+    yield
+    times = _FILE_TIMES.setdefault(item.path.name, [0.0, 0.0])
+    times[0] += time.perf_counter() - wall
+    times[1] += sum(os.times()[:4]) - cpu
+
+
+def _write_file_times():
+    path = os.environ.get("JAXLAYER_DURATIONS_OUT")
+    # The pool's own jobs only, not the pytest processes tests start.
+    pool = os.environ.get("JAXLAYER_POOL_PID")
+    if not path or not _FILE_TIMES or str(os.getppid()) != pool:
+        return
+    import json
+
+    with open(path, "w") as f:
+        json.dump({"backend": BACKEND, "files": _FILE_TIMES}, f)
 
 
 def pytest_report_header(config):
