@@ -87,6 +87,9 @@ tf2onnx 1.17, jax2onnx 0.17, openvino 2026.4, litert-torch 0.10):
   _export_onnx_jax` are wrapped (`export/_keras_jax.py`): on the jax backend,
   an export that fails with one symbol per input dimension is made again
   with one symbol for the dimensions a jaxlayer layer recorded equal.
+  Optional: where a Keras lacks one (Keras 3.10 has no `_export_onnx_jax`:
+  it exports ONNX on jax through its SavedModel path), that export is
+  Keras's own, without the retry.
 - openvino: `openvino.convert_model` is replaced by a wrapper (public name,
   patched) that converts a model holding a jaxlayer layer through ONNX.
 - litert-torch: `litert_torch.backend.jax_bridge.wrap`,
@@ -216,8 +219,8 @@ CATALOGUE: tuple[tuple[str, str, str | None, str, str], ...] = (
     # Public, wrapped (export/_keras_jax.py): a retried export on the jax
     # backend names the inputs' dimensions jaxlayer knows equal as one.
     ("jax2onnx", "jax2onnx", "to_onnx", "0.17", "patched; error"),
-    ("keras", "keras.src.export", "export_saved_model", "3.15", "patched; error"),
-    ("keras", "keras.src.export.onnx", "_export_onnx_jax", "3.15", "patched; error"),
+    ("keras", "keras.src.export", "export_saved_model", "3.15", "optional; patched"),
+    ("keras", "keras.src.export.onnx", "_export_onnx_jax", "3.15", "optional; patched"),
     ("keras", "keras.src.export.export_utils", "get_input_signature", "3.15", "error"),
     ("litert_torch", "litert_torch.backend.jax_bridge", "wrap", "0.10", "error"),
     (

@@ -307,15 +307,24 @@ def _renamed(inputs, dims):
 
 
 def install() -> None:
-    """Wraps Keras's two jax-backend export functions (once)."""
-    package = _private.resolve("keras.src.export")
-    saved_model = _private.resolve("keras.src.export.saved_model")
-    onnx = _private.resolve("keras.src.export.onnx")
-    wrapped = wrap_export_saved_model(
-        _private.resolve("keras.src.export", "export_saved_model")
-    )
-    package.export_saved_model = wrapped
-    saved_model.export_saved_model = wrapped
-    onnx._export_onnx_jax = wrap_export_onnx_jax(
-        _private.resolve("keras.src.export.onnx", "_export_onnx_jax")
-    )
+    """Wraps Keras's two jax-backend export functions (once), each where the
+    installed Keras has it: without one (Keras 3.10 has no
+    `_export_onnx_jax`; it exports ONNX on jax through its SavedModel
+    path), that export is Keras's own, without the retry."""
+    try:
+        package = _private.resolve("keras.src.export")
+        saved_model = _private.resolve("keras.src.export.saved_model")
+        wrapped = wrap_export_saved_model(
+            _private.resolve("keras.src.export", "export_saved_model")
+        )
+    except ImportError:
+        pass
+    else:
+        package.export_saved_model = wrapped
+        saved_model.export_saved_model = wrapped
+    try:
+        onnx = _private.resolve("keras.src.export.onnx")
+        export_onnx_jax = _private.resolve("keras.src.export.onnx", "_export_onnx_jax")
+    except ImportError:
+        return
+    onnx._export_onnx_jax = wrap_export_onnx_jax(export_onnx_jax)
