@@ -10,6 +10,7 @@ two batch sizes, else at the shapes of a call it is known to run with.
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.export
@@ -21,7 +22,7 @@ from jaxlayer._contract import output_leaves
 from jaxlayer._pure import fill_unknown
 
 
-def structs_of_dims(dims, dtypes) -> list:
+def structs_of_dims(dims, dtypes, bounds=None) -> list:
     """`jax.ShapeDtypeStruct`s, one per input leaf, in one symbolic scope.
 
     The one place symbolic shapes are made (the layer, saving and every
@@ -32,11 +33,15 @@ def structs_of_dims(dims, dtypes) -> list:
     Args:
         dims: per input leaf, its dimensions (ints or symbol names).
         dtypes: per input leaf, its dtype (anything `jnp.dtype` takes).
+        bounds: `{symbol name: largest size}`, constraints of the scope
+            (see `trace_bounded`); None: none.
 
     Raises:
         ValueError: a name is not a valid symbol (`jax.export`'s message).
     """
-    scope = jax.export.SymbolicScope()
+    scope = jax.export.SymbolicScope(
+        [f"{name} <= {int(n)}" for name, n in sorted((bounds or {}).items())]
+    )
     specs = []
     for leaf_dims, dtype in zip(dims, dtypes, strict=True):
         # (A scalar has no dimension to make symbolic.)
@@ -47,6 +52,87 @@ def structs_of_dims(dims, dtypes) -> list:
         )
         specs.append(jax.ShapeDtypeStruct(shape, jnp.dtype(dtype)))
     return specs
+
+
+# How many times `trace_bounded` bounds more symbols and traces again.
+MAX_BOUND_RETRIES = 4
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# `min(32, d)`: a slice of a constant-size array to a symbolic length.
+_MIN = re.compile(rf"min\((?:(\d+), ({_NAME})|({_NAME}), (\d+))\)")
+# jax's InconclusiveDimensionOperation: "comparison 'd' > '32' is inconclusive".
+_CMP = re.compile(rf"'({_NAME}|\d+)' (>=|<=|>|<|==|!=) '({_NAME}|\d+)'")
+_FLIP = {">": "<", "<": ">", ">=": "<=", "<=": ">=", "==": "==", "!=": "!="}
+
+
+def upper_bounds(error, names) -> dict:
+    """`{symbol: largest size}` that decides what `error` left open.
+
+    Read from the messages of `error` and its causes: a `min(N, d)` (a
+    constant-size array sliced to a symbolic length, then broadcast against
+    that length) gives `d <= N`; an inconclusive comparison of a symbol
+    with a constant gives the bound that decides it (`d > N`, `d <= N`:
+    `d <= N`; `d >= N`, `d < N`: `d <= N - 1`). Only symbols in `names`.
+    """
+    found: dict = {}
+
+    def add(name, n):
+        if name in names and n >= 1:
+            found[name] = min(n, found.get(name, n))
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        for a, b, c, d in _MIN.findall(text):
+            add(b or c, int(a or d))
+        for left, op, right in _CMP.findall(text):
+            if left.isdigit() and not right.isdigit():
+                left, op, right = right, _FLIP[op], left
+            if right.isdigit() and not left.isdigit():
+                n = int(right)
+                if op in (">", "<="):
+                    add(left, n)
+                elif op in (">=", "<"):
+                    add(left, n - 1)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def trace_bounded(trace, dims, dtypes, bounds=None):
+    """`(trace(specs), bounds)`: `trace` of the symbolic `specs` of `dims`,
+    its symbols bounded above where it needs them to be.
+
+    A function with a largest size (GPT-2's causal mask, sliced to
+    `min(n_positions, length)`) cannot be traced with a length of any size;
+    when `trace` fails on such a comparison of a symbol with a constant
+    (`upper_bounds`), it is traced again with that symbol bounded
+    (`length <= n_positions`), up to `MAX_BOUND_RETRIES` times. The bounds
+    come from the function's own constants, the same on every run.
+
+    Args:
+        trace: `(specs) -> result`; raises when it cannot trace.
+        dims: per input leaf, its dimensions (ints or symbol names).
+        dtypes: per input leaf, its dtype.
+        bounds: bounds to start from (`{symbol name: largest size}`).
+
+    Raises:
+        Exception: `trace`'s error when no bound (or no further bound) helps.
+    """
+    bounds = dict(bounds or {})
+    names = {d for leaf in dims for d in leaf if isinstance(d, str)}
+    for retry in itertools.count():
+        try:
+            return trace(structs_of_dims(dims, dtypes, bounds)), bounds
+        except Exception as err:
+            new = {
+                k: n
+                for k, n in upper_bounds(err, names).items()
+                if n < bounds.get(k, n + 1)
+            }
+            if not new or retry >= MAX_BOUND_RETRIES:
+                raise
+            bounds.update(new)
+    raise AssertionError  # unreachable: the loop returns or raises
 
 
 def symbolic_dims(shapes, groups=None) -> list[list]:
