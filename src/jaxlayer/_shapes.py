@@ -1,7 +1,9 @@
 """Shape inference: one builder of symbolic specs, one shape probe.
 
 `structs_of_dims` makes every symbolic `jax.ShapeDtypeStruct` of the package;
-`symbolic_specs` names the unknown dimensions of inputs (the batch, a
+`trace_bounded` traces a function with them, bounding a symbol above where
+the function compares it with a constant (a mask of a largest length);
+`symbolic_dims` names the unknown dimensions of inputs (the batch, a
 `keras.Input`'s None) for `jax.eval_shape` and `jax.export`; `eval_outputs`
 finds the shapes of a function's outputs, symbolically where it can, else at
 two batch sizes, else at the shapes of a call it is known to run with.
@@ -136,7 +138,9 @@ def trace_bounded(trace, dims, dtypes, bounds=None):
 
 
 def symbolic_dims(shapes, groups=None) -> list[list]:
-    """The dimensions `symbolic_specs` makes: ints, and symbol names.
+    """The dimensions of inputs with every unknown one symbolic: ints, and
+    symbol names (the first dimension of every input is one symbol,
+    `batch`).
 
     Args:
         shapes: per input leaf, its shape (None where unknown).
@@ -162,20 +166,6 @@ def symbolic_dims(shapes, groups=None) -> list[list]:
                 leaf.append(next(names))
         dims.append(leaf)
     return dims
-
-
-def symbolic_specs(shapes, dtypes, groups=None) -> list:
-    """`jax.ShapeDtypeStruct`s of `shapes` (None where unknown), with every
-    unknown dimension symbolic: the first dimension of every input is one
-    symbol, `batch`; the others each their own (`d0`, `d1`, ...), or one
-    per group of `groups` (see `symbolic_dims`).
-
-    Args:
-        shapes: per input leaf, its shape (None where unknown).
-        dtypes: per input leaf, its dtype.
-        groups: per input leaf and dimension, a group key or None.
-    """
-    return structs_of_dims(symbolic_dims(shapes, groups), dtypes)
 
 
 def flatten_shapes(input_shape):
@@ -227,7 +217,7 @@ def eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
         return treedef, leaves
 
     try:
-        treedef, out = evaluate(symbolic_specs(shapes, dtypes))
+        (treedef, out), _ = trace_bounded(evaluate, symbolic_dims(shapes), dtypes)
         return treedef, [
             (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
             for o in out
