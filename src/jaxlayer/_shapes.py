@@ -100,7 +100,7 @@ def upper_bounds(error, names) -> dict:
     return found
 
 
-def trace_bounded(trace, dims, dtypes, bounds=None):
+def trace_bounded(trace, dims, dtypes, bounds=None, known=()):
     """`(trace(specs), bounds)`: `trace` of the symbolic `specs` of `dims`,
     its symbols bounded above where it needs them to be.
 
@@ -116,12 +116,22 @@ def trace_bounded(trace, dims, dtypes, bounds=None):
         dims: per input leaf, its dimensions (ints or symbol names).
         dtypes: per input leaf, its dtype.
         bounds: bounds to start from (`{symbol name: largest size}`).
+        known: calls the function is known to run with, each a list of
+            shapes (per input leaf, as `dims`; None where unknown): no bound
+            excludes their sizes (a function that branches on `length > 4`
+            and was called at 8 is not bounded to 4).
 
     Raises:
         Exception: `trace`'s error when no bound (or no further bound) helps.
     """
     bounds = dict(bounds or {})
     names = {d for leaf in dims for d in leaf if isinstance(d, str)}
+    seen: dict = {}
+    for shape in known:
+        for leaf, size in zip(dims, shape or (), strict=False):
+            for d, n in zip(leaf, size or (), strict=False):
+                if isinstance(d, str) and isinstance(n, (int, np.integer)):
+                    seen[d] = max(int(n), seen.get(d, 0))
     for retry in itertools.count():
         try:
             return trace(structs_of_dims(dims, dtypes, bounds)), bounds
@@ -129,7 +139,7 @@ def trace_bounded(trace, dims, dtypes, bounds=None):
             new = {
                 k: n
                 for k, n in upper_bounds(err, names).items()
-                if n < bounds.get(k, n + 1)
+                if n < bounds.get(k, n + 1) and n >= seen.get(k, 0)
             }
             if not new or retry >= MAX_BOUND_RETRIES:
                 raise
@@ -217,7 +227,9 @@ def eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
         return treedef, leaves
 
     try:
-        (treedef, out), _ = trace_bounded(evaluate, symbolic_dims(shapes), dtypes)
+        (treedef, out), _ = trace_bounded(
+            evaluate, symbolic_dims(shapes), dtypes, known=[called or ()]
+        )
         return treedef, [
             (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
             for o in out

@@ -282,7 +282,7 @@ def _export_one(layer, kind, record, params, state, platforms):
     bounds: dict = {}
     for dims in attempts:
         exported, used, err, lowered_with, bounds = _lower_symbolic(
-            fn, params, dims, record.dtypes, state, rng, platforms
+            fn, params, dims, record.dtypes, state, rng, platforms, record.called
         )
         error = error or err
         if exported is not None:
@@ -412,10 +412,10 @@ def _output_spec(layer, training, record):
         raise _NotExported(err) from None
 
 
-def _lower_symbolic(fn, params, dims, dtypes, state, rng, platforms):
+def _lower_symbolic(fn, params, dims, dtypes, state, rng, platforms, called):
     """`_lower` with the inputs' symbolic `dims`, bounded where the function
-    needs it (`trace_bounded`): `(exported, platforms, error, inputs,
-    bounds)`."""
+    needs it (`trace_bounded`, never below the sizes of `called`, the
+    recorded call): `(exported, platforms, error, inputs, bounds)`."""
 
     def trace(inputs):
         exported, used, error = _lower(fn, params, inputs, state, rng, platforms)
@@ -424,7 +424,9 @@ def _lower_symbolic(fn, params, dims, dtypes, state, rng, platforms):
         return exported, used, inputs
 
     try:
-        (exported, used, inputs), bounds = trace_bounded(trace, dims, dtypes)
+        (exported, used, inputs), bounds = trace_bounded(
+            trace, dims, dtypes, known=[called] if called else ()
+        )
     except Exception as err:  # noqa: BLE001 - reported, or the next attempt
         return None, None, err, None, {}
     return exported, used, None, inputs, bounds

@@ -117,6 +117,8 @@ def symbolic(fn, slot, args, counts):
                 conversion, bounds = trace_bounded(
                     lambda specs: _exported(Conversion(fn, specs, counts)),
                     *symbolic_dims(candidate),
+                    # Never below the sizes of this call.
+                    known=[[shape_of(x) for x in args]],
                 )
             except ExportError as err:
                 # The cause is what the concrete-shapes warning reports.

@@ -102,6 +102,11 @@ def _symbolic(sizes, fn, cast, counts, diff, flat):
             lambda specs: _Symbolic(fn, cast, counts, diff, flat, dims, specs),
             all_dims,
             [x.dtype for x in flat],
+            # Never below the sizes of this call or the first.
+            known=[
+                [tuple(x.shape) for x in flat],
+                [None] * n_params + [tuple(s) for s in sizes.first],
+            ],
         )
     except Exception as error:  # noqa: BLE001 - reported, then per shape
         sizes.failed = True
