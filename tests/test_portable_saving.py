@@ -960,3 +960,23 @@ def test_a_function_with_a_largest_length_saves_it_and_refuses_more(tmp_path):
     else:
         with pytest.raises(ValueError, match=refusal):
             reloaded.predict(too_long, verbose=0)
+
+
+def test_trace_bounded_reads_the_bound_from_the_function():
+    from jaxlayer._shapes import trace_bounded
+
+    table = jnp.ones((MAX_LEN, 4))
+
+    def export(f):
+        return lambda specs: jax.export.export(jax.jit(f))(*specs)
+
+    dims, dtypes = [["batch", "d0"]], ["float32"]
+    sliced = export(lambda x: x[..., None] * table[: x.shape[1]])
+    assert trace_bounded(sliced, dims, dtypes)[1] == {"d0": MAX_LEN}
+    branch = export(lambda x: x if x.shape[1] > 4 else 2 * x)
+    assert trace_bounded(branch, dims, dtypes, known=[[(2, 3)]])[1] == {"d0": 4}
+    # Called at 8: bounding to 4 would drop that call, so the error stays.
+    with pytest.raises(Exception, match="inconclusive|requires a constant"):
+        trace_bounded(branch, dims, dtypes, known=[[(2, 8)]])
+    with pytest.raises(Exception, match="inconclusive|requires a constant"):
+        trace_bounded(export(lambda x: x.reshape(int(x.shape[1]), -1)), dims, dtypes)
