@@ -292,10 +292,13 @@ KNOWN = {
     ("vit", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
         "vit", "cls_hidden_state = hidden_states[:, 0]"
     ),
-    # Refused before writing: the same min(n_positions, length) as above.
+    # Refused before writing. Alone in a process GPT-2 converts (its length
+    # bounded by n_positions); after BERT's conversion in the same process,
+    # jax2onnx's gather lowering needs the (bounded) length as a constant.
     ("gpt2", "torch", "onnx"): "export: ValueError: FlaxLayer 'gpt2': jax2onnx "
     "could not convert its function with the dimension(s) 'batch', 'd1', 'd2' "
-    "left symbolic (min(32, d2) against d1)",
+    "left symbolic (after another model's conversion: jax2onnx's gather "
+    "plugin, `int(slice_size)` of d1)",
     **{
         (n, "torch", "openvino"): "export: RuntimeError: r INTERNAL ASSERT "
         'FAILED at "/__w/pytorch/pytorch/aten/src/ATen/core/jit_type_base.h"'
