@@ -250,21 +250,6 @@ _SHARED_DIMS_JAX = {
     "min(32, b)] (Keras's jax exporter gives the token ids and the mask "
     "separate symbolic sequence dimensions)",
 }
-# GPT-2 on tensorflow: its causal mask, sliced to min(n_positions, length),
-# cannot be traced with a symbolic length, so the TF bridge runs the layer
-# as an `EagerPyFunc`, which no artifact can hold.
-_PYFUNC = " (the layer ran as an EagerPyFunc: GPT-2's causal mask needs a "
-_PYFUNC += "length <= n_positions constraint)"
-_GPT2_TF = {
-    "tf_saved_model": "error: InvalidArgumentError: Graph execution error: "
-    "ValueError: Could not find callback with key=pyfunc_N in the registry",
-    "onnx": "error: InvalidGraph: [ONNXRuntimeError] : 10 : INVALID_GRAPH : "
-    "... This is an invalid model. In Node, (.../EagerPyFunc, EagerPyFunc, ...)",
-    "openvino": "export: OpConversionFailure: ... Model wasn't fully converted. "
-    "-- No conversion rule found for operations: EagerPyFunc",
-    "litert": "export: ConverterError: Could not translate MLIR to FlatBuffer. "
-    "... EagerPyFunc",
-}
 _DYNAMIC_GATHER = (
     "export: ConverterError: Could not translate MLIR to FlatBuffer. "
     "transformers/models/{0}/modeling_flax_{0}.py: error: "
@@ -274,16 +259,30 @@ _DYNAMIC_GATHER = (
 KNOWN = {
     **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
-    **{("gpt2", "tensorflow", f): r + _PYFUNC for f, r in _GPT2_TF.items()},
+    # GPT-2 on tensorflow: exported with its length bounded by n_positions
+    # (its causal mask is sliced to it); the slice of a symbolic size lowers
+    # to a gather of symbolic slice sizes, which jax2onnx's gather plugin
+    # (`int(slice_size)`) and LiteRT (`dynamic_gather`) cannot take.
+    ("gpt2", "tensorflow", "onnx"): "export: ValueError: Exporting to ONNX "
+    "failed: FlaxLayer 'gpt2': jax2onnx could not convert its function with "
+    "the dimension(s) 'batch', 's0' left symbolic (InconclusiveDimension"
+    "Operation: Symbolic dimension 's0' used in a context that requires a "
+    "constant)",
+    ("gpt2", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
+        "gpt2", "the causal mask's [:, :, :length, :length]"
+    ),
     # Refused before writing (jaxlayer's check at another shape): tf2onnx's
     # optimizer folds a Reshape's target shape into a constant.
     ("bert", "tensorflow", "onnx"): "export: ValueError: The ONNX model made "
     "of the model for input shapes (3, 3), (3, 3) (its dynamic dimensions at "
     "3) does not run, although it declares those dimensions dynamic (Reshape "
     "node XlaCallModule_Reshape__479)",
-    ("bert", "tensorflow", "openvino"): "export: TypeError: Binding inputs to "
-    "tf.function failed due to `too many positional arguments` (the dict of "
-    "ids and mask given positionally to the converted function)",
+    **{
+        (n, "tensorflow", "openvino"): "export: TypeError: Binding inputs to "
+        "tf.function failed due to `too many positional arguments` (the dict "
+        "of ids and mask given positionally to the converted function)"
+        for n in ("bert", "gpt2")
+    },
     # The layer's XlaCallModule with a symbolic batch: HF's
     # `hidden_states[:, 0]` lowers to a dynamic gather, which LiteRT lacks.
     ("bert", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
