@@ -66,14 +66,15 @@ _CMP = re.compile(rf"'({_NAME}|\d+)' (>=|<=|>|<|==|!=) '({_NAME}|\d+)'")
 _FLIP = {">": "<", "<": ">", ">=": "<=", "<=": ">=", "==": "==", "!=": "!="}
 
 
-def upper_bounds(error, names) -> dict:
+def upper_bounds(error, names, compare=False) -> dict:
     """`{symbol: largest size}` that decides what `error` left open.
 
     Read from the messages of `error` and its causes: a `min(N, d)` (a
     constant-size array sliced to a symbolic length, then broadcast against
-    that length) gives `d <= N`; an inconclusive comparison of a symbol
-    with a constant gives the bound that decides it (`d > N`, `d <= N`:
-    `d <= N`; `d >= N`, `d < N`: `d <= N - 1`). Only symbols in `names`.
+    that length, which fails at any larger size too) gives `d <= N`; with
+    `compare`, an inconclusive comparison of a symbol with a constant gives
+    the bound that decides it (`d > N`, `d <= N`: `d <= N`; `d >= N`,
+    `d < N`: `d <= N - 1`), a choice of branch. Only symbols in `names`.
     """
     found: dict = {}
 
@@ -87,7 +88,7 @@ def upper_bounds(error, names) -> dict:
         text = str(error)
         for a, b, c, d in _MIN.findall(text):
             add(b or c, int(a or d))
-        for left, op, right in _CMP.findall(text):
+        for left, op, right in _CMP.findall(text) if compare else ():
             if left.isdigit() and not right.isdigit():
                 left, op, right = right, _FLIP[op], left
             if right.isdigit() and not left.isdigit():
@@ -100,7 +101,7 @@ def upper_bounds(error, names) -> dict:
     return found
 
 
-def trace_bounded(trace, dims, dtypes, bounds=None, known=()):
+def trace_bounded(trace, dims, dtypes, bounds=None, known=(), compare=False):
     """`(trace(specs), bounds)`: `trace` of the symbolic `specs` of `dims`,
     its symbols bounded above where it needs them to be.
 
@@ -120,6 +121,10 @@ def trace_bounded(trace, dims, dtypes, bounds=None, known=()):
             shapes (per input leaf, as `dims`; None where unknown): no bound
             excludes their sizes (a function that branches on `length > 4`
             and was called at 8 is not bounded to 4).
+        compare: whether an inconclusive comparison bounds too
+            (`upper_bounds`): only where a larger size is refused with a
+            message or traced on its own, since the bound picks a branch
+            that a larger size would not take.
 
     Raises:
         Exception: `trace`'s error when no bound (or no further bound) helps.
@@ -138,7 +143,7 @@ def trace_bounded(trace, dims, dtypes, bounds=None, known=()):
         except Exception as err:
             new = {
                 k: n
-                for k, n in upper_bounds(err, names).items()
+                for k, n in upper_bounds(err, names, compare).items()
                 if n < bounds.get(k, n + 1) and n >= seen.get(k, 0)
             }
             if not new or retry >= MAX_BOUND_RETRIES:

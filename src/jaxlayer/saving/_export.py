@@ -425,7 +425,12 @@ def _lower_symbolic(fn, params, dims, dtypes, state, rng, platforms, called):
 
     try:
         (exported, used, inputs), bounds = trace_bounded(
-            trace, dims, dtypes, known=[called] if called else ()
+            # A larger size is refused by the reloaded layer, with a message.
+            trace,
+            dims,
+            dtypes,
+            known=[called] if called else (),
+            compare=True,
         )
     except Exception as err:  # noqa: BLE001 - reported, or the next attempt
         return None, None, err, None, {}

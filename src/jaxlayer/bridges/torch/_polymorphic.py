@@ -107,6 +107,8 @@ def _symbolic(sizes, fn, cast, counts, diff, flat):
                 [tuple(x.shape) for x in flat],
                 [None] * n_params + [tuple(s) for s in sizes.first],
             ],
+            # A larger size misses the signature and is traced on its own.
+            compare=True,
         )
     except Exception as error:  # noqa: BLE001 - reported, then per shape
         sizes.failed = True
