@@ -180,3 +180,30 @@ def test_keras_file_round_trip(tmp_path):
     loaded = keras.saving.load_model(path)
     x = np.ones((2, 3), "float32")
     np.testing.assert_allclose(loaded.predict(x, verbose=0), 2 * x, **TOL)
+
+
+def test_a_saved_largest_length_is_kept_and_more_refused(tmp_path):
+    # A table of 6 rows sliced to the length (GPT-2's causal mask): exported
+    # with `length <= 6`, and the reloaded layer refuses 7.
+    def bounded(params, inputs):
+        pos = params["pos"][: inputs.shape[1]]
+        return jnp.tanh(inputs[..., None] * pos[None]) @ params["w"]
+
+    rs = np.random.RandomState(3)
+    params = {"pos": rs.randn(6, 4).astype("float32"), "w": rs.randn(4, 2)}
+    params["w"] = params["w"].astype("float32")
+    inputs = keras.Input((None,))
+    model = keras.Model(inputs, JaxLayer(bounded, params=params, name="maxlen")(inputs))
+    model.predict(rs.randn(2, 3).astype("float32"), verbose=0)
+    path = str(tmp_path / "maxlen.keras")
+    with pytest.warns(UserWarning, match=r"dimension 1 up to 6 only"):
+        model.save(path)
+    with pytest.warns(UserWarning, match="not registered"):
+        loaded = keras.saving.load_model(path)
+    for batch, length in [(2, 3), (3, 6), (1, 1)]:
+        x = rs.randn(batch, length).astype("float32")
+        np.testing.assert_allclose(
+            loaded.predict(x, verbose=0), jax.jit(bounded)(params, x), **TOL
+        )
+    with pytest.raises(ValueError, match=r"maxlen.*inputs\[0\] dimension 1 up to 6"):
+        loaded.predict(rs.randn(2, 7).astype("float32"), verbose=0)

@@ -887,3 +887,100 @@ def test_inputs_sharing_a_dimension_save_one_symbol(tmp_path):
             to_np(model.predict(x, verbose=0)),
             **TOL,
         )
+
+
+# -- a function with a largest size ------------------------------------------
+
+MAX_LEN = 6
+
+
+def _bounded_fn(params, inputs):
+    # A table of MAX_LEN rows sliced to the length, as GPT-2 slices its causal
+    # mask: with a symbolic length the slice is `min(6, length)`, which cannot
+    # broadcast against the length unless `length <= 6`.
+    pos = params["pos"][: inputs.shape[1]]
+    return jnp.tanh(inputs[..., None] * pos[None]) @ params["w"]
+
+
+def _bounded_params():
+    rng = np.random.default_rng(3)
+    return {
+        "pos": rng.normal(size=(MAX_LEN, 4)).astype("float32"),
+        "w": rng.normal(size=(4, 2)).astype("float32"),
+    }
+
+
+def _length_data(batch, length):
+    return np.random.default_rng(length).normal(size=(batch, length)).astype("float32")
+
+
+def test_a_function_with_a_largest_length_saves_it_and_refuses_more(tmp_path):
+    params = _bounded_params()
+    inputs = keras.Input((None,))
+    layer = JaxLayer(_bounded_fn, params=params, name="maxlen")
+    model = keras.Model(inputs, layer(inputs))
+    reference = jax.jit(_bounded_fn)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for batch, length in [(2, 3), (3, 5), (1, MAX_LEN)]:
+            x = _length_data(batch, length)
+            np.testing.assert_allclose(
+                to_np(model.predict(x, verbose=0)), reference(params, x), **TOL
+            )
+        path = str(tmp_path / "maxlen.keras")
+        model.save(path)
+    said = [str(w.message) for w in caught if "maxlen" in str(w.message)]
+    # Traced once with the length bounded (torch's symbolic signature, the TF
+    # bridge's export): no per-shape fallback; the save says what it bounded.
+    assert len(said) == 1, said
+    assert "inputs[0] dimension 1 up to 6 only" in said[0], said
+    manifest = json.loads(
+        next(v for k, v in assets(path).items() if k.endswith("manifest.json"))
+    )
+    for entry in manifest["functions"].values():
+        assert entry["shapes"] == "symbolic"
+        assert entry["bounds"] == {"d0": MAX_LEN}
+    reloaded, _ = load(path)
+    assert isinstance(reloaded.layers[-1].call_fn, saving.ExportedCall)
+    for batch, length in [(2, 3), (4, 2), (1, MAX_LEN)]:
+        x = _length_data(batch, length)
+        np.testing.assert_allclose(
+            to_np(reloaded.predict(x, verbose=0)), reference(params, x), **TOL
+        )
+    too_long = _length_data(2, MAX_LEN + 1)
+    refusal = r"maxlen.*inputs\[0\] dimension 1 (up to|may be at most) 6"
+    with pytest.raises(ValueError, match=refusal):
+        reloaded.layers[-1](too_long)
+    if BACKEND == "tensorflow":
+        # A graph cannot raise a ValueError at run time: its check op fails.
+        import tensorflow as tf
+
+        with pytest.raises(tf.errors.InvalidArgumentError, match=refusal):
+            reloaded.predict(too_long, verbose=0)
+    else:
+        with pytest.raises(ValueError, match=refusal):
+            reloaded.predict(too_long, verbose=0)
+
+
+def test_trace_bounded_reads_the_bound_from_the_function():
+    from jaxlayer._shapes import trace_bounded
+
+    table = jnp.ones((MAX_LEN, 4))
+
+    def export(f):
+        return lambda specs: jax.export.export(jax.jit(f))(*specs)
+
+    dims, dtypes = [["batch", "d0"]], ["float32"]
+    sliced = export(lambda x: x[..., None] * table[: x.shape[1]])
+    assert trace_bounded(sliced, dims, dtypes)[1] == {"d0": MAX_LEN}
+    branch = export(lambda x: x if x.shape[1] > 4 else 2 * x)
+    # A branch on the size: bounded only where asked (a bound picks it).
+    with pytest.raises(Exception, match="inconclusive"):
+        trace_bounded(branch, dims, dtypes)
+    bounded = trace_bounded(branch, dims, dtypes, known=[[(2, 3)]], compare=True)
+    assert bounded[1] == {"d0": 4}
+    # Called at 8: bounding to 4 would drop that call, so the error stays.
+    with pytest.raises(Exception, match="inconclusive"):
+        trace_bounded(branch, dims, dtypes, known=[[(2, 8)]], compare=True)
+    with pytest.raises(Exception, match="inconclusive|requires a constant"):
+        trace_bounded(export(lambda x: x.reshape(int(x.shape[1]), -1)), dims, dtypes)

@@ -198,19 +198,9 @@ def test_predict_equals_the_library_model(zoo, name):
 # Cells that fail because of a known bug of jaxlayer (issue 30, being fixed
 # apart): strict, so each mark goes once its bug is fixed. The text is the
 # error each raises.
-_SHARED_DIMS = (
-    "ValueError: FlaxLayer '{0}' runs the computation saved in its `.keras` "
-    "file, which takes 2 input array(s) of shapes (2, 8), (2, 8); it got 2 of "
-    "shapes (2, 5), (2, 5). (saving gave the token ids and the mask separate "
-    "symbolic sequence dimensions, fell back to the shapes of the first call)"
-)
-# BERT's ids and mask now share one symbol. GPT-2 still falls back: its
-# causal mask is sliced to min(n_positions, length), which jax.export cannot
-# broadcast against the length without a `length <= n_positions` constraint.
-KNOWN_RELOAD = {
-    ("gpt2", backend): _SHARED_DIMS.format("gpt2")
-    for backend in ("jax", "tensorflow", "torch")
-}
+# GPT-2 reloads at every length up to n_positions: its causal mask, sliced to
+# min(n_positions, length), is exported with `length <= n_positions`.
+KNOWN_RELOAD: dict = {}
 
 
 def _reload_case(name):
@@ -261,14 +251,6 @@ SAVE_ON_JAX = textwrap.dedent(
 )
 
 
-_SHARED_DIMS_NUMPY = (
-    "ValueError: FlaxLayer '{0}' runs the computation saved in its `.keras` "
-    "file, which takes 2 input array(s) of shapes (2, 5), (2, 5); it got 2 of "
-    "shapes (3, 5), (3, 5). (saving gave the token ids and the mask separate "
-    "symbolic sequence dimensions, fell back to the shapes of the first call)"
-)
-
-
 @pytest.fixture(scope="module")
 def saved_on_jax(tmp_path_factory):
     """`(jobs, report, outputs)`: the zoo saved by a jax process, loaded and
@@ -294,14 +276,7 @@ def saved_on_jax(tmp_path_factory):
     return folder, report, outputs
 
 
-def _numpy_case(name):
-    if name != "gpt2":  # see KNOWN_RELOAD
-        return name
-    reason = _SHARED_DIMS_NUMPY.format(name)
-    return pytest.param(name, marks=pytest.mark.xfail(strict=True, reason=reason))
-
-
-@pytest.mark.parametrize("name", [_numpy_case(n) for n in NAMES])
+@pytest.mark.parametrize("name", NAMES)
 def test_numpy_loads_and_runs_the_saved_zoo(saved_on_jax, name):
     folder, report, outputs = saved_on_jax
     assert report["imported"] == [], report["imported"]

@@ -250,21 +250,6 @@ _SHARED_DIMS_JAX = {
     "min(32, attention_mask_1),min(32, attention_mask_1)] (GPT-2's causal mask "
     "needs a length <= n_positions constraint)",
 }
-# GPT-2 on tensorflow: its causal mask, sliced to min(n_positions, length),
-# cannot be traced with a symbolic length, so the TF bridge runs the layer
-# as an `EagerPyFunc`, which no artifact can hold.
-_PYFUNC = " (the layer ran as an EagerPyFunc: GPT-2's causal mask needs a "
-_PYFUNC += "length <= n_positions constraint)"
-_GPT2_TF = {
-    "tf_saved_model": "error: InvalidArgumentError: Graph execution error: "
-    "ValueError: Could not find callback with key=pyfunc_N in the registry",
-    "onnx": "error: InvalidGraph: [ONNXRuntimeError] : 10 : INVALID_GRAPH : "
-    "... This is an invalid model. In Node, (.../EagerPyFunc, EagerPyFunc, ...)",
-    "openvino": "export: OpConversionFailure: ... Model wasn't fully converted. "
-    "-- No conversion rule found for operations: EagerPyFunc",
-    "litert": "export: ConverterError: Could not translate MLIR to FlatBuffer. "
-    "... EagerPyFunc",
-}
 _DYNAMIC_GATHER = (
     "export: ConverterError: Could not translate MLIR to FlatBuffer. "
     "transformers/models/{0}/modeling_flax_{0}.py: error: "
@@ -274,7 +259,22 @@ _DYNAMIC_GATHER = (
 KNOWN = {
     **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
-    **{("gpt2", "tensorflow", f): r + _PYFUNC for f, r in _GPT2_TF.items()},
+    # GPT-2 on tensorflow: exported with its length bounded by n_positions
+    # (its causal mask is sliced to it); the slice of a symbolic size lowers
+    # to a gather of symbolic slice sizes, which jax2onnx's gather plugin
+    # (`int(slice_size)`; ONNX, and OpenVINO through it) and LiteRT
+    # (`dynamic_gather`) cannot take.
+    **{
+        ("gpt2", "tensorflow", f): "export: ValueError: Exporting to ONNX "
+        "failed: FlaxLayer 'gpt2': jax2onnx could not convert its function with "
+        "the dimension(s) 'batch', 's0' left symbolic (InconclusiveDimension"
+        "Operation: Symbolic dimension 's0' used in a context that requires a "
+        "constant)"
+        for f in ("onnx", "openvino")
+    },
+    ("gpt2", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
+        "gpt2", "the causal mask's [:, :, :length, :length]"
+    ),
     # The layer's XlaCallModule with a symbolic batch: HF's
     # `hidden_states[:, 0]` lowers to a dynamic gather, which LiteRT lacks.
     ("bert", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
@@ -283,14 +283,17 @@ KNOWN = {
     ("vit", "tensorflow", "litert"): _DYNAMIC_GATHER.format(
         "vit", "cls_hidden_state = hidden_states[:, 0]"
     ),
-    # Refused before writing: the same min(n_positions, length) as above.
+    # Refused before writing. Alone in a process GPT-2 converts (its length
+    # bounded by n_positions); after BERT's conversion in the same process,
+    # jax2onnx's gather lowering needs the (bounded) length as a constant.
     ("gpt2", "torch", "onnx"): "export: ValueError: FlaxLayer 'gpt2': jax2onnx "
     "could not convert its function with the dimension(s) 'batch', 'd1', 'd2' "
-    "left symbolic (min(32, d2) against d1)",
+    "left symbolic (after another model's conversion: jax2onnx's gather "
+    "plugin, `int(slice_size)` of d1)",
     # Written with the sequence length static at 1, Keras's traced size for
-    # an unknown one, and a warning saying so: the same min(n_positions,
-    # length) cannot be converted with a symbolic length (Keras hands
-    # OpenVINO the traced module alone, without the input signature).
+    # an unknown one, and a warning saying so: jax2onnx's gather cannot take
+    # the bounded symbolic length (Keras hands OpenVINO the traced module
+    # alone, without the input signature).
     ("gpt2", "torch", "openvino"): "the OpenVINO model keeps the sequence "
     "length at 1 (jaxlayer warns); the cell runs it at another length",
 }

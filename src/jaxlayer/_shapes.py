@@ -1,7 +1,9 @@
 """Shape inference: one builder of symbolic specs, one shape probe.
 
 `structs_of_dims` makes every symbolic `jax.ShapeDtypeStruct` of the package;
-`symbolic_specs` names the unknown dimensions of inputs (the batch, a
+`trace_bounded` traces a function with them, bounding a symbol above where
+the function compares it with a constant (a mask of a largest length);
+`symbolic_dims` names the unknown dimensions of inputs (the batch, a
 `keras.Input`'s None) for `jax.eval_shape` and `jax.export`; `eval_outputs`
 finds the shapes of a function's outputs, symbolically where it can, else at
 two batch sizes, else at the shapes of a call it is known to run with.
@@ -10,6 +12,7 @@ two batch sizes, else at the shapes of a call it is known to run with.
 from __future__ import annotations
 
 import itertools
+import re
 
 import jax
 import jax.export
@@ -21,7 +24,7 @@ from jaxlayer._contract import output_leaves
 from jaxlayer._pure import fill_unknown
 
 
-def structs_of_dims(dims, dtypes) -> list:
+def structs_of_dims(dims, dtypes, bounds=None) -> list:
     """`jax.ShapeDtypeStruct`s, one per input leaf, in one symbolic scope.
 
     The one place symbolic shapes are made (the layer, saving and every
@@ -32,11 +35,15 @@ def structs_of_dims(dims, dtypes) -> list:
     Args:
         dims: per input leaf, its dimensions (ints or symbol names).
         dtypes: per input leaf, its dtype (anything `jnp.dtype` takes).
+        bounds: `{symbol name: largest size}`, constraints of the scope
+            (see `trace_bounded`); None: none.
 
     Raises:
         ValueError: a name is not a valid symbol (`jax.export`'s message).
     """
-    scope = jax.export.SymbolicScope()
+    scope = jax.export.SymbolicScope(
+        [f"{name} <= {int(n)}" for name, n in sorted((bounds or {}).items())]
+    )
     specs = []
     for leaf_dims, dtype in zip(dims, dtypes, strict=True):
         # (A scalar has no dimension to make symbolic.)
@@ -49,8 +56,106 @@ def structs_of_dims(dims, dtypes) -> list:
     return specs
 
 
+# How many times `trace_bounded` bounds more symbols and traces again.
+MAX_BOUND_RETRIES = 4
+_NAME = r"[A-Za-z_][A-Za-z0-9_]*"
+# `min(32, d)`: a slice of a constant-size array to a symbolic length.
+_MIN = re.compile(rf"min\((?:(\d+), ({_NAME})|({_NAME}), (\d+))\)")
+# jax's InconclusiveDimensionOperation: "comparison 'd' > '32' is inconclusive".
+_CMP = re.compile(rf"'({_NAME}|\d+)' (>=|<=|>|<|==|!=) '({_NAME}|\d+)'")
+_FLIP = {">": "<", "<": ">", ">=": "<=", "<=": ">=", "==": "==", "!=": "!="}
+
+
+def upper_bounds(error, names, compare=False) -> dict:
+    """`{symbol: largest size}` that decides what `error` left open.
+
+    Read from the messages of `error` and its causes: a `min(N, d)` (a
+    constant-size array sliced to a symbolic length, then broadcast against
+    that length, which fails at any larger size too) gives `d <= N`; with
+    `compare`, an inconclusive comparison of a symbol with a constant gives
+    the bound that decides it (`d > N`, `d <= N`: `d <= N`; `d >= N`,
+    `d < N`: `d <= N - 1`), a choice of branch. Only symbols in `names`.
+    """
+    found: dict = {}
+
+    def add(name, n):
+        if name in names and n >= 1:
+            found[name] = min(n, found.get(name, n))
+
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        text = str(error)
+        for a, b, c, d in _MIN.findall(text):
+            add(b or c, int(a or d))
+        for left, op, right in _CMP.findall(text) if compare else ():
+            if left.isdigit() and not right.isdigit():
+                left, op, right = right, _FLIP[op], left
+            if right.isdigit() and not left.isdigit():
+                n = int(right)
+                if op in (">", "<="):
+                    add(left, n)
+                elif op in (">=", "<"):
+                    add(left, n - 1)
+        error = error.__cause__ or error.__context__
+    return found
+
+
+def trace_bounded(trace, dims, dtypes, bounds=None, known=(), compare=False):
+    """`(trace(specs), bounds)`: `trace` of the symbolic `specs` of `dims`,
+    its symbols bounded above where it needs them to be.
+
+    A function with a largest size (GPT-2's causal mask, sliced to
+    `min(n_positions, length)`) cannot be traced with a length of any size;
+    when `trace` fails on such a comparison of a symbol with a constant
+    (`upper_bounds`), it is traced again with that symbol bounded
+    (`length <= n_positions`), up to `MAX_BOUND_RETRIES` times. The bounds
+    come from the function's own constants, the same on every run.
+
+    Args:
+        trace: `(specs) -> result`; raises when it cannot trace.
+        dims: per input leaf, its dimensions (ints or symbol names).
+        dtypes: per input leaf, its dtype.
+        bounds: bounds to start from (`{symbol name: largest size}`).
+        known: calls the function is known to run with, each a list of
+            shapes (per input leaf, as `dims`; None where unknown): no bound
+            excludes their sizes (a function that branches on `length > 4`
+            and was called at 8 is not bounded to 4).
+        compare: whether an inconclusive comparison bounds too
+            (`upper_bounds`): only where a larger size is refused with a
+            message or traced on its own, since the bound picks a branch
+            that a larger size would not take.
+
+    Raises:
+        Exception: `trace`'s error when no bound (or no further bound) helps.
+    """
+    bounds = dict(bounds or {})
+    names = {d for leaf in dims for d in leaf if isinstance(d, str)}
+    seen: dict = {}
+    for shape in known:
+        for leaf, size in zip(dims, shape or (), strict=False):
+            for d, n in zip(leaf, size or (), strict=False):
+                if isinstance(d, str) and isinstance(n, (int, np.integer)):
+                    seen[d] = max(int(n), seen.get(d, 0))
+    for retry in itertools.count():
+        try:
+            return trace(structs_of_dims(dims, dtypes, bounds)), bounds
+        except Exception as err:
+            new = {
+                k: n
+                for k, n in upper_bounds(err, names, compare).items()
+                if n < bounds.get(k, n + 1) and n >= seen.get(k, 0)
+            }
+            if not new or retry >= MAX_BOUND_RETRIES:
+                raise
+            bounds.update(new)
+    raise AssertionError  # unreachable: the loop returns or raises
+
+
 def symbolic_dims(shapes, groups=None) -> list[list]:
-    """The dimensions `symbolic_specs` makes: ints, and symbol names.
+    """The dimensions of inputs with every unknown one symbolic: ints, and
+    symbol names (the first dimension of every input is one symbol,
+    `batch`).
 
     Args:
         shapes: per input leaf, its shape (None where unknown).
@@ -76,20 +181,6 @@ def symbolic_dims(shapes, groups=None) -> list[list]:
                 leaf.append(next(names))
         dims.append(leaf)
     return dims
-
-
-def symbolic_specs(shapes, dtypes, groups=None) -> list:
-    """`jax.ShapeDtypeStruct`s of `shapes` (None where unknown), with every
-    unknown dimension symbolic: the first dimension of every input is one
-    symbol, `batch`; the others each their own (`d0`, `d1`, ...), or one
-    per group of `groups` (see `symbolic_dims`).
-
-    Args:
-        shapes: per input leaf, its shape (None where unknown).
-        dtypes: per input leaf, its dtype.
-        groups: per input leaf and dimension, a group key or None.
-    """
-    return structs_of_dims(symbolic_dims(shapes, groups), dtypes)
 
 
 def flatten_shapes(input_shape):
@@ -141,7 +232,9 @@ def eval_outputs(owner, tree_fn, params, inputs, state, rng, called=None):
         return treedef, leaves
 
     try:
-        treedef, out = evaluate(symbolic_specs(shapes, dtypes))
+        (treedef, out), _ = trace_bounded(
+            evaluate, symbolic_dims(shapes), dtypes, known=[called or ()]
+        )
         return treedef, [
             (tuple(d if isinstance(d, int) else None for d in o.shape), o.dtype)
             for o in out

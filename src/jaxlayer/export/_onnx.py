@@ -9,6 +9,7 @@ import jax
 import numpy as np
 
 from jaxlayer._deps import require
+from jaxlayer._shapes import trace_bounded
 
 # The opset jax2onnx targets when the host converter does not say.
 DEFAULT_OPSET = 23
@@ -40,26 +41,39 @@ def to_onnx(
 
     A function that jax2onnx's `jax.numpy` rewrites cannot convert with
     symbolic dimensions is converted again through `jax.numpy` itself
-    (`_plain_numpy`): its primitives then carry the symbolic shapes.
+    (`_plain_numpy`): its primitives then carry the symbolic shapes. One
+    that needs a symbol bounded (a mask sliced to `min(max_length,
+    length)`) is converted with that bound (`_shapes.trace_bounded`); the
+    file declares the dimension dynamic, and a larger size fails in it as
+    it fails in the function.
     """
     jax2onnx = jax2onnx_module(feature)
+    symbolic = bool(symbol_names(specs))
 
-    def convert(f):
+    def convert(f, structs):
         return jax2onnx.to_onnx(
             f,
-            inputs=symbolic_inputs(specs),
+            inputs=structs,
             opset=opset,
             model_name="jaxlayer_call",
             return_mode="proto",
             input_names=input_names,
         )
 
-    try:
-        return convert(fn)
-    except Exception:
-        if not symbol_names(specs):
-            raise
-        return convert(_plain_numpy(fn))
+    def attempt(structs):
+        try:
+            return convert(fn, structs)
+        except Exception:
+            if not symbolic:
+                raise
+            return convert(_plain_numpy(fn), structs)
+
+    if not symbolic:
+        return attempt(symbolic_inputs(specs))
+    # The symbols by name, in a scope of their own (the specs' may be
+    # another trace's), bounded where the function needs it.
+    dims = [[d if isinstance(d, int) else str(d) for d in s.shape] for s in specs]
+    return trace_bounded(attempt, dims, [s.dtype for s in specs])[0]
 
 
 # -- the patch of jax2onnx ---------------------------------------------------

@@ -15,7 +15,7 @@ import keras
 from jaxlayer import _private
 from jaxlayer import _variables as V
 from jaxlayer._record import InputRecord, input_template, shared_groups
-from jaxlayer._shapes import symbolic_specs
+from jaxlayer._shapes import symbolic_dims, trace_bounded
 from jaxlayer.export import _saved
 from jaxlayer.saving._exported_call import ExportedCall
 from jaxlayer.saving._manifest import (
@@ -32,7 +32,6 @@ from jaxlayer.saving._manifest import SUFFIX as _SUFFIX
 from jaxlayer.saving._manifest import Spec as _Spec
 from jaxlayer.saving._manifest import first_line as _first_line
 from jaxlayer.saving._manifest import shapes_text as _shapes_text
-from jaxlayer.saving._manifest import symbolic_structs as _symbolic_structs
 from jaxlayer.saving._manifest import version as _version
 
 
@@ -271,20 +270,24 @@ def _export_one(layer, kind, record, params, state, platforms):
     except Exception as err:  # noqa: BLE001 - reported in the save warning
         raise _NotExported(_first_line(err)) from None
     note = None
-    symbolic = _symbolic_structs(record)
-    exported, used, error = _lower(fn, params, symbolic, state, rng, platforms)
-    shapes = "symbolic"
-    lowered_with = symbolic
-    if exported is None:
-        # Unknown dimensions equal in the recorded calls (token ids and their
-        # mask: one sequence length) as one symbol, for a function that needs
-        # them equal (adds one to the other).
-        shared = symbolic_specs(
-            input_template(record), record.dtypes, shared_groups(record)
+    # Every unknown dimension its own symbol first; then those equal in the
+    # recorded calls (token ids and their mask: one sequence length) as one
+    # symbol, for a function that needs them equal (adds one to the other).
+    template = input_template(record)
+    attempts = [symbolic_dims(template)]
+    shared = symbolic_dims(template, shared_groups(record))
+    if shared != attempts[0]:
+        attempts.append(shared)
+    exported = error = None
+    bounds: dict = {}
+    for dims in attempts:
+        exported, used, err, lowered_with, bounds = _lower_symbolic(
+            fn, params, dims, record.dtypes, state, rng, platforms, record.called
         )
-        if [s.shape for s in shared] != [s.shape for s in symbolic]:
-            exported, used, _ = _lower(fn, params, shared, state, rng, platforms)
-            lowered_with = shared
+        error = error or err
+        if exported is not None:
+            break
+    shapes = "symbolic"
     # A function whose code needs the batch size (a reshape to it) cannot
     # take a symbolic batch: then the shapes of its first concrete call.
     if exported is None and record.called is not None:
@@ -341,6 +344,16 @@ def _export_one(layer, kind, record, params, state, platforms):
         entry["input_dims"] = [
             [d if isinstance(d, int) else str(d) for d in s.shape] for s in lowered_with
         ]
+        if bounds:
+            # The largest size of each bounded symbol: a reloaded layer refuses
+            # a larger one with a message (`ExportedCall`), not an XLA error.
+            entry["bounds"] = dict(sorted(bounds.items()))
+            extra = (
+                f"({kind}) takes {_bounds_text(bounds, entry['input_dims'])} "
+                "only (the function compares it with that size, so it "
+                "cannot be exported for any size)"
+            )
+            note = f"{note}; {extra}" if note else extra
     extra = {}
     # ONNX for inference only: the exports that read it deploy the layer in
     # inference.
@@ -397,6 +410,45 @@ def _output_spec(layer, training, record):
         return V.encode_tree(tree, "outputs")
     except V.UndescribableTree as err:
         raise _NotExported(err) from None
+
+
+def _lower_symbolic(fn, params, dims, dtypes, state, rng, platforms, called):
+    """`_lower` with the inputs' symbolic `dims`, bounded where the function
+    needs it (`trace_bounded`, never below the sizes of `called`, the
+    recorded call): `(exported, platforms, error, inputs, bounds)`."""
+
+    def trace(inputs):
+        exported, used, error = _lower(fn, params, inputs, state, rng, platforms)
+        if exported is None:
+            raise error
+        return exported, used, inputs
+
+    try:
+        (exported, used, inputs), bounds = trace_bounded(
+            # A larger size is refused by the reloaded layer, with a message.
+            trace,
+            dims,
+            dtypes,
+            known=[called] if called else (),
+            compare=True,
+        )
+    except Exception as err:  # noqa: BLE001 - reported, or the next attempt
+        return None, None, err, None, {}
+    return exported, used, None, inputs, bounds
+
+
+def _bounds_text(bounds, input_dims) -> str:
+    """`inputs[0] dimension 1 up to 32, ...`: where each bounded symbol is."""
+    parts = []
+    for name, n in sorted(bounds.items()):
+        where = [
+            f"inputs[{k}] dimension {i}"
+            for k, leaf in enumerate(input_dims)
+            for i, d in enumerate(leaf)
+            if d == name
+        ]
+        parts.append(f"{' and '.join(where) or name} up to {n}")
+    return ", ".join(parts)
 
 
 def _lower(fn, params, inputs, state, rng, platforms):

@@ -466,6 +466,7 @@ class ExportedCall:
         # go back unchanged below.
         state = [x for x in state_leaves if _is_array(x)]
         inputs = self._checked_inputs(exp, len(params), values["inputs"])
+        self._check_bounds(kind, inputs)
         rng = jax.tree_util.tree_leaves(values.get("rng"))
         first_rng = len(params) + len(inputs) + len(state)
         # Seeds may come as another integer width than the one exported.
@@ -510,6 +511,32 @@ class ExportedCall:
                 "say `batch`)."
             )
         return [_as(x, a.dtype) for x, a in zip(leaves, avals, strict=True)]
+
+    def _check_bounds(self, kind, inputs) -> None:
+        """Refuses an input dimension above the largest size the saved
+        computation was exported for (`bounds` in its manifest entry)."""
+        entry = self.manifest["functions"][kind]
+        bounds = entry.get("bounds")
+        if not bounds:
+            return
+        for k, (x, leaf) in enumerate(
+            zip(inputs, entry.get("input_dims", []), strict=False)
+        ):
+            for i, (size, name) in enumerate(zip(x.shape, leaf, strict=False)):
+                bound = bounds.get(name) if isinstance(name, str) else None
+                # `size <= bound` on a symbolic size (a bridge's trace) raises
+                # jax's inconclusive comparison, which the trace's retry reads
+                # to bound that size too (`_shapes.trace_bounded`).
+                if bound is not None and not size <= bound:
+                    raise ValueError(
+                        f"{self.owner} runs the computation saved in its "
+                        f"`.keras` file, which takes inputs[{k}] dimension {i} "
+                        f"up to {bound} only (its function compares that size "
+                        f"with {bound}, so it was exported for sizes up to "
+                        f"{bound}); it got {size} (input shape "
+                        f"{tuple(x.shape)}). Use at most {bound}, or load the "
+                        "model where the layer's Python code is importable."
+                    )
 
     def _placeholder(self, kind, values, has_state):
         treedef, specs = self._out[kind]

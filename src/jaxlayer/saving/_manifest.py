@@ -9,8 +9,7 @@ from typing import Any
 import jax
 
 from jaxlayer import _variables as V
-from jaxlayer._record import InputRecord, input_template
-from jaxlayer._shapes import symbolic_specs
+from jaxlayer._record import InputRecord
 from jaxlayer._version import __version__
 
 # Bumped when an older reader could misread a newer file: a reader
@@ -91,6 +90,21 @@ def check_manifest(manifest, owner: str) -> None:
             f"{where}['input_shapes']",
         )
         need(isinstance(entry.get("onnx", {}), dict), f"{where}['onnx']")
+        bounds = entry.get("bounds", {})
+        need(
+            isinstance(bounds, dict)
+            and all(type(n) is int and n >= 1 for n in bounds.values()),
+            f"{where}['bounds']",
+        )
+        dims = entry.get("input_dims", [])
+        need(
+            isinstance(dims, list)
+            and all(
+                isinstance(leaf, list) and all(type(d) in (int, str) for d in leaf)
+                for leaf in dims
+            ),
+            f"{where}['input_dims']",
+        )
 
 
 def record_from_manifest(manifest) -> InputRecord | None:
@@ -132,11 +146,6 @@ class Artifacts:
 
     manifest: dict
     blobs: dict  # file name -> bytes
-
-
-def symbolic_structs(record: InputRecord):
-    """The inputs with a symbolic batch and every unknown dimension symbolic."""
-    return symbolic_specs(input_template(record), record.dtypes)
 
 
 def version() -> str:

@@ -24,7 +24,13 @@ from collections.abc import Callable, Sequence
 import tensorflow as tf
 
 from jaxlayer.bridges.tensorflow import _export
-from jaxlayer.bridges.tensorflow._dispatch import Slot, concrete, diff_mask, symbolic
+from jaxlayer.bridges.tensorflow._dispatch import (
+    Slot,
+    checked_args,
+    concrete,
+    diff_mask,
+    symbolic,
+)
 from jaxlayer.bridges.tensorflow._export import DEFAULT_PLATFORMS as DEFAULT_PLATFORMS
 from jaxlayer.bridges.tensorflow._graph import mode
 from jaxlayer.bridges.tensorflow._graph import outside_graph as outside_graph
@@ -81,6 +87,7 @@ def run(
     call_mode = mode()
     conversion = symbolic(fn, slot, args, counts)
     if conversion is not None:
+        args = checked_args(fn, slot, conversion, args, counts)
         return conversion(args, call_mode, diff_mask(fn, conversion))
     # The run-time fallback calls `run` again, eagerly, for the shapes it meets.
     return concrete(fn, slot, args, counts, call_mode, run)

@@ -15,6 +15,9 @@ from __future__ import annotations
 
 import warnings
 
+import tensorflow as tf
+
+from jaxlayer._shapes import trace_bounded
 from jaxlayer.bridges.tensorflow._conversion import Conversion
 from jaxlayer.bridges.tensorflow._export import ExportError
 from jaxlayer.bridges.tensorflow._run_time import at_run_time
@@ -26,8 +29,9 @@ from jaxlayer.bridges.tensorflow._specs import (
     run_time_specs,
     shape_of,
     shared_key,
+    symbolic_dims,
     symbolic_key,
-    symbolic_specs,
+    within,
 )
 
 
@@ -43,6 +47,8 @@ class Slot:
             function).
         run_time_specs: structure key -> output `(dtype, shape)`s of a call
             exported at run time (unknown dims traced, concrete fallback).
+        bounds: conversion -> the largest sizes of its symbols, where the
+            function needs them (`_shapes.trace_bounded`).
         graph_grads: what the gradients of the run-time calls traced in
             graphs need (see `grad_fn`).
     """
@@ -54,6 +60,7 @@ class Slot:
         "warned",
         "run_time_specs",
         "graph_grads",
+        "bounds",
     )
 
     def __init__(self):
@@ -63,6 +70,7 @@ class Slot:
         self.warned = False
         self.run_time_specs: dict = {}
         self.graph_grads: list = []
+        self.bounds: dict = {}
 
 
 def diff_mask(fn, conversion):
@@ -105,15 +113,27 @@ def symbolic(fn, slot, args, counts):
     for candidate in dict.fromkeys(c for c in candidates if c is not None):
         conversion = slot.conversions.get(candidate)
         if conversion is None and candidate not in slot.failed:
-            conversion = Conversion(fn, symbolic_specs(candidate), counts)
             try:
-                conversion.forward()
+                conversion, bounds = trace_bounded(
+                    lambda specs: _exported(Conversion(fn, specs, counts)),
+                    *symbolic_dims(candidate),
+                    # Never below the sizes of this call.
+                    known=[[shape_of(x) for x in args]],
+                )
             except ExportError as err:
                 # The cause is what the concrete-shapes warning reports.
                 slot.failed[candidate] = err.__cause__
                 conversion = None
             else:
                 slot.conversions[candidate] = conversion
+                if bounds:
+                    slot.bounds[conversion] = bounds
+        # A size above a bound the function needs: not this conversion (the
+        # next candidates keep that size known, or the concrete export does).
+        if conversion is not None and not within(
+            conversion.specs, args, slot.bounds.get(conversion)
+        ):
+            conversion = None
         if conversion is not None:
             # Under this structure's own key too: found at once next time.
             slot.conversions[key] = conversion
@@ -122,6 +142,47 @@ def symbolic(fn, slot, args, counts):
     # The cause the concrete-shapes warning reports.
     slot.failed.setdefault(key, next(iter(slot.failed.values()), None))
     return None
+
+
+def checked_args(fn, slot, conversion, args, counts):
+    """`args`, made to wait for a run-time check of each unknown size that
+    has a bound in `conversion` (known sizes were checked by `symbolic`),
+    so that a larger one fails with the layer's message, not inside XLA."""
+    bounds = slot.bounds.get(conversion)
+    if not bounds:
+        return args
+    n_params, n_inputs, _ = counts
+    out = list(args)
+    for k in range(n_inputs):
+        x = args[n_params + k]
+        spec = conversion.specs[n_params + k]
+        checks = [
+            tf.debugging.assert_less_equal(
+                tf.shape(x)[i],
+                tf.constant(bound, tf.int32),
+                message=(
+                    f"{fn.owner}: inputs[{k}] dimension {i} may be at most "
+                    f"{bound} (the function compares that size with {bound}, "
+                    f"so it was exported for sizes up to {bound})"
+                ),
+            )
+            for i, (d, size) in enumerate(
+                zip(spec.shape, x.shape.as_list(), strict=True)
+            )
+            if size is None
+            and not isinstance(d, int)
+            and (bound := bounds.get(str(d))) is not None
+        ]
+        if checks:
+            with tf.control_dependencies(checks):
+                out[n_params + k] = tf.identity(x)
+    return out
+
+
+def _exported(conversion):
+    """`conversion`, its forward exported (`ExportError` if it cannot be)."""
+    conversion.forward()
+    return conversion
 
 
 def concrete(fn, slot, args, counts, mode, run):

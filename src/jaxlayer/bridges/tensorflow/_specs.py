@@ -14,7 +14,6 @@ import numpy as np
 import tensorflow as tf
 
 from jaxlayer._pure import fill_unknown
-from jaxlayer._shapes import structs_of_dims
 
 
 def split(flat, counts):
@@ -146,8 +145,8 @@ def shared_key(key, counts, called):
 # -- specs ----------------------------------------------------------------------
 
 
-def symbolic_specs(key):
-    """`jax.ShapeDtypeStruct`s with symbolic dims for one structure key.
+def symbolic_dims(key):
+    """`(dims, dtypes)` of one structure key, for `_shapes.structs_of_dims`.
 
     Batch groups are named `batch`, `batch1`, ...; shared groups
     (`shared_key`) `s0`, `s1`, ...; every other None dim is a symbol of its
@@ -171,7 +170,20 @@ def symbolic_specs(key):
             else:
                 leaf.append(d)
         dims.append(leaf)
-    return structs_of_dims(dims, [jax_dtype(tf_dtype) for tf_dtype, _ in key[1]])
+    return dims, [jax_dtype(tf_dtype) for tf_dtype, _ in key[1]]
+
+
+def within(specs, args, bounds) -> bool:
+    """Whether the known sizes of `args` are within the `bounds`
+    (`{symbol name: largest size}`) of the symbols of `specs`."""
+    if not bounds:
+        return True
+    for spec, x in zip(specs, args, strict=True):
+        for d, size in zip(spec.shape, x.shape.as_list(), strict=True):
+            bound = None if isinstance(d, int) else bounds.get(str(d))
+            if bound is not None and size is not None and size > bound:
+                return False
+    return True
 
 
 def concrete_specs(args):

@@ -25,7 +25,7 @@ import warnings
 
 import jax
 
-from jaxlayer._shapes import structs_of_dims
+from jaxlayer._shapes import trace_bounded
 from jaxlayer.bridges.torch._exchange import counters
 from jaxlayer.bridges.torch._signatures import (
     Grad,
@@ -88,8 +88,28 @@ def _symbolic(sizes, fn, cast, counts, diff, flat):
     dims = sizes.dims()
     if sizes.symbolic is not None and sizes.symbolic.dims == dims:
         return sizes.symbolic
+    n_params, n_inputs = counts[0], counts[1]
+    inputs = range(n_params, n_params + n_inputs)
+    all_dims = [
+        dims[i - n_params] if i in inputs else tuple(x.shape)
+        for i, x in enumerate(flat)
+    ]
     try:
-        sizes.symbolic = _Symbolic(fn, cast, counts, diff, flat, dims)
+        # Bounded where the function needs it (a mask sliced to
+        # `min(max_length, length)`): a larger size misses the signature in
+        # `make` (jax refuses it) and is traced on its own.
+        sizes.symbolic, _ = trace_bounded(
+            lambda specs: _Symbolic(fn, cast, counts, diff, flat, dims, specs),
+            all_dims,
+            [x.dtype for x in flat],
+            # Never below the sizes of this call or the first.
+            known=[
+                [tuple(x.shape) for x in flat],
+                [None] * n_params + [tuple(s) for s in sizes.first],
+            ],
+            # A larger size misses the signature and is traced on its own.
+            compare=True,
+        )
     except Exception as error:  # noqa: BLE001 - reported, then per shape
         sizes.failed = True
         sizes.symbolic = None
@@ -191,7 +211,8 @@ def _positions(input_shapes) -> dict:
 
 class _Symbolic:
     """One symbolic signature: the forward (and, with `diff`, backward)
-    exported with the input dimensions `dims`.
+    exported with the input dimensions `dims` (`specs`: all the arguments'
+    `jax.ShapeDtypeStruct`s).
 
     Holds what `Grad` reads of its trace: `refs`, `args`, `float_outputs`.
     """
@@ -206,16 +227,9 @@ class _Symbolic:
         "treedef",
     )
 
-    def __init__(self, fn, cast, counts, diff, flat, dims):
+    def __init__(self, fn, cast, counts, diff, flat, dims, specs):
         self.dims = dims
         self.refs = self.args = self.float_outputs = self.treedef = None
-        n_params, n_inputs = counts[0], counts[1]
-        inputs = range(n_params, n_params + n_inputs)
-        all_dims = [
-            dims[i - n_params] if i in inputs else tuple(x.shape)
-            for i, x in enumerate(flat)
-        ]
-        specs = structs_of_dims(all_dims, [x.dtype for x in flat])
         platforms = ["cpu" if on_cpu(flat) else jax.export.default_export_platform()]
         counters["symbolic_traces"] += 1
         if not diff:
