@@ -22,7 +22,7 @@ from jaxlayer import JaxLayer
 
 TRAINS = BACKEND != "numpy"
 _CHILD = "JAXLAYER_LIFETIMES_CHILD"
-WIDTH = 1024  # a 4 MiB float32 kernel per layer
+WIDTH = 1448  # an 8 MiB float32 kernel per layer
 
 
 def to_np(x):
@@ -36,7 +36,7 @@ def matmul_call(params, inputs):
 def _release_free_memory():
     """Hands freed heap memory back to the OS (glibc's `malloc_trim`).
 
-    glibc serves a 4 MiB allocation from the heap once a chunk that size was
+    glibc serves an 8 MiB allocation from the heap once a chunk that size was
     freed (its mmap threshold adapts), and a freed heap chunk stays in RSS
     until trimmed: without this, memory freed by a dropped layer would still
     count as grown.
@@ -65,7 +65,7 @@ def live_jax_arrays():
     return len(arrays), sum(a.nbytes for a in arrays)
 
 
-def build_call_fit_drop(make_layer, n=40):
+def build_call_fit_drop(make_layer, n=20):
     """Builds, calls (and fits) then drops `n` layers; weak refs to them."""
     rs = np.random.RandomState(0)
     x = rs.randn(8, WIDTH).astype("float32")
@@ -141,7 +141,8 @@ def test_dropped_layers_free_their_arrays_and_caches():
     # views and exports, which it owns) is gone.
     assert all(ref() is None for ref in refs)
     assert live_jax_arrays() == arrays_before
-    # 40 layers of 4 MiB: a leak of their weights would show as 160+ MiB.
+    # 20 layers of 8 MiB: a leak of their weights would show as 160+ MiB
+    # (40 layers of 4 MiB before, in twice the time: the cost is per layer).
     # RSS can also shrink while the Dense layers run (the allocator handing
     # pages back: -43 MiB seen once); the baseline is then no growth at all.
     # On TensorFlow with the export extras installed (CI's environment) the
@@ -161,7 +162,7 @@ def test_a_trained_layer_holds_its_parameters_once():
     # views of the torch tensors (same buffers), and on TensorFlow none.
     gc.collect()
     before = {id(a) for a in jax.live_arrays()}
-    layer = jaxlayer_layer()  # a 4 MiB kernel, given as NumPy
+    layer = jaxlayer_layer()  # an 8 MiB kernel, given as NumPy
     model = keras.Sequential([keras.Input((WIDTH,)), layer])
     model.compile(optimizer="adam", loss="mse")
     x = np.random.RandomState(0).randn(16, WIDTH).astype("float32")
