@@ -100,7 +100,7 @@ def report_times(times: dict[str, Path]) -> None:
         wall = sum(w for w, _ in files.values())
         cpu = sum(c for _, c in files.values())
         print(f"{backend:>10}: {wall:7.0f} wall {cpu:7.0f} CPU")
-        heavy = sorted(files.items(), key=lambda kv: -kv[1][1])[:8]
+        heavy = sorted(files.items(), key=lambda kv: -kv[1][1])
         for name, (w, c) in heavy:
             print(f"{'':>10}  {w:7.0f} wall {c:7.0f} CPU  {name}")
     if os.environ.get("JAXLAYER_UPDATE_DURATIONS") == "1":
