@@ -262,6 +262,36 @@ def test_shared_dimension_saved_model_on_jax(text_model, tmp_path):
         np.testing.assert_allclose(got.numpy(), want, atol=ATOL)
 
 
+def _bounded_fn(params, inputs):
+    # Ids and mask of one length, plus a table of six positions sliced to it
+    # (GPT-2's causal mask, sliced to min(n_positions, length)): the length
+    # can be at most 6.
+    ids, mask = inputs
+    table = params["pos"][: ids.shape[1]]
+    return ((ids * mask).astype("float32") + table[None, :]).sum(1, keepdims=True)
+
+
+@pytest.mark.skipif(BACKEND != "jax", reason="Keras's jax2tf export: jax backend")
+def test_a_largest_length_is_passed_on_to_the_saved_model_on_jax(tmp_path):
+    import tensorflow as tf
+
+    ids, mask = keras.Input((None,), dtype="int32"), keras.Input((None,), dtype="int32")
+    pos = np.arange(6, dtype="float32")
+    layer = jaxlayer.JaxLayer(_bounded_fn, params={"pos": pos}, name="bounded")
+    model = keras.Model([ids, mask], layer([ids, mask]))
+    model.predict(_text_data(2, 5), verbose=0)
+    path = str(tmp_path / "bounded_saved_model")
+    with pytest.warns(UserWarning, match="<= 6 only"):
+        model.export(path, format="tf_saved_model", verbose=False)
+    loaded = tf.saved_model.load(path)  # kept: its functions need it alive
+    for b, t in [(3, 4), (1, 6)]:
+        x = _text_data(b, t)
+        want = jax.jit(_bounded_fn)({"pos": pos}, x)
+        np.testing.assert_allclose(loaded.serve(x).numpy(), want, atol=ATOL)
+    with pytest.raises(tf.errors.InvalidArgumentError, match="slice size"):
+        loaded.serve(_text_data(1, 7))
+
+
 def _apart_fn(params, inputs):
     # Two sequences of any lengths, one after the other.
     ids, more = inputs

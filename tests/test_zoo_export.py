@@ -257,7 +257,7 @@ _DYNAMIC_GATHER = (
     "({1}, in the layer's XlaCallModule)"
 )
 KNOWN = {
-    **{(n, "jax", "tf_saved_model"): r for n, r in _SHARED_DIMS_JAX.items()},
+    # (`tf_saved_model` passes the bound on as jax2tf's constraints.)
     **{(n, "jax", "onnx"): r for n, r in _SHARED_DIMS_JAX.items()},
     # GPT-2 on tensorflow: exported with its length bounded by n_positions
     # (its causal mask is sliced to it); the slice of a symbolic size lowers

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextvars
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ import jax
 import keras
 
 from jaxlayer import _private, _record
+from jaxlayer._shapes import upper_bounds
 
 # While `_export_onnx_jax` runs again with shared symbols: per flat input,
 # its dimensions (ints, or symbol names) for `jax2onnx.to_onnx`.
@@ -221,8 +223,45 @@ def wrap_export_saved_model(export_saved_model: Callable) -> Callable:
                 **{**kwargs, "jax2tf_kwargs": jax2tf_kwargs},
             )
         except Exception as second:
-            second.add_note(note)
-            raise second from first
+            # A function with a largest size (GPT-2's causal mask, sliced to
+            # min(n_positions, length)): once more with that bound, as
+            # saving does (`_shapes.upper_bounds`).
+            names = {d for leaf in dims for d in leaf if isinstance(d, str)}
+            bounds = upper_bounds(second, names)
+            if not bounds or "polymorphic_constraints" in jax2tf_kwargs:
+                second.add_note(note)
+                raise second from first
+            constraints = [f"{name} <= {n}" for name, n in sorted(bounds.items())]
+            note += f" (then with {', '.join(constraints)})"
+            try:
+                exported = export_saved_model(
+                    model,
+                    filepath,
+                    verbose,
+                    signature,
+                    **{
+                        **kwargs,
+                        # Without gradient: TensorFlow traces the
+                        # gradient of the SavedModel's function with the
+                        # shapes alone, the constraints left out.
+                        "jax2tf_kwargs": {
+                            "with_gradient": False,
+                            **jax2tf_kwargs,
+                            "polymorphic_constraints": constraints,
+                        },
+                    },
+                )
+            except Exception as third:
+                third.add_note(note)
+                raise third from first
+            warnings.warn(
+                f"jaxlayer: the SavedModel at {filepath!r} takes inputs with "
+                f"{', '.join(constraints)} only (the model's function slices a "
+                "fixed-size array to that dimension); a larger size fails "
+                "when the SavedModel runs.",
+                stacklevel=2,
+            )
+            return exported
 
     export._jaxlayer_wrapped = True
     return export
